@@ -1,0 +1,432 @@
+//! The account actor: one per active account, the only writer of its balance in memory.
+//!
+//! Every reservation, settlement and credit for the account is a message to this actor, so
+//! they are applied one at a time and no interleaving of concurrent requests can spend money
+//! the account does not have. What each message promises is written in `docs/guarantees.md`.
+//!
+//! Reservations live in a [`ReservationBook`] that the account directory keeps for the actor:
+//! if the actor fails and is restarted, the new one reloads its balance from the store and
+//! keeps honouring the reservations that in-flight requests still hold.
+
+use crate::billing::BillingError;
+use crate::ledger::{CommitReply, LedgerMsg};
+use crate::money::{Amount, Price};
+use crate::slot::Slot;
+use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store, UsageRecord};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// What a request asks to hold before it goes upstream.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest {
+    pub request_id: String,
+    pub key: Option<KeyLimit>,
+    pub price: Price,
+    /// An upper bound of the prompt's tokens.
+    pub input_tokens: u64,
+    /// The most output tokens the request may produce (its max_tokens, or the model's limit).
+    pub max_output_tokens: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyLimit {
+    pub key_id: String,
+    pub spend_cap: Option<Amount>,
+}
+
+/// Money held for one request until it settles or is released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub request_id: String,
+    pub amount: Amount,
+    /// The max output tokens to send upstream: the request's own, or lower if that is all the
+    /// balance (or the key's cap) can pay for.
+    pub max_output_tokens: u64,
+    pub lowered: bool,
+}
+
+/// The actual cost of a finished request, and its metadata.
+#[derive(Debug)]
+pub struct SettleRequest {
+    pub request_id: String,
+    pub key_id: Option<String>,
+    pub cost: Amount,
+    pub usage: UsageRecord,
+    /// Answered by the ledger writer once the charge is durable.
+    pub commit: CommitReply,
+}
+
+/// How a settlement came out.
+#[derive(Clone, Debug)]
+pub struct Settled {
+    pub charged: Amount,
+    /// Cost the balance could not cover (the upstream used more than was reserved and the
+    /// account had nothing left). Recorded, never taken below zero.
+    pub uncollected: Amount,
+    /// The record sent to the ledger writer; resending it is harmless.
+    pub record: Record,
+}
+
+#[derive(Clone, Debug)]
+pub struct CreditRequest {
+    /// Idempotency: a second credit with the same id changes nothing.
+    pub entry_id: String,
+    pub kind: EntryKind,
+    /// Signed: a negative adjustment is a debit.
+    pub amount: Amount,
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalanceView {
+    pub balance: Amount,
+    pub reserved: Amount,
+}
+
+pub enum AccountMsg {
+    Reserve(
+        ReserveRequest,
+        RpcReplyPort<Result<Reservation, BillingError>>,
+    ),
+    Settle(SettleRequest, RpcReplyPort<Settled>),
+    Release(String),
+    Credit(
+        CreditRequest,
+        RpcReplyPort<Result<BalanceView, BillingError>>,
+    ),
+    Balance(RpcReplyPort<BalanceView>),
+    IdleCheck,
+}
+
+/// Reservations of one account, kept across restarts of its actor.
+#[derive(Debug, Default)]
+pub struct ReservationBook {
+    inner: Mutex<BookInner>,
+}
+
+#[derive(Debug, Default)]
+struct BookInner {
+    holds: HashMap<String, Hold>,
+    total: i64,
+    per_key: HashMap<String, i64>,
+}
+
+#[derive(Clone, Debug)]
+struct Hold {
+    amount: i64,
+    key_id: Option<String>,
+}
+
+impl ReservationBook {
+    fn lock(&self) -> MutexGuard<'_, BookInner> {
+        // Only the account actor mutates the book and never across an await; a poisoned lock
+        // means that actor panicked mid-update, and its successor still needs the holds.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn total(&self) -> Amount {
+        Amount(self.lock().total)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().holds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl BookInner {
+    fn key_reserved(&self, key_id: &str) -> i64 {
+        self.per_key.get(key_id).copied().unwrap_or(0)
+    }
+
+    fn hold(&mut self, request_id: String, hold: Hold) {
+        self.total += hold.amount;
+        if let Some(k) = &hold.key_id {
+            *self.per_key.entry(k.clone()).or_default() += hold.amount;
+        }
+        if let Some(old) = self.holds.insert(request_id, hold) {
+            self.drop_hold(&old);
+        }
+    }
+
+    fn take(&mut self, request_id: &str) -> Option<Hold> {
+        let hold = self.holds.remove(request_id)?;
+        self.drop_hold(&hold);
+        Some(hold)
+    }
+
+    fn drop_hold(&mut self, hold: &Hold) {
+        self.total -= hold.amount;
+        if let Some(k) = &hold.key_id {
+            if let Some(v) = self.per_key.get_mut(k) {
+                *v -= hold.amount;
+                if *v == 0 {
+                    self.per_key.remove(k);
+                }
+            }
+        }
+    }
+}
+
+pub struct AccountArgs {
+    pub account_id: String,
+    pub store: Store,
+    pub ledger: Slot<LedgerMsg>,
+    pub book: Arc<ReservationBook>,
+    pub idle_after: Duration,
+}
+
+pub struct AccountState {
+    account_id: String,
+    balance: i64,
+    key_spent: HashMap<String, i64>,
+    book: Arc<ReservationBook>,
+    ledger: Slot<LedgerMsg>,
+    last_active: Instant,
+    idle_after: Duration,
+}
+
+/// Why an account actor could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("no account `{0}`")]
+pub struct NoSuchAccount(pub String);
+
+pub struct AccountActor;
+
+impl Actor for AccountActor {
+    type Msg = AccountMsg;
+    type State = AccountState;
+    type Arguments = AccountArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        args: AccountArgs,
+    ) -> Result<AccountState, ActorProcessingErr> {
+        // Everything sent to the ledger before now (by this account's previous incarnation)
+        // must be durable before the balance is read, or the read would miss it.
+        args.ledger
+            .get()
+            .call(LedgerMsg::Barrier, Some(Duration::from_secs(30)))
+            .await?;
+        let snapshot = args
+            .store
+            .account_snapshot(&args.account_id)
+            .await?
+            .ok_or_else(|| NoSuchAccount(args.account_id.clone()))?;
+        if !args.idle_after.is_zero() {
+            myself.send_interval(args.idle_after / 2 + Duration::from_millis(1), || {
+                AccountMsg::IdleCheck
+            });
+        }
+        Ok(AccountState {
+            account_id: args.account_id,
+            balance: snapshot.balance.nanos(),
+            key_spent: snapshot
+                .key_spent
+                .into_iter()
+                .map(|(k, v)| (k, v.nanos()))
+                .collect(),
+            book: args.book,
+            ledger: args.ledger,
+            last_active: Instant::now(),
+            idle_after: args.idle_after,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AccountMsg>,
+        msg: AccountMsg,
+        state: &mut AccountState,
+    ) -> Result<(), ActorProcessingErr> {
+        if !matches!(msg, AccountMsg::IdleCheck) {
+            state.last_active = Instant::now();
+        }
+        match msg {
+            AccountMsg::Reserve(req, reply) => {
+                let _ = reply.send(state.reserve(req));
+            }
+            AccountMsg::Settle(req, reply) => {
+                let settled = state.settle(req);
+                let _ = reply.send(settled);
+            }
+            AccountMsg::Release(request_id) => {
+                state.book.lock().take(&request_id);
+            }
+            AccountMsg::Credit(req, reply) => {
+                let result = state.credit(req).await;
+                let _ = reply.send(result);
+            }
+            AccountMsg::Balance(reply) => {
+                let _ = reply.send(state.view());
+            }
+            AccountMsg::IdleCheck => {
+                if state.book.is_empty() && state.last_active.elapsed() >= state.idle_after {
+                    tracing::debug!(account = %state.account_id, "account actor passivated");
+                    myself.stop(Some(PASSIVATED.to_owned()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stop reason of an account actor that went idle; anything else is a failure.
+pub const PASSIVATED: &str = "passivated";
+
+impl AccountState {
+    fn view(&self) -> BalanceView {
+        BalanceView {
+            balance: Amount(self.balance),
+            reserved: self.book.total(),
+        }
+    }
+
+    fn reserve(&mut self, req: ReserveRequest) -> Result<Reservation, BillingError> {
+        let mut book = self.book.lock();
+        let mut budget = self.balance - book.total;
+        if let Some(KeyLimit {
+            key_id,
+            spend_cap: Some(cap),
+        }) = &req.key
+        {
+            let spent = self.key_spent.get(key_id).copied().unwrap_or(0);
+            let key_left = cap.nanos() - spent - book.key_reserved(key_id);
+            if key_left < budget {
+                budget = key_left;
+            }
+        }
+        let full = req.price.cost(req.input_tokens, req.max_output_tokens);
+        let (amount, max_output_tokens) = if full.nanos() <= budget {
+            (full, req.max_output_tokens)
+        } else {
+            match req
+                .price
+                .affordable_output(Amount(budget), req.input_tokens)
+            {
+                Some(out) if out >= 1 => {
+                    let out = out.min(req.max_output_tokens);
+                    (req.price.cost(req.input_tokens, out), out)
+                }
+                _ => {
+                    return Err(BillingError::InsufficientBalance {
+                        available: Amount(budget.max(0)),
+                        needed: req.price.cost(req.input_tokens, 1),
+                    })
+                }
+            }
+        };
+        book.hold(
+            req.request_id.clone(),
+            Hold {
+                amount: amount.nanos(),
+                key_id: req.key.map(|k| k.key_id),
+            },
+        );
+        Ok(Reservation {
+            request_id: req.request_id,
+            amount,
+            lowered: max_output_tokens < req.max_output_tokens,
+            max_output_tokens,
+        })
+    }
+
+    /// Applies the charge in memory and hands the record to the ledger writer, which answers
+    /// `req.commit` once it is durable. Never awaits: a kill between messages cannot split it.
+    fn settle(&mut self, req: SettleRequest) -> Settled {
+        let mut book = self.book.lock();
+        let held = book.take(&req.request_id).map(|h| h.amount).unwrap_or(0);
+        // Money this request may use: its own hold (already back in the free balance) plus
+        // whatever no other request holds. Holds never exceed the balance, so this is >= held.
+        let payable = (self.balance - book.total).max(0);
+        drop(book);
+        if held == 0 {
+            tracing::warn!(request_id = %req.request_id, "settlement without a reservation");
+        }
+        let charged = req.cost.nanos().clamp(0, payable);
+        let uncollected = req.cost.nanos() - charged;
+        self.balance -= charged;
+        if let Some(k) = &req.key_id {
+            *self.key_spent.entry(k.clone()).or_default() += charged;
+        }
+        let mut usage = req.usage;
+        usage.cost = Amount(charged);
+        usage.uncollected = Amount(uncollected);
+        let ledger = (charged > 0).then(|| LedgerEntry {
+            entry_id: req.request_id.clone(),
+            account_id: self.account_id.clone(),
+            kind: EntryKind::Charge,
+            amount: Amount(-charged),
+            key_id: req.key_id.clone(),
+            reason: None,
+            created_at: usage.created_at,
+        });
+        let record = Record {
+            ledger,
+            usage: Some(usage),
+        };
+        if let Err(e) = self
+            .ledger
+            .get()
+            .send_message(LedgerMsg::Commit(record.clone(), req.commit))
+        {
+            // The writer is restarting; the caller's commit port is gone with the message and
+            // the caller resends `record` (idempotent) to the new writer.
+            tracing::warn!(error = %e, "ledger writer unavailable at settlement");
+        }
+        Settled {
+            charged: Amount(charged),
+            uncollected: Amount(uncollected),
+            record,
+        }
+    }
+
+    /// Credits are rare: the actor waits for the commit so the balance in memory moves only by
+    /// what the store accepted (a repeated entry id moves nothing).
+    async fn credit(&mut self, req: CreditRequest) -> Result<BalanceView, BillingError> {
+        if req.amount.is_negative() {
+            let free = self.balance - self.book.total().nanos();
+            if free + req.amount.nanos() < 0 {
+                return Err(BillingError::InsufficientBalance {
+                    available: Amount(free.max(0)),
+                    needed: Amount(-req.amount.nanos()),
+                });
+            }
+        }
+        let record = Record {
+            ledger: Some(LedgerEntry {
+                entry_id: req.entry_id,
+                account_id: self.account_id.clone(),
+                kind: req.kind,
+                amount: req.amount,
+                key_id: None,
+                reason: req.reason,
+                created_at: now_ms(),
+            }),
+            usage: None,
+        };
+        let inserted = self
+            .ledger
+            .get()
+            .call(
+                |port| LedgerMsg::Commit(record, port),
+                Some(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|_| BillingError::Unavailable("ledger writer"))?;
+        match inserted {
+            ractor::rpc::CallResult::Success(Ok(true)) => {
+                self.balance += req.amount.nanos();
+                Ok(self.view())
+            }
+            ractor::rpc::CallResult::Success(Ok(false)) => Ok(self.view()),
+            _ => Err(BillingError::Unavailable("ledger writer")),
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! `Billing`: how request handlers talk to the account actors and the ledger writer.
+//!
+//! One charge, end to end: [`Billing::reserve`] asks the account actor to hold the worst case;
+//! the call goes upstream; [`Billing::settle`] sends the actual cost to the same actor, which
+//! applies it and forwards the record to the ledger writer; `settle` returns once the record
+//! is durable. See `docs/guarantees.md`.
+
+use crate::account::{
+    AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
+};
+use crate::directory::{DirectoryMsg, LiveAccounts};
+use crate::ledger::LedgerMsg;
+use crate::money::Amount;
+use crate::slot::Slot;
+use crate::store::{Record, UsageRecord};
+use ractor::rpc::CallResult;
+use ractor::{ActorRef, RpcReplyPort};
+use std::time::Duration;
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BillingError {
+    #[error("insufficient balance: {available} USDT available, at least {needed} USDT needed")]
+    InsufficientBalance { available: Amount, needed: Amount },
+    #[error("no account `{0}`")]
+    NoSuchAccount(String),
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+}
+
+/// How often a message to an account whose actor just died is retried on its successor.
+const ATTEMPTS: usize = 50;
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// How long a settlement keeps resending its record to a restarting ledger writer.
+const COMMIT_PATIENCE: Duration = Duration::from_secs(120);
+
+#[derive(Clone)]
+pub struct Billing {
+    live: LiveAccounts,
+    directory: Slot<DirectoryMsg>,
+    ledger: Slot<LedgerMsg>,
+}
+
+enum Attempt<T> {
+    Done(T),
+    /// The actor was gone before it handled the message; nothing was applied.
+    Retry,
+}
+
+impl Billing {
+    pub fn new(live: LiveAccounts, directory: Slot<DirectoryMsg>, ledger: Slot<LedgerMsg>) -> Self {
+        Billing {
+            live,
+            directory,
+            ledger,
+        }
+    }
+
+    /// The live actor for an account, starting it if needed. No message on the common path.
+    async fn account(&self, account_id: &str) -> Result<ActorRef<AccountMsg>, BillingError> {
+        if let Some(actor) = self.live.get(account_id) {
+            return Ok(actor.clone());
+        }
+        for _ in 0..ATTEMPTS {
+            let reply = self
+                .directory
+                .get()
+                .call(
+                    |port| DirectoryMsg::Get(account_id.to_owned(), port),
+                    Some(Duration::from_secs(30)),
+                )
+                .await;
+            match reply {
+                Ok(CallResult::Success(result)) => return result,
+                // The directory is restarting.
+                _ => tokio::time::sleep(RETRY_PAUSE).await,
+            }
+        }
+        Err(BillingError::Unavailable("account directory"))
+    }
+
+    /// Sends one call to the account's actor; if the actor died before handling it, finds the
+    /// successor and sends again. Safe because an unhandled message changed nothing.
+    async fn ask<T: Send + 'static>(
+        &self,
+        account_id: &str,
+        build: impl Fn(RpcReplyPort<T>) -> AccountMsg,
+    ) -> Result<T, BillingError> {
+        for _ in 0..ATTEMPTS {
+            let actor = self.account(account_id).await?;
+            match attempt(&actor, &build).await {
+                Attempt::Done(v) => return Ok(v),
+                Attempt::Retry => {
+                    self.live
+                        .remove_if(account_id, |_, a| a.get_id() == actor.get_id());
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+            }
+        }
+        Err(BillingError::Unavailable("account actor"))
+    }
+
+    pub async fn reserve(
+        &self,
+        account_id: &str,
+        request: ReserveRequest,
+    ) -> Result<Reservation, BillingError> {
+        self.ask(account_id, |port| {
+            AccountMsg::Reserve(request.clone(), port)
+        })
+        .await?
+    }
+
+    /// Returns an unused reservation. Fire-and-forget: a lost release is recovered when the
+    /// actor restarts, since reservations that nobody settles are dropped with the book.
+    pub fn release(&self, account_id: &str, request_id: &str) {
+        if let Some(actor) = self.live.get(account_id) {
+            let _ = actor.send_message(AccountMsg::Release(request_id.to_owned()));
+        }
+    }
+
+    /// Charges `cost` for a finished request and waits until the charge is durable.
+    pub async fn settle(
+        &self,
+        account_id: &str,
+        key_id: Option<&str>,
+        cost: Amount,
+        usage: UsageRecord,
+    ) -> Result<Settled, BillingError> {
+        for _ in 0..ATTEMPTS {
+            let actor = self.account(account_id).await?;
+            let (commit_tx, commit_rx) = ractor::concurrency::oneshot();
+            let request = SettleRequest {
+                request_id: usage.request_id.clone(),
+                key_id: key_id.map(str::to_owned),
+                cost,
+                usage: usage.clone(),
+                commit: commit_tx.into(),
+            };
+            let sent = attempt(&actor, |port| AccountMsg::Settle(request, port)).await;
+            let settled = match sent {
+                Attempt::Done(s) => s,
+                Attempt::Retry => {
+                    self.live
+                        .remove_if(account_id, |_, a| a.get_id() == actor.get_id());
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+            };
+            match commit_rx.await {
+                Ok(Ok(_)) => return Ok(settled),
+                // The writer died with the record in its batch: resend it (idempotent).
+                _ => {
+                    self.commit(settled.record.clone()).await?;
+                    return Ok(settled);
+                }
+            }
+        }
+        Err(BillingError::Unavailable("account actor"))
+    }
+
+    /// Commits a record directly, retrying across ledger writer restarts.
+    pub async fn commit(&self, record: Record) -> Result<bool, BillingError> {
+        let deadline = tokio::time::Instant::now() + COMMIT_PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            let reply = self
+                .ledger
+                .get()
+                .call(|port| LedgerMsg::Commit(record.clone(), port), None)
+                .await;
+            if let Ok(CallResult::Success(Ok(inserted))) = reply {
+                return Ok(inserted);
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        Err(BillingError::Unavailable("ledger writer"))
+    }
+
+    pub async fn credit(
+        &self,
+        account_id: &str,
+        request: CreditRequest,
+    ) -> Result<BalanceView, BillingError> {
+        self.ask(account_id, |port| AccountMsg::Credit(request.clone(), port))
+            .await?
+    }
+
+    pub async fn balance(&self, account_id: &str) -> Result<BalanceView, BillingError> {
+        self.ask(account_id, AccountMsg::Balance).await
+    }
+
+    /// Waits until every record sent to the ledger writer so far is durable.
+    pub async fn flush(&self) -> Result<(), BillingError> {
+        match self.ledger.get().call(LedgerMsg::Barrier, None).await {
+            Ok(CallResult::Success(())) => Ok(()),
+            _ => Err(BillingError::Unavailable("ledger writer")),
+        }
+    }
+
+    /// Kills an account's actor as a crash would (operators, fault injection).
+    pub async fn kill_account_actor(&self, account_id: &str) -> bool {
+        matches!(
+            self.directory
+                .get()
+                .call(|port| DirectoryMsg::Kill(account_id.to_owned(), port), None)
+                .await,
+            Ok(CallResult::Success(true))
+        )
+    }
+
+    pub fn live_accounts(&self) -> usize {
+        self.live.len()
+    }
+}
+
+async fn attempt<T: Send + 'static>(
+    actor: &ActorRef<AccountMsg>,
+    build: impl FnOnce(RpcReplyPort<T>) -> AccountMsg,
+) -> Attempt<T> {
+    match actor.call(build, None).await {
+        Ok(CallResult::Success(v)) => Attempt::Done(v),
+        _ => Attempt::Retry,
+    }
+}

@@ -1,0 +1,251 @@
+//! The account directory: supervisor of the account actors.
+//!
+//! It starts an account's actor on first use, restarts one that fails (with backoff, up to the
+//! restart intensity; beyond it the directory fails and its own supervisor takes over), and
+//! forgets one that passivated. It alone spawns account actors, so there is never more than
+//! one live actor per account. Requests find live actors in a shared map without a message;
+//! only a miss comes here.
+
+use crate::account::{
+    AccountActor, AccountArgs, AccountMsg, NoSuchAccount, ReservationBook, PASSIVATED,
+};
+use crate::billing::BillingError;
+use crate::ledger::LedgerMsg;
+use crate::restart::{RestartHistory, RestartPolicy};
+use crate::slot::Slot;
+use crate::store::Store;
+use dashmap::DashMap;
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, ActorStatus, RpcReplyPort, SpawnErr,
+    SupervisionEvent,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type LiveAccounts = Arc<DashMap<String, ActorRef<AccountMsg>>>;
+/// Reservation books outlive both account actors and the directory itself.
+pub type Books = Arc<DashMap<String, Arc<ReservationBook>>>;
+
+pub enum DirectoryMsg {
+    Get(
+        String,
+        RpcReplyPort<Result<ActorRef<AccountMsg>, BillingError>>,
+    ),
+    Restart(String),
+    /// Operators and fault-injection tests: kill an account's actor as a crash would.
+    Kill(String, RpcReplyPort<bool>),
+    Children(RpcReplyPort<Vec<ChildInfo>>),
+}
+
+#[derive(Clone, Debug)]
+pub struct ChildInfo {
+    pub account_id: String,
+    pub status: String,
+    pub restarts: u64,
+    pub started_at: std::time::Instant,
+}
+
+#[derive(Clone)]
+pub struct DirectoryArgs {
+    pub store: Store,
+    pub ledger: Slot<LedgerMsg>,
+    pub live: LiveAccounts,
+    pub books: Books,
+    pub idle_after: Duration,
+    pub policy: RestartPolicy,
+}
+
+pub struct DirectoryState {
+    args: DirectoryArgs,
+    children: HashMap<String, Child>,
+    by_actor: HashMap<ActorId, String>,
+}
+
+struct Child {
+    actor: Option<ActorRef<AccountMsg>>,
+    history: RestartHistory,
+    started_at: std::time::Instant,
+}
+
+pub struct AccountDirectory;
+
+impl Actor for AccountDirectory {
+    type Msg = DirectoryMsg;
+    type State = DirectoryState;
+    type Arguments = DirectoryArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<DirectoryMsg>,
+        args: DirectoryArgs,
+    ) -> Result<DirectoryState, ActorProcessingErr> {
+        // A previous directory's actors are gone with it; requests must come back here.
+        args.live.clear();
+        Ok(DirectoryState {
+            args,
+            children: HashMap::new(),
+            by_actor: HashMap::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<DirectoryMsg>,
+        msg: DirectoryMsg,
+        state: &mut DirectoryState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            DirectoryMsg::Get(account_id, reply) => {
+                let result = state.get_or_start(&myself, &account_id).await;
+                let _ = reply.send(result);
+            }
+            DirectoryMsg::Restart(account_id) => {
+                let needs_start = state
+                    .children
+                    .get(&account_id)
+                    .is_some_and(|c| c.actor.is_none());
+                if needs_start {
+                    if let Err(e) = state.get_or_start(&myself, &account_id).await {
+                        tracing::warn!(account = %account_id, error = %e, "account actor restart failed");
+                    }
+                }
+            }
+            DirectoryMsg::Kill(account_id, reply) => {
+                let actor = state
+                    .children
+                    .get(&account_id)
+                    .and_then(|c| c.actor.clone());
+                if let Some(a) = &actor {
+                    a.kill();
+                }
+                let _ = reply.send(actor.is_some());
+            }
+            DirectoryMsg::Children(reply) => {
+                let list = state
+                    .children
+                    .iter()
+                    .map(|(id, c)| ChildInfo {
+                        account_id: id.clone(),
+                        status: c
+                            .actor
+                            .as_ref()
+                            .map(|a| format!("{:?}", a.get_status()))
+                            .unwrap_or_else(|| "Restarting".to_owned()),
+                        restarts: c.history.total,
+                        started_at: c.started_at,
+                    })
+                    .collect();
+                let _ = reply.send(list);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<DirectoryMsg>,
+        event: SupervisionEvent,
+        state: &mut DirectoryState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, reason) = match &event {
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (cell, reason.clone()),
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(format!("failed: {err}"))),
+            _ => return Ok(()),
+        };
+        let Some(account_id) = state.by_actor.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        state
+            .args
+            .live
+            .remove_if(&account_id, |_, a| a.get_id() == cell.get_id());
+        let passivated = reason.as_deref() == Some(PASSIVATED);
+        let Some(child) = state.children.get_mut(&account_id) else {
+            return Ok(());
+        };
+        child.actor = None;
+        if passivated {
+            state.children.remove(&account_id);
+            state.args.books.remove_if(&account_id, |_, b| b.is_empty());
+            return Ok(());
+        }
+        tracing::warn!(account = %account_id, reason = reason.as_deref().unwrap_or("unknown"), "account actor died");
+        match child.history.next_delay(&state.args.policy) {
+            Some(delay) => {
+                let id = account_id.clone();
+                myself.send_after(delay, move || DirectoryMsg::Restart(id));
+                Ok(())
+            }
+            None => {
+                Err(format!("account actor {account_id} exceeded its restart intensity").into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<DirectoryMsg>,
+        state: &mut DirectoryState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.args.live.clear();
+        myself.stop_children(None);
+        Ok(())
+    }
+}
+
+impl DirectoryState {
+    async fn get_or_start(
+        &mut self,
+        myself: &ActorRef<DirectoryMsg>,
+        account_id: &str,
+    ) -> Result<ActorRef<AccountMsg>, BillingError> {
+        if let Some(actor) = self.children.get(account_id).and_then(|c| c.actor.clone()) {
+            if matches!(
+                actor.get_status(),
+                ActorStatus::Running | ActorStatus::Starting
+            ) {
+                return Ok(actor);
+            }
+        }
+        let book = self
+            .args
+            .books
+            .entry(account_id.to_owned())
+            .or_default()
+            .clone();
+        let args = AccountArgs {
+            account_id: account_id.to_owned(),
+            store: self.args.store.clone(),
+            ledger: self.args.ledger.clone(),
+            book,
+            idle_after: self.args.idle_after,
+        };
+        match Actor::spawn_linked(None, AccountActor, args, myself.get_cell()).await {
+            Ok((actor, _)) => {
+                self.by_actor.insert(actor.get_id(), account_id.to_owned());
+                let child = self
+                    .children
+                    .entry(account_id.to_owned())
+                    .or_insert_with(|| Child {
+                        actor: None,
+                        history: RestartHistory::default(),
+                        started_at: std::time::Instant::now(),
+                    });
+                child.actor = Some(actor.clone());
+                child.started_at = std::time::Instant::now();
+                self.args.live.insert(account_id.to_owned(), actor.clone());
+                Ok(actor)
+            }
+            Err(SpawnErr::StartupFailed(e)) if e.downcast_ref::<NoSuchAccount>().is_some() => {
+                self.children.remove(account_id);
+                self.args.books.remove_if(account_id, |_, b| b.is_empty());
+                Err(BillingError::NoSuchAccount(account_id.to_owned()))
+            }
+            Err(e) => {
+                tracing::error!(account = %account_id, error = %e, "account actor failed to start");
+                Err(BillingError::Unavailable("account actor"))
+            }
+        }
+    }
+}

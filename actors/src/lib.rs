@@ -1,0 +1,30 @@
+//! Tollgate's actors and the store they write to.
+//!
+//! - [`account`]: one actor per active account; serializes reservations, settlements, credits.
+//! - [`directory`]: supervises the account actors; starts, restarts and forgets them.
+//! - [`ledger`]: the ledger writer; group-commits every money movement.
+//! - [`provider`]: one actor per upstream; pooled client and concurrency cap.
+//! - [`supervisor`]: the root of the tree; restarts children with backoff and a limit.
+//! - [`billing`]: the handle request handlers use to reserve, settle and credit.
+//! - [`keys`]: API keys: generation, hashing, and the in-memory lookup.
+//! - [`store`]: SQLite or Postgres, via sqlx.
+//! - [`money`]: integer amounts and prices.
+//!
+//! What these promise about ordering, durability and crashes is in `docs/guarantees.md`.
+
+pub mod account;
+pub mod billing;
+pub mod directory;
+pub mod keys;
+pub mod ledger;
+pub mod money;
+pub mod provider;
+pub mod restart;
+pub mod slot;
+pub mod store;
+pub mod supervisor;
+
+pub use billing::{Billing, BillingError};
+pub use money::{Amount, Price};
+pub use store::Store;
+pub use supervisor::{ActorSystem, SystemConfig};

@@ -1,0 +1,142 @@
+//! Provider actors: one per configured upstream. Each owns its pooled HTTP client and its
+//! concurrency cap, and hands out [`Lease`]s; a request holds its lease (and so its slot under
+//! the cap) for as long as its upstream call lasts, streaming included.
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Clone, Debug)]
+pub struct ProviderSpec {
+    pub name: String,
+    pub kind: String,
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub max_concurrency: usize,
+    pub connect_timeout: Duration,
+    /// Deadline for the upstream's response headers (and a whole non-streamed body).
+    pub request_timeout: Duration,
+}
+
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProviderError {
+    #[error("provider `{provider}` is at its concurrency limit ({limit})")]
+    Saturated { provider: String, limit: usize },
+    #[error("provider `{0}` HTTP client could not be built")]
+    Client(String),
+}
+
+/// Permission to make one upstream call, with everything needed to make it.
+pub struct Lease {
+    pub client: reqwest::Client,
+    pub spec: Arc<ProviderSpec>,
+    _permit: OwnedSemaphorePermit,
+    _in_flight: InFlightGuard,
+}
+
+struct InFlightGuard(Arc<AtomicU64>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderStatus {
+    pub name: String,
+    pub kind: String,
+    pub in_flight: u64,
+    pub max_concurrency: usize,
+    pub leases_granted: u64,
+    pub leases_refused: u64,
+}
+
+pub enum ProviderMsg {
+    Lease(RpcReplyPort<Result<Lease, ProviderError>>),
+    Status(RpcReplyPort<ProviderStatus>),
+}
+
+pub struct ProviderState {
+    spec: Arc<ProviderSpec>,
+    client: reqwest::Client,
+    permits: Arc<Semaphore>,
+    in_flight: Arc<AtomicU64>,
+    granted: u64,
+    refused: u64,
+}
+
+pub struct ProviderActor;
+
+impl Actor for ProviderActor {
+    type Msg = ProviderMsg;
+    type State = ProviderState;
+    type Arguments = ProviderSpec;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ProviderMsg>,
+        spec: ProviderSpec,
+    ) -> Result<ProviderState, ActorProcessingErr> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(spec.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(spec.max_concurrency.min(1024))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+        Ok(ProviderState {
+            permits: Arc::new(Semaphore::new(spec.max_concurrency)),
+            spec: Arc::new(spec),
+            client,
+            in_flight: Arc::new(AtomicU64::new(0)),
+            granted: 0,
+            refused: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<ProviderMsg>,
+        msg: ProviderMsg,
+        state: &mut ProviderState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ProviderMsg::Lease(reply) => {
+                let lease = match state.permits.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        state.granted += 1;
+                        state.in_flight.fetch_add(1, Ordering::Relaxed);
+                        Ok(Lease {
+                            client: state.client.clone(),
+                            spec: state.spec.clone(),
+                            _permit: permit,
+                            _in_flight: InFlightGuard(state.in_flight.clone()),
+                        })
+                    }
+                    Err(_) => {
+                        state.refused += 1;
+                        Err(ProviderError::Saturated {
+                            provider: state.spec.name.clone(),
+                            limit: state.spec.max_concurrency,
+                        })
+                    }
+                };
+                let _ = reply.send(lease);
+            }
+            ProviderMsg::Status(reply) => {
+                let _ = reply.send(ProviderStatus {
+                    name: state.spec.name.clone(),
+                    kind: state.spec.kind.clone(),
+                    in_flight: state.in_flight.load(Ordering::Relaxed),
+                    max_concurrency: state.spec.max_concurrency,
+                    leases_granted: state.granted,
+                    leases_refused: state.refused,
+                });
+            }
+        }
+        Ok(())
+    }
+}

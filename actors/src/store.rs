@@ -1,0 +1,570 @@
+//! The durable store: SQLite (the embedded default) or Postgres, chosen by the URL.
+//!
+//! Only actors and the admin paths talk to it; the request hot path never does. Queries are
+//! written once in the SQL both databases accept (`$N` parameters, `ON CONFLICT`, `RETURNING`).
+
+use crate::money::Amount;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::time::Duration;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database url `{0}` (use sqlite://… or postgres://…)")]
+    UnsupportedUrl(String),
+    #[error("cannot create the database directory: {0}")]
+    Directory(#[source] std::io::Error),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("email `{0}` is already registered")]
+    DuplicateEmail(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+pub struct AccountRow {
+    pub id: String,
+    pub email: String,
+    pub balance: Amount,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyRow {
+    pub id: String,
+    pub account_id: String,
+    pub name: String,
+    pub key_hash: String,
+    pub prefix: String,
+    pub spend_cap: Option<Amount>,
+    pub spent: Amount,
+    pub expires_at: Option<i64>,
+    pub allowed_models: Option<Vec<String>>,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Credit,
+    Charge,
+    Adjustment,
+}
+
+impl EntryKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::Credit => "credit",
+            EntryKind::Charge => "charge",
+            EntryKind::Adjustment => "adjustment",
+        }
+    }
+}
+
+/// One movement of money. `entry_id` is unique: writing the same entry twice is a no-op.
+#[derive(Clone, Debug)]
+pub struct LedgerEntry {
+    pub entry_id: String,
+    pub account_id: String,
+    pub kind: EntryKind,
+    /// Signed: credits positive, charges negative.
+    pub amount: Amount,
+    pub key_id: Option<String>,
+    pub reason: Option<String>,
+    pub created_at: i64,
+}
+
+/// Metadata of one proxied call. Never content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub account_id: String,
+    pub key_id: Option<String>,
+    pub model: String,
+    pub provider: String,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost: Amount,
+    pub uncollected: Amount,
+    pub status: u16,
+    pub stream: bool,
+    pub usage_source: UsageSource,
+    pub latency_ms: u64,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UsageSource {
+    /// Token counts reported by the upstream.
+    Upstream,
+    /// Counted by Tollgate because the upstream reported none (e.g. client disconnect).
+    Estimated,
+}
+
+impl UsageSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Upstream => "upstream",
+            UsageSource::Estimated => "estimated",
+        }
+    }
+    fn parse(s: &str) -> UsageSource {
+        if s == "estimated" {
+            UsageSource::Estimated
+        } else {
+            UsageSource::Upstream
+        }
+    }
+}
+
+/// What the ledger writer commits for one request: a money movement, its usage metadata, or both.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    pub ledger: Option<LedgerEntry>,
+    pub usage: Option<UsageRecord>,
+}
+
+/// An account's durable state, as an account actor loads it on start.
+#[derive(Clone, Debug)]
+pub struct AccountSnapshot {
+    pub balance: Amount,
+    pub key_spent: Vec<(String, Amount)>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn u64_to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn i64_to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Store {
+    /// Connects and applies the migrations for the backend the URL names.
+    pub async fn connect(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+        let pool = match backend {
+            Backend::Sqlite => {
+                let url = sqlite_url_with_create(url).map_err(StoreError::Directory)?;
+                AnyPoolOptions::new()
+                    .max_connections(4)
+                    .after_connect(|conn, _meta| {
+                        Box::pin(async move {
+                            // WAL with FULL sync: a committed batch survives kill -9 and power loss.
+                            sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = FULL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA busy_timeout = 10000")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA foreign_keys = ON")
+                                .execute(&mut *conn)
+                                .await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Store { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    // ---- accounts -------------------------------------------------------------------------
+
+    pub async fn create_account(&self, id: &str, email: &str) -> Result<AccountRow, StoreError> {
+        let created_at = now_ms();
+        let result = sqlx::query(
+            "INSERT INTO accounts (id, email, balance, created_at) VALUES ($1, $2, 0, $3)",
+        )
+        .bind(id)
+        .bind(email)
+        .bind(created_at)
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(AccountRow {
+                id: id.to_owned(),
+                email: email.to_owned(),
+                balance: Amount::ZERO,
+                created_at,
+            }),
+            Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                Err(StoreError::DuplicateEmail(email.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn account(&self, id: &str) -> Result<Option<AccountRow>, StoreError> {
+        let row = sqlx::query("SELECT id, email, balance, created_at FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| account_row(&r)).transpose()
+    }
+
+    pub async fn account_by_email(&self, email: &str) -> Result<Option<AccountRow>, StoreError> {
+        let row =
+            sqlx::query("SELECT id, email, balance, created_at FROM accounts WHERE email = $1")
+                .bind(email)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| account_row(&r)).transpose()
+    }
+
+    pub async fn account_snapshot(&self, id: &str) -> Result<Option<AccountSnapshot>, StoreError> {
+        let Some(row) = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let balance = Amount(row.try_get::<i64, _>("balance")?);
+        let keys = sqlx::query("SELECT id, spent FROM api_keys WHERE account_id = $1")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        let key_spent = keys
+            .iter()
+            .map(|k| {
+                Ok((
+                    k.try_get::<String, _>("id")?,
+                    Amount(k.try_get::<i64, _>("spent")?),
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Some(AccountSnapshot { balance, key_spent }))
+    }
+
+    // ---- keys -----------------------------------------------------------------------------
+
+    pub async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        let models = key
+            .allowed_models
+            .as_ref()
+            .map(|m| serde_json::to_string(m).unwrap_or_else(|_| "[]".to_owned()));
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, spend_cap, spent, \
+             expires_at, allowed_models, created_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 0, $7, $8, $9, NULL)",
+        )
+        .bind(&key.id)
+        .bind(&key.account_id)
+        .bind(&key.name)
+        .bind(&key.key_hash)
+        .bind(&key.prefix)
+        .bind(key.spend_cap.map(Amount::nanos))
+        .bind(key.expires_at)
+        .bind(models)
+        .bind(key.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn key_by_hash(&self, key_hash: &str) -> Result<Option<KeyRow>, StoreError> {
+        let row = sqlx::query(&format!("{KEY_COLUMNS} WHERE key_hash = $1"))
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| key_row(&r)).transpose()
+    }
+
+    pub async fn key(&self, id: &str) -> Result<Option<KeyRow>, StoreError> {
+        let row = sqlx::query(&format!("{KEY_COLUMNS} WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| key_row(&r)).transpose()
+    }
+
+    pub async fn active_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query(&format!("{KEY_COLUMNS} WHERE revoked_at IS NULL"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(key_row).collect()
+    }
+
+    /// Marks a key revoked; returns it as it now is, or `None` if there is no such key.
+    pub async fn revoke_key(&self, id: &str) -> Result<Option<KeyRow>, StoreError> {
+        sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.key(id).await
+    }
+
+    // ---- ledger ---------------------------------------------------------------------------
+
+    /// Commits a batch in one transaction. Returns, per record, whether it was new (`true`) or
+    /// had been committed before (`false`; nothing is applied twice).
+    pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+
+        let entries: Vec<&LedgerEntry> = records.iter().filter_map(|r| r.ledger.as_ref()).collect();
+        let mut inserted_entries = std::collections::HashSet::new();
+        for chunk in entries.chunks(500) {
+            let mut sql = String::from(
+                "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) VALUES ",
+            );
+            push_placeholders(&mut sql, chunk.len(), 7);
+            sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
+            let mut q = sqlx::query(&sql);
+            for e in chunk {
+                q = q
+                    .bind(e.entry_id.as_str())
+                    .bind(e.account_id.as_str())
+                    .bind(e.kind.as_str())
+                    .bind(e.amount.nanos())
+                    .bind(e.key_id.as_deref())
+                    .bind(e.reason.as_deref())
+                    .bind(e.created_at);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                inserted_entries.insert(row.try_get::<String, _>("entry_id")?);
+            }
+        }
+
+        // Balances and per-key spend move only by entries that are new.
+        let mut account_delta: std::collections::BTreeMap<&str, i64> = Default::default();
+        let mut key_spent: std::collections::BTreeMap<&str, i64> = Default::default();
+        for e in entries
+            .iter()
+            .filter(|e| inserted_entries.contains(&e.entry_id))
+        {
+            *account_delta.entry(e.account_id.as_str()).or_default() += e.amount.nanos();
+            if let (EntryKind::Charge, Some(key)) = (e.kind, e.key_id.as_deref()) {
+                *key_spent.entry(key).or_default() -= e.amount.nanos();
+            }
+        }
+        for (account, delta) in account_delta {
+            sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
+                .bind(delta)
+                .bind(account)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (key, spent) in key_spent {
+            sqlx::query("UPDATE api_keys SET spent = spent + $1 WHERE id = $2")
+                .bind(spent)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+
+        let usages: Vec<&UsageRecord> = records.iter().filter_map(|r| r.usage.as_ref()).collect();
+        let mut inserted_usage = std::collections::HashSet::new();
+        for chunk in usages.chunks(200) {
+            let mut sql = String::from(
+                "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
+                 prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+                 usage_source, latency_ms, created_at) VALUES ",
+            );
+            push_placeholders(&mut sql, chunk.len(), 15);
+            sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
+            let mut q = sqlx::query(&sql);
+            for u in chunk {
+                q = q
+                    .bind(u.request_id.as_str())
+                    .bind(u.account_id.as_str())
+                    .bind(u.key_id.as_deref())
+                    .bind(u.model.as_str())
+                    .bind(u.provider.as_str())
+                    .bind(u64_to_i64(u.prompt_tokens))
+                    .bind(u64_to_i64(u.completion_tokens))
+                    .bind(u64_to_i64(u.cached_tokens))
+                    .bind(u.cost.nanos())
+                    .bind(u.uncollected.nanos())
+                    .bind(i64::from(u.status))
+                    .bind(i64::from(u.stream))
+                    .bind(u.usage_source.as_str())
+                    .bind(u64_to_i64(u.latency_ms))
+                    .bind(u.created_at);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                inserted_usage.insert(row.try_get::<String, _>("request_id")?);
+            }
+        }
+        tx.commit().await?;
+
+        Ok(records
+            .iter()
+            .map(|r| match (&r.ledger, &r.usage) {
+                (Some(e), _) => inserted_entries.contains(&e.entry_id),
+                (None, Some(u)) => inserted_usage.contains(&u.request_id),
+                (None, None) => false,
+            })
+            .collect())
+    }
+
+    pub async fn usage(
+        &self,
+        account_id: &str,
+        limit: u32,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT request_id, account_id, key_id, model, provider, prompt_tokens, \
+             completion_tokens, cached_tokens, cost, uncollected, status, stream, usage_source, \
+             latency_ms, created_at FROM usage_records WHERE account_id = $1 \
+             ORDER BY created_at DESC, request_id DESC LIMIT $2",
+        )
+        .bind(account_id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(UsageRecord {
+                    request_id: r.try_get("request_id")?,
+                    account_id: r.try_get("account_id")?,
+                    key_id: r.try_get("key_id")?,
+                    model: r.try_get("model")?,
+                    provider: r.try_get("provider")?,
+                    prompt_tokens: i64_to_u64(r.try_get("prompt_tokens")?),
+                    completion_tokens: i64_to_u64(r.try_get("completion_tokens")?),
+                    cached_tokens: i64_to_u64(r.try_get("cached_tokens")?),
+                    cost: Amount(r.try_get("cost")?),
+                    uncollected: Amount(r.try_get("uncollected")?),
+                    status: u16::try_from(r.try_get::<i64, _>("status")?).unwrap_or(0),
+                    stream: r.try_get::<i64, _>("stream")? != 0,
+                    usage_source: UsageSource::parse(&r.try_get::<String, _>("usage_source")?),
+                    latency_ms: i64_to_u64(r.try_get("latency_ms")?),
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+}
+
+const KEY_COLUMNS: &str = "SELECT id, account_id, name, key_hash, prefix, spend_cap, spent, \
+     expires_at, allowed_models, created_at, revoked_at FROM api_keys";
+
+fn account_row(r: &AnyRow) -> Result<AccountRow, StoreError> {
+    Ok(AccountRow {
+        id: r.try_get("id")?,
+        email: r.try_get("email")?,
+        balance: Amount(r.try_get("balance")?),
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
+    let models: Option<String> = r.try_get("allowed_models")?;
+    Ok(KeyRow {
+        id: r.try_get("id")?,
+        account_id: r.try_get("account_id")?,
+        name: r.try_get("name")?,
+        key_hash: r.try_get("key_hash")?,
+        prefix: r.try_get("prefix")?,
+        spend_cap: r.try_get::<Option<i64>, _>("spend_cap")?.map(Amount),
+        spent: Amount(r.try_get("spent")?),
+        expires_at: r.try_get("expires_at")?,
+        allowed_models: models.and_then(|m| serde_json::from_str(&m).ok()),
+        created_at: r.try_get("created_at")?,
+        revoked_at: r.try_get("revoked_at")?,
+    })
+}
+
+/// Appends `($1, $2, …), (…)` for `rows` rows of `cols` parameters each.
+fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
+    use std::fmt::Write;
+    let mut n = 0;
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for col in 0..cols {
+            n += 1;
+            let _ = write!(sql, "{}${n}", if col == 0 { "" } else { ", " });
+        }
+        sql.push(')');
+    }
+}
+
+/// For `sqlite://path`, makes sure the file's directory exists and asks SQLite to create it.
+fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {
+    let path = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or("");
+    if !path.is_empty() && path != ":memory:" {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+    }
+    Ok(if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    })
+}

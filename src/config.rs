@@ -1,0 +1,289 @@
+//! Configuration: a TOML file, with `DATABASE_URL` and `TOLLGATE_*` variables on top.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+use tollgate_actors::money::{Price, PriceError};
+use tollgate_actors::provider::ProviderSpec;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_database_url")]
+    pub database_url: String,
+    pub admin_token: String,
+    #[serde(default)]
+    pub log_format: LogFormat,
+    #[serde(default)]
+    pub providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+    #[serde(default)]
+    pub accounts: AccountsConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    pub base_url: String,
+    /// Name of the environment variable holding the upstream API key.
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Deadline for the upstream's response headers, and for a whole non-streamed body.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Longest silence allowed between two chunks of a stream.
+    #[serde(default = "default_stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub id: String,
+    pub provider: String,
+    pub upstream_model: String,
+    /// USDT per one million input tokens, as a decimal string.
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    /// The model's own output limit: the worst case when a request sets no max_tokens.
+    #[serde(default = "default_max_output_tokens")]
+    pub max_output_tokens: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// 0: flush as soon as the records already queued are in the batch.
+    #[serde(default)]
+    pub flush_interval_ms: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountsConfig {
+    /// An account actor with no reservations stops after this long without messages.
+    #[serde(default = "default_idle_secs")]
+    pub idle_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: default_max_body_bytes(),
+        }
+    }
+}
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            max_batch: default_max_batch(),
+            flush_interval_ms: 0,
+        }
+    }
+}
+impl Default for AccountsConfig {
+    fn default() -> Self {
+        AccountsConfig {
+            idle_secs: default_idle_secs(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".to_owned()
+}
+fn default_database_url() -> String {
+    "sqlite://data/tollgate.db".to_owned()
+}
+fn default_kind() -> String {
+    "openai".to_owned()
+}
+fn default_max_concurrency() -> usize {
+    1024
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_request_timeout_ms() -> u64 {
+    120_000
+}
+fn default_stream_idle_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_output_tokens() -> u64 {
+    16_384
+}
+fn default_max_body_bytes() -> usize {
+    4 * 1024 * 1024
+}
+fn default_max_batch() -> usize {
+    512
+}
+fn default_idle_secs() -> u64 {
+    300
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("model `{model}`: {source}")]
+    Price {
+        model: String,
+        #[source]
+        source: PriceError,
+    },
+    #[error("model `{model}` names provider `{provider}`, which is not configured")]
+    UnknownProvider { model: String, provider: String },
+    #[error("{what} `{name}` is configured twice")]
+    Duplicate { what: &'static str, name: String },
+    #[error(
+        "provider `{name}` has kind `{kind}`; this build speaks `openai` and `openai-compatible`"
+    )]
+    UnsupportedKind { name: String, kind: String },
+}
+
+/// A model as the request path sees it.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub id: String,
+    pub provider: String,
+    pub upstream_model: String,
+    pub price: Price,
+    pub input_per_mtok: String,
+    pub output_per_mtok: String,
+    pub max_output_tokens: u64,
+}
+
+impl Config {
+    /// Reads `path` (if it exists), then the environment: `DATABASE_URL`, and `TOLLGATE_*`
+    /// for top-level keys (`TOLLGATE_ADMIN_TOKEN`, `TOLLGATE_LISTEN`, …).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Figment::new()
+            .merge(Toml::file(path))
+            .merge(Env::prefixed("TOLLGATE_").only(&[
+                "admin_token",
+                "listen",
+                "log_format",
+                "database_url",
+            ]))
+            .merge(Env::raw().only(&["database_url"]))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(|e| ConfigError::Load(Box::new(e)))
+    }
+
+    /// The models, checked against the providers.
+    pub fn catalog(&self) -> Result<HashMap<String, Model>, ConfigError> {
+        let mut providers = std::collections::HashSet::new();
+        for p in &self.providers {
+            if !matches!(p.kind.as_str(), "openai" | "openai-compatible") {
+                return Err(ConfigError::UnsupportedKind {
+                    name: p.name.clone(),
+                    kind: p.kind.clone(),
+                });
+            }
+            if !providers.insert(p.name.as_str()) {
+                return Err(ConfigError::Duplicate {
+                    what: "provider",
+                    name: p.name.clone(),
+                });
+            }
+        }
+        let mut out = HashMap::new();
+        for m in &self.models {
+            if !providers.contains(m.provider.as_str()) {
+                return Err(ConfigError::UnknownProvider {
+                    model: m.id.clone(),
+                    provider: m.provider.clone(),
+                });
+            }
+            let price = Price::parse(&m.input_per_mtok, &m.output_per_mtok).map_err(|source| {
+                ConfigError::Price {
+                    model: m.id.clone(),
+                    source,
+                }
+            })?;
+            let model = Model {
+                id: m.id.clone(),
+                provider: m.provider.clone(),
+                upstream_model: m.upstream_model.clone(),
+                price,
+                input_per_mtok: m.input_per_mtok.clone(),
+                output_per_mtok: m.output_per_mtok.clone(),
+                max_output_tokens: m.max_output_tokens,
+            };
+            if out.insert(m.id.clone(), model).is_some() {
+                return Err(ConfigError::Duplicate {
+                    what: "model",
+                    name: m.id.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn provider_specs(&self) -> Vec<ProviderSpec> {
+        self.providers
+            .iter()
+            .map(|p| ProviderSpec {
+                name: p.name.clone(),
+                kind: p.kind.clone(),
+                base_url: p.base_url.trim_end_matches('/').to_owned(),
+                api_key: p.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()),
+                max_concurrency: p.max_concurrency.max(1),
+                connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                request_timeout: Duration::from_millis(p.request_timeout_ms),
+            })
+            .collect()
+    }
+
+    pub fn stream_idle_timeout(&self, provider: &str) -> Duration {
+        let ms = self
+            .providers
+            .iter()
+            .find(|p| p.name == provider)
+            .map(|p| p.stream_idle_timeout_ms)
+            .unwrap_or_else(default_stream_idle_timeout_ms);
+        Duration::from_millis(ms)
+    }
+}

@@ -1,0 +1,158 @@
+//! The one place that decides what an error means to a client: status code and the OpenAI
+//! error shape `{"error":{"message","type","code"}}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use serde_json::json;
+use tollgate_actors::BillingError;
+use warp::reply::Response;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Incorrect API key provided. Pass it as `Authorization: Bearer sk-tg-…`.")]
+    InvalidApiKey,
+    #[error("This API key has expired.")]
+    ExpiredApiKey,
+    #[error("Invalid admin token.")]
+    InvalidAdminToken,
+    #[error("This API key may not use model `{0}`.")]
+    ModelNotAllowed(String),
+    #[error("This API key has reached its spend cap or the account balance is too low: {0}")]
+    InsufficientBalance(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("Method {0} is not allowed on this path.")]
+    MethodNotAllowed(String),
+    #[error("Request body is larger than the limit of {0} bytes.")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    RateLimited(String),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("The upstream provider did not answer in time.")]
+    UpstreamTimeout,
+    #[error("{0} is unavailable; try again shortly.")]
+    Unavailable(String),
+    #[error("Internal error.")]
+    Internal,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ApiError::*;
+        match self {
+            InvalidApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            ExpiredApiKey => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+            ),
+            InvalidAdminToken => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_admin_token",
+            ),
+            ModelNotAllowed(_) => (
+                StatusCode::FORBIDDEN,
+                "permission_error",
+                "model_not_allowed",
+            ),
+            InsufficientBalance(_) => (
+                StatusCode::PAYMENT_REQUIRED,
+                "insufficient_balance",
+                "insufficient_balance",
+            ),
+            InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request_error",
+            ),
+            ModelNotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "not_found"),
+            MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "method_not_allowed",
+            ),
+            PayloadTooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
+            RateLimited(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
+            Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error", "upstream_error"),
+            UpstreamTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_error",
+                "upstream_timeout",
+            ),
+            Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "service_unavailable",
+            ),
+            Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "internal_error",
+            ),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
+    pub fn into_response(self) -> Response {
+        let (status, kind, code) = self.parts();
+        error_response(status, &self.to_string(), kind, code)
+    }
+}
+
+pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
+    json_response(status, &body)
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Bytes::from(bytes).into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match e {
+            BillingError::InsufficientBalance { .. } => {
+                ApiError::InsufficientBalance(e.to_string())
+            }
+            // A key whose account is gone authenticates nothing.
+            BillingError::NoSuchAccount(_) => ApiError::InvalidApiKey,
+            BillingError::Unavailable(what) => ApiError::Unavailable(what.to_owned()),
+        }
+    }
+}

@@ -1,0 +1,584 @@
+//! `POST /v1/chat/completions`: authenticate, reserve the worst case, call upstream, settle
+//! the actual cost, and only then hand the client its last bytes.
+//!
+//! Billing rules (also in `docs/billing.md`):
+//! - the worst case is the request body's length in bytes as the input-token bound (a token
+//!   is never shorter than a byte) plus `max_tokens × n` output tokens, where `max_tokens` is
+//!   the request's own or the model's output limit;
+//! - if the balance (or the key's cap) cannot cover that, `max_tokens` sent upstream is
+//!   lowered to what it can cover; only when not even one output token is payable is it 402;
+//! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
+
+use super::{authenticate, with_request_id, App, Request};
+use crate::config::Model;
+use crate::error::ApiError;
+use crate::tokens;
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use http::{HeaderValue, StatusCode};
+use ractor::rpc::CallResult;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
+use tollgate_actors::keys::KeyInfo;
+use tollgate_actors::provider::{Lease, ProviderError, ProviderMsg};
+use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
+use tollgate_actors::Amount;
+use warp::reply::Response;
+
+/// HTTP status recorded for a stream whose client went away (nginx's convention).
+const CLIENT_CLOSED: u16 = 499;
+
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::now_v7().simple())
+}
+
+pub async fn completions(app: Arc<App>, req: &Request, body: Bytes) -> Response {
+    let request_id = new_request_id();
+    let started = Instant::now();
+    let resp = match proxy(app, req, body, &request_id, started).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    with_request_id(resp, &request_id)
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+impl Usage {
+    fn cached(&self) -> u64 {
+        self.prompt_tokens_details
+            .and_then(|d| d.cached_tokens)
+            .unwrap_or(0)
+    }
+}
+
+/// One billed call in flight: what settlement needs to know.
+struct Call {
+    app: Arc<App>,
+    request_id: String,
+    key: Arc<KeyInfo>,
+    model: Model,
+    stream: bool,
+    started: Instant,
+}
+
+impl Call {
+    /// Settles and waits for the charge to be durable.
+    /// `status` is what the usage record says; `billable` whether the tokens are charged.
+    async fn settle(
+        &self,
+        usage: Usage,
+        source: UsageSource,
+        status: u16,
+        billable: bool,
+    ) -> Result<Amount, ApiError> {
+        let cost = if billable {
+            self.model
+                .price
+                .cost(usage.prompt_tokens, usage.completion_tokens)
+        } else {
+            Amount::ZERO
+        };
+        let record = UsageRecord {
+            request_id: self.request_id.clone(),
+            account_id: self.key.account_id.clone(),
+            key_id: Some(self.key.id.clone()),
+            model: self.model.id.clone(),
+            provider: self.model.provider.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached_tokens: usage.cached(),
+            cost,
+            uncollected: Amount::ZERO,
+            status,
+            stream: self.stream,
+            usage_source: source,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            created_at: now_ms(),
+        };
+        let settled = self
+            .app
+            .system
+            .billing
+            .settle(&self.key.account_id, Some(&self.key.id), cost, record)
+            .await
+            .map_err(|e| {
+                tracing::error!(request_id = %self.request_id, error = %e, "settlement failed");
+                ApiError::from(e)
+            })?;
+        tracing::info!(
+            request_id = %self.request_id,
+            model = %self.model.id,
+            status,
+            prompt_tokens = usage.prompt_tokens,
+            completion_tokens = usage.completion_tokens,
+            cost = %settled.charged,
+            "request settled"
+        );
+        Ok(settled.charged)
+    }
+
+    /// Records a failed upstream call (no charge) and returns the error for the client.
+    async fn fail(&self, status: u16, err: ApiError) -> ApiError {
+        match self
+            .settle(Usage::default(), UsageSource::Upstream, status, false)
+            .await
+        {
+            Ok(_) => err,
+            Err(e) => e,
+        }
+    }
+}
+
+fn field_u64(request: &Map<String, Value>, name: &str) -> Result<Option<u64>, ApiError> {
+    match request.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            ApiError::InvalidRequest(format!("`{name}` must be a non-negative integer."))
+        }),
+    }
+}
+
+async fn proxy(
+    app: Arc<App>,
+    req: &Request,
+    body: Bytes,
+    request_id: &str,
+    started: Instant,
+) -> Result<Response, ApiError> {
+    let key = authenticate(&app, &req.headers).await?;
+    let mut request: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::InvalidRequest(match e.classify() {
+            serde_json::error::Category::Data => {
+                "The request body must be a JSON object.".to_owned()
+            }
+            _ => format!(
+                "The request body is not valid JSON (line {}, column {}).",
+                e.line(),
+                e.column()
+            ),
+        })
+    })?;
+    let model_id = match request.get("model") {
+        Some(Value::String(m)) => m.clone(),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`model` must be a string.".to_owned(),
+            ))
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "You must provide a model parameter.".to_owned(),
+            ))
+        }
+    };
+    match request.get("messages") {
+        Some(Value::Array(m)) if !m.is_empty() => {}
+        Some(Value::Array(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "`messages` must not be empty.".to_owned(),
+            ))
+        }
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`messages` must be an array.".to_owned(),
+            ))
+        }
+        None => {
+            return Err(ApiError::InvalidRequest(
+                "Missing required parameter: `messages`.".to_owned(),
+            ))
+        }
+    }
+    let stream = match request.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "`stream` must be a boolean.".to_owned(),
+            ))
+        }
+    };
+    let max_completion = field_u64(&request, "max_completion_tokens")?;
+    let max_tokens = field_u64(&request, "max_tokens")?;
+    let n = field_u64(&request, "n")?.unwrap_or(1);
+    if n == 0 || n > 128 {
+        return Err(ApiError::InvalidRequest(
+            "`n` must be between 1 and 128.".to_owned(),
+        ));
+    }
+    let model = app
+        .catalog
+        .get(&model_id)
+        .cloned()
+        .ok_or(ApiError::ModelNotFound(model_id.clone()))?;
+    if !key.allows_model(&model.id) {
+        return Err(ApiError::ModelNotAllowed(model.id));
+    }
+
+    let per_choice = max_completion
+        .or(max_tokens)
+        .unwrap_or(model.max_output_tokens)
+        .min(model.max_output_tokens);
+    let reservation: Reservation = app
+        .system
+        .billing
+        .reserve(
+            &key.account_id,
+            ReserveRequest {
+                request_id: request_id.to_owned(),
+                key: Some(KeyLimit {
+                    key_id: key.id.clone(),
+                    spend_cap: key.spend_cap,
+                }),
+                price: model.price,
+                input_tokens: body.len() as u64,
+                max_output_tokens: per_choice.saturating_mul(n),
+            },
+        )
+        .await?;
+    let billing = &app.system.billing;
+    if reservation.lowered {
+        let allowed = reservation.max_output_tokens / n;
+        if allowed == 0 {
+            billing.release(&key.account_id, request_id);
+            return Err(ApiError::InsufficientBalance(format!(
+                "{} USDT cannot pay for one output token for each of n={n} choices",
+                reservation.amount
+            )));
+        }
+        let field = if request.contains_key("max_completion_tokens") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        request.insert(field.to_owned(), json!(allowed));
+    }
+    let client_wants_usage = request
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if stream {
+        let options = request.entry("stream_options").or_insert_with(|| json!({}));
+        if !options.is_object() {
+            *options = json!({});
+        }
+        if let Some(o) = options.as_object_mut() {
+            o.insert("include_usage".to_owned(), Value::Bool(true));
+        }
+    }
+    request.insert(
+        "model".to_owned(),
+        Value::String(model.upstream_model.clone()),
+    );
+    let messages = request.get("messages").cloned().unwrap_or(Value::Null);
+
+    let lease = match lease(&app, &model.provider).await {
+        Ok(l) => l,
+        Err(e) => {
+            billing.release(&key.account_id, request_id);
+            return Err(e);
+        }
+    };
+    let call = Call {
+        app: app.clone(),
+        request_id: request_id.to_owned(),
+        key,
+        model,
+        stream,
+        started,
+    };
+
+    let upstream_body = serde_json::to_vec(&request).map_err(|_| ApiError::Internal)?;
+    let mut builder = lease
+        .client
+        .post(format!("{}/chat/completions", lease.spec.base_url))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(upstream_body);
+    if let Some(k) = &lease.spec.api_key {
+        builder = builder.bearer_auth(k);
+    }
+    let timeout = lease.spec.request_timeout;
+    let upstream = match tokio::time::timeout(timeout, builder.send()).await {
+        Err(_) => return Err(call.fail(504, ApiError::UpstreamTimeout).await),
+        Ok(Err(e)) => {
+            tracing::warn!(request_id, provider = %call.model.provider, error = %e.without_url(), "upstream unreachable");
+            return Err(call
+                .fail(
+                    502,
+                    ApiError::Upstream("The upstream provider could not be reached.".to_owned()),
+                )
+                .await);
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = upstream.status();
+    if !status.is_success() {
+        return Err(upstream_refused(&call, upstream, timeout).await);
+    }
+
+    if stream {
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+        let idle = app.config.stream_idle_timeout(&call.model.provider);
+        app.relays.spawn(relay(
+            call,
+            lease,
+            upstream,
+            tx,
+            messages,
+            client_wants_usage,
+            idle,
+        ));
+        let mut resp = warp::reply::Reply::into_response(warp::reply::stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("no-cache"),
+        );
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        return Ok(resp);
+    }
+
+    let bytes = match tokio::time::timeout(timeout, upstream.bytes()).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            return Err(call
+                .fail(
+                    502,
+                    ApiError::Upstream("The upstream response was cut short.".to_owned()),
+                )
+                .await)
+        }
+        Err(_) => return Err(call.fail(504, ApiError::UpstreamTimeout).await),
+    };
+    drop(lease);
+    #[derive(Deserialize)]
+    struct Completion {
+        usage: Option<Usage>,
+        #[serde(default)]
+        choices: Vec<Value>,
+    }
+    let parsed: Completion = serde_json::from_slice(&bytes).unwrap_or(Completion {
+        usage: None,
+        choices: Vec::new(),
+    });
+    let (usage, source) = match parsed.usage {
+        Some(u) => (u, UsageSource::Upstream),
+        None => (
+            Usage {
+                prompt_tokens: tokens::prompt_tokens(&messages),
+                completion_tokens: parsed
+                    .choices
+                    .iter()
+                    .map(|c| {
+                        tokens::content_tokens(c.get("message").and_then(|m| m.get("content")))
+                    })
+                    .sum(),
+                prompt_tokens_details: None,
+            },
+            UsageSource::Estimated,
+        ),
+    };
+    let charged = call.settle(usage, source, 200, true).await?;
+    let mut resp = Response::new(bytes.into());
+    let h = resp.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&charged.to_string()) {
+        h.insert("x-tollgate-cost", v);
+    }
+    Ok(resp)
+}
+
+async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
+    let actor = app
+        .system
+        .provider(provider)
+        .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
+    match actor
+        .call(ProviderMsg::Lease, Some(Duration::from_secs(5)))
+        .await
+    {
+        Ok(CallResult::Success(Ok(lease))) => Ok(lease),
+        Ok(CallResult::Success(Err(e @ ProviderError::Saturated { .. }))) => {
+            Err(ApiError::RateLimited(e.to_string()))
+        }
+        _ => Err(ApiError::Unavailable(format!("provider `{provider}`"))),
+    }
+}
+
+/// An upstream that answered with an error: nothing is charged. A client error (the request
+/// itself was wrong) passes through as the upstream said it; the rest become 502.
+async fn upstream_refused(call: &Call, upstream: reqwest::Response, timeout: Duration) -> ApiError {
+    let status = upstream.status();
+    let body = tokio::time::timeout(timeout, upstream.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok);
+    let message = body
+        .as_ref()
+        .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+        .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_owned));
+    let err = match status {
+        StatusCode::TOO_MANY_REQUESTS => ApiError::RateLimited(message.unwrap_or_else(|| {
+            "The upstream provider is rate limiting; retry shortly.".to_owned()
+        })),
+        s if s.is_client_error() && s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN => {
+            ApiError::InvalidRequest(
+                message
+                    .unwrap_or_else(|| format!("The upstream provider refused the request ({s}).")),
+            )
+        }
+        s => ApiError::Upstream(format!("The upstream provider failed ({s}).")),
+    };
+    call.fail(status.as_u16(), err).await
+}
+
+#[derive(Deserialize)]
+struct ChunkPeek {
+    #[serde(default)]
+    choices: Vec<ChoicePeek>,
+    usage: Option<Usage>,
+}
+
+#[derive(Deserialize)]
+struct ChoicePeek {
+    delta: Option<DeltaPeek>,
+}
+
+#[derive(Deserialize)]
+struct DeltaPeek {
+    content: Option<serde::de::IgnoredAny>,
+}
+
+enum StreamEnd {
+    Done,
+    ClientGone,
+    UpstreamFailed,
+    UpstreamIdle,
+}
+
+/// Passes the upstream's events to the client one by one as they arrive, watching for usage.
+/// The terminating `data: [DONE]` is sent only after the charge is durable.
+async fn relay(
+    call: Call,
+    lease: Lease,
+    upstream: reqwest::Response,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    messages: Value,
+    client_wants_usage: bool,
+    idle: Duration,
+) {
+    let mut events = upstream.bytes_stream().eventsource();
+    let mut usage: Option<Usage> = None;
+    let mut content_chunks: u64 = 0;
+    let end = loop {
+        let next = tokio::select! {
+            _ = tx.closed() => break StreamEnd::ClientGone,
+            next = tokio::time::timeout(idle, events.next()) => next,
+        };
+        let event = match next {
+            Err(_) => break StreamEnd::UpstreamIdle,
+            Ok(None) => break StreamEnd::Done,
+            Ok(Some(Err(_))) => break StreamEnd::UpstreamFailed,
+            Ok(Some(Ok(event))) => event,
+        };
+        if event.data == "[DONE]" {
+            break StreamEnd::Done;
+        }
+        let mut forward = true;
+        if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
+            if let Some(u) = peek.usage {
+                usage = Some(u);
+                forward = client_wants_usage || !peek.choices.is_empty();
+            }
+            if peek
+                .choices
+                .iter()
+                .any(|c| c.delta.as_ref().is_some_and(|d| d.content.is_some()))
+            {
+                content_chunks += 1;
+            }
+        }
+        if forward {
+            let frame = Bytes::from(format!("data: {}\n\n", event.data));
+            if tx.send(Ok(frame)).await.is_err() {
+                break StreamEnd::ClientGone;
+            }
+        }
+    };
+    // Stop the upstream call now (dropping the body closes its connection), then settle.
+    drop(events);
+    drop(lease);
+    let (usage, source) = match usage {
+        Some(u) => (u, UsageSource::Upstream),
+        // What was delivered: the prompt, and one token per content chunk sent on.
+        None => (
+            Usage {
+                prompt_tokens: tokens::prompt_tokens(&messages),
+                completion_tokens: content_chunks,
+                prompt_tokens_details: None,
+            },
+            UsageSource::Estimated,
+        ),
+    };
+    let status = match end {
+        StreamEnd::Done => 200,
+        StreamEnd::ClientGone => CLIENT_CLOSED,
+        StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle => 502,
+    };
+    // A stream the upstream broke off is still charged for what the client received.
+    let settled = call.settle(usage, source, status, true).await;
+    match (end, settled) {
+        (StreamEnd::Done, Ok(_)) => {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        }
+        (StreamEnd::ClientGone, _) => {}
+        (_, Err(e)) => {
+            let _ = tx
+                .send(Ok(error_event(&e.to_string(), "server_error")))
+                .await;
+        }
+        (StreamEnd::UpstreamFailed, Ok(_)) | (StreamEnd::UpstreamIdle, Ok(_)) => {
+            let _ = tx
+                .send(Ok(error_event(
+                    "The upstream provider broke off the stream.",
+                    "upstream_error",
+                )))
+                .await;
+        }
+    }
+}
+
+fn error_event(message: &str, code: &str) -> Bytes {
+    let body = json!({"error": {"message": message, "type": code, "code": code}});
+    Bytes::from(format!("data: {body}\n\n"))
+}

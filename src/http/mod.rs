@@ -1,0 +1,239 @@
+//! HTTP: one warp filter hands every request to [`route`], which dispatches on method and
+//! path. Handlers talk to actors (through `Billing`, the key ring, the actor system), never SQL.
+
+mod admin;
+mod chat;
+
+use crate::config::{Config, Model};
+use crate::error::{json_response, ApiError};
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
+use tollgate_actors::keys::KeyRing;
+use tollgate_actors::{ActorSystem, Store};
+use warp::reply::Response;
+use warp::{Buf, Filter};
+
+/// Everything a handler can reach.
+pub struct App {
+    pub config: Config,
+    pub catalog: HashMap<String, Model>,
+    pub keys: KeyRing,
+    pub system: ActorSystem,
+    pub store: Store,
+    admin_token: [u8; 32],
+    /// Stream relays still settling after their client went away; shutdown waits for them.
+    pub relays: TaskTracker,
+}
+
+impl App {
+    pub fn new(
+        config: Config,
+        catalog: HashMap<String, Model>,
+        keys: KeyRing,
+        system: ActorSystem,
+        store: Store,
+    ) -> App {
+        App {
+            admin_token: tollgate_actors::keys::hash_key(&config.admin_token),
+            config,
+            catalog,
+            keys,
+            system,
+            store,
+            relays: TaskTracker::new(),
+        }
+    }
+}
+
+pub fn filter(
+    app: Arc<App>,
+) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  body| {
+                let request = Request {
+                    method,
+                    path: path.as_str().to_owned(),
+                    query,
+                    headers,
+                };
+                handle(app.clone(), request, body)
+            },
+        )
+}
+
+async fn handle<S, B>(app: Arc<App>, request: Request, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf + Send,
+{
+    let body = Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))));
+    route(app, request, body).await
+}
+
+pub struct Request {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+}
+
+async fn route<S, E>(app: Arc<App>, req: Request, body: S) -> Response
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+{
+    let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let limit = app.config.limits.max_body_bytes;
+    let m = &req.method;
+    let result = match segments.as_slice() {
+        ["v1", "chat", "completions"] if m == Method::POST => {
+            return match read_body(&req.headers, body, limit).await {
+                Ok(bytes) => chat::completions(app, &req, bytes).await,
+                Err(e) => with_request_id(e.into_response(), &chat::new_request_id()),
+            };
+        }
+        ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
+        ["healthz"] if m == Method::GET => {
+            Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
+        }
+        ["readyz"] if m == Method::GET => ready(&app).await,
+        ["admin", rest @ ..] => match admin::authorize(&app, &req) {
+            Ok(()) => {
+                let body = if matches!(*m, Method::POST | Method::PUT | Method::PATCH) {
+                    match read_body(&req.headers, body, limit).await {
+                        Ok(b) => b,
+                        Err(e) => return e.into_response(),
+                    }
+                } else {
+                    Bytes::new()
+                };
+                admin::route(&app, &req, rest, body).await
+            }
+            Err(e) => Err(e),
+        },
+        ["v1", "chat", "completions"] | ["v1", "models"] | ["healthz"] | ["readyz"] => {
+            Err(ApiError::MethodNotAllowed(req.method.to_string()))
+        }
+        _ => Err(ApiError::NotFound(format!(
+            "No route for {} {}.",
+            req.method, req.path
+        ))),
+    };
+    result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Reads a body up to `limit` bytes; refuses a larger one as soon as it is known to be larger.
+async fn read_body<S, E>(headers: &HeaderMap, mut body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+{
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut buf =
+        BytesMut::with_capacity(declared.map(|n| n as usize).unwrap_or(8 * 1024).min(limit));
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|_| {
+            ApiError::InvalidRequest("The request body could not be read.".to_owned())
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The key-authenticated caller, or 401.
+async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+) -> Result<Arc<tollgate_actors::keys::KeyInfo>, ApiError> {
+    let token = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
+    let key = app.keys.authenticate(token).await.map_err(|e| match e {
+        tollgate_actors::keys::KeyError::Invalid => ApiError::InvalidApiKey,
+        other => {
+            tracing::error!(error = %other, "key lookup failed");
+            ApiError::Unavailable("key store".to_owned())
+        }
+    })?;
+    if key.is_expired(tollgate_actors::store::now_ms()) {
+        return Err(ApiError::ExpiredApiKey);
+    }
+    Ok(key)
+}
+
+async fn list_models(app: &App, req: &Request) -> Result<Response, ApiError> {
+    let key = authenticate(app, &req.headers).await?;
+    let mut models: Vec<&Model> = app
+        .catalog
+        .values()
+        .filter(|m| key.allows_model(&m.id))
+        .collect();
+    models.sort_by(|a, b| a.id.cmp(&b.id));
+    let data: Vec<_> = models
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": m.provider,
+                "pricing": {
+                    "currency": "USDT",
+                    "input_per_mtok": tollgate_actors::Amount(m.price.input_per_mtok as i64).to_string(),
+                    "output_per_mtok": tollgate_actors::Amount(m.price.output_per_mtok as i64).to_string(),
+                },
+                "max_output_tokens": m.max_output_tokens,
+            })
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": data}),
+    ))
+}
+
+async fn ready(app: &App) -> Result<Response, ApiError> {
+    let store = app.store.ping().await.is_ok();
+    let actors = app.system.is_running();
+    let status = if store && actors {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(
+        status,
+        &json!({"store": store, "supervisor": actors}),
+    ))
+}
+
+pub fn with_request_id(mut resp: Response, request_id: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}

@@ -1,0 +1,237 @@
+//! A mock OpenAI-compatible upstream, for tests, demos and load tests.
+//!
+//! It answers `POST …/chat/completions`, streamed or not, echoing the words of the last user
+//! message (so a test can see content pass through) with usage figures it computes the same
+//! way every time: prompt tokens = Σ(ceil(len(content)/4) + 4) + 3 over the messages, and one
+//! completion token per word sent, `min(chunks, max_tokens)` of them.
+//!
+//! Upstream model names with special behaviour: `mock-error` (500), `mock-bad-request` (400),
+//! `mock-rate-limited` (429), `mock-hang` (never answers), `mock-no-usage` (omits usage),
+//! `mock-break` (a stream that breaks off after its first chunk).
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use serde_json::{json, Value};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use warp::reply::Response;
+use warp::Filter;
+
+#[derive(Clone, Debug)]
+pub struct MockOptions {
+    /// Delay before the first byte of the answer.
+    pub latency: Duration,
+    /// Completion tokens (one word per streamed chunk) when max_tokens does not say fewer.
+    pub chunks: u64,
+    pub chunk_interval: Duration,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        MockOptions {
+            latency: Duration::ZERO,
+            chunks: 16,
+            chunk_interval: Duration::ZERO,
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    options: MockOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let options = Arc::new(options);
+    let route = warp::post()
+        .and(warp::path::full())
+        .and(warp::body::bytes())
+        .then(move |path: warp::path::FullPath, body: Bytes| {
+            let options = options.clone();
+            async move {
+                if !path.as_str().ends_with("/chat/completions") {
+                    return error(StatusCode::NOT_FOUND, "no such route");
+                }
+                complete(&options, &body).await
+            }
+        });
+    warp::serve(route)
+        .incoming(listener)
+        .graceful(shutdown)
+        .run()
+        .await;
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    let body = json!({"error": {"message": message, "type": "mock_error", "code": null}});
+    let mut r = Response::new(Bytes::from(body.to_string()).into());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text_of(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+async fn complete(options: &MockOptions, body: &[u8]) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let model = request
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_owned();
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    match model.as_str() {
+        "mock-error" => return error(StatusCode::INTERNAL_SERVER_ERROR, "mock failure"),
+        "mock-bad-request" => {
+            return error(StatusCode::BAD_REQUEST, "mock says the request is wrong")
+        }
+        "mock-rate-limited" => return error(StatusCode::TOO_MANY_REQUESTS, "mock rate limit"),
+        "mock-hang" => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return error(StatusCode::GATEWAY_TIMEOUT, "hung");
+        }
+        _ => {}
+    }
+    let prompt_tokens: u64 = messages
+        .iter()
+        .map(|m| (text_of(m.get("content")).len() as u64).div_ceil(4) + 4)
+        .sum::<u64>()
+        + 3;
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| text_of(m.get("content")))
+        .unwrap_or_default();
+    let mut words: Vec<String> = last_user.split_whitespace().map(str::to_owned).collect();
+    if words.is_empty() {
+        words.push("ok".to_owned());
+    }
+    let limit = request
+        .get("max_completion_tokens")
+        .or(request.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let n = options.chunks.min(limit);
+    let finish = if n < options.chunks { "length" } else { "stop" };
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
+    let with_usage = model != "mock-no-usage";
+    let id = format!("chatcmpl-mock{}", uuid::Uuid::now_v7().simple());
+    let created = tollgate_actors::store::now_ms() / 1000;
+    tokio::time::sleep(options.latency).await;
+
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        let content: Vec<&str> = (0..n as usize)
+            .map(|i| words[i % words.len()].as_str())
+            .collect();
+        let mut body = json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content.join(" ")}, "finish_reason": finish}],
+        });
+        if with_usage {
+            body["usage"] = usage;
+        }
+        let mut r = Response::new(Bytes::from(body.to_string()).into());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+
+    let include_usage = with_usage
+        && request
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            == Some(true);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let interval = options.chunk_interval;
+    let breaks = model == "mock-break";
+    tokio::spawn(async move {
+        let chunk = |delta: Value, finish: Value| {
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            Bytes::from(format!("data: {c}\n\n"))
+        };
+        if tx
+            .send(Ok(chunk(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            )))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for i in 0..n as usize {
+            if i > 0 && !interval.is_zero() {
+                tokio::time::sleep(interval).await;
+            }
+            let word = if i == 0 {
+                words[0].clone()
+            } else {
+                format!(" {}", words[i % words.len()])
+            };
+            if tx
+                .send(Ok(chunk(json!({"content": word}), Value::Null)))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if breaks {
+                let _ = tx
+                    .send(Err(std::io::Error::other("mock broke the stream")))
+                    .await;
+                return;
+            }
+        }
+        if tx.send(Ok(chunk(json!({}), json!(finish)))).await.is_err() {
+            return;
+        }
+        if include_usage {
+            let last = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
+            if tx
+                .send(Ok(Bytes::from(format!("data: {last}\n\n"))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+    });
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+    ));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
