@@ -124,7 +124,13 @@ impl ApiError {
 
     pub fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
-        error_response(status, &self.to_string(), kind, code)
+        let mut resp = error_response(status, &self.to_string(), kind, code);
+        if let ApiError::PayloadTooLarge(_) = self {
+            // The rest of the body was not read: this connection cannot carry another request.
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 

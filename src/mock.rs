@@ -7,7 +7,7 @@
 //!
 //! Upstream model names with special behaviour: `mock-error` (500), `mock-bad-request` (400),
 //! `mock-rate-limited` (429), `mock-hang` (never answers), `mock-no-usage` (omits usage),
-//! `mock-break` (a stream that breaks off after its first chunk).
+//! `mock-break` (a stream that ends after its first word, without `[DONE]`).
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
@@ -205,9 +205,7 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
                 return;
             }
             if breaks {
-                let _ = tx
-                    .send(Err(std::io::Error::other("mock broke the stream")))
-                    .await;
+                // The body ends here: no finish_reason, no usage, no [DONE].
                 return;
             }
         }

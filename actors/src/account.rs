@@ -100,7 +100,8 @@ pub enum AccountMsg {
     IdleCheck,
 }
 
-/// Reservations of one account, kept across restarts of its actor.
+/// Reservations of one account, and its charges not yet confirmed durable. Kept across
+/// restarts of the account's actor (see `docs/guarantees.md` 2.3 and 5.2).
 #[derive(Debug, Default)]
 pub struct ReservationBook {
     inner: Mutex<BookInner>,
@@ -111,6 +112,8 @@ struct BookInner {
     holds: HashMap<String, Hold>,
     total: i64,
     per_key: HashMap<String, i64>,
+    /// Charges applied in memory whose commit nobody has confirmed yet: request id -> charge.
+    settling: HashMap<String, Charge>,
 }
 
 #[derive(Clone, Debug)]
@@ -119,10 +122,16 @@ struct Hold {
     key_id: Option<String>,
 }
 
+#[derive(Clone, Debug)]
+struct Charge {
+    amount: i64,
+    key_id: Option<String>,
+}
+
 impl ReservationBook {
     fn lock(&self) -> MutexGuard<'_, BookInner> {
-        // Only the account actor mutates the book and never across an await; a poisoned lock
-        // means that actor panicked mid-update, and its successor still needs the holds.
+        // Never held across an await; a poisoned lock means a panic mid-update, and the
+        // account's successor still needs what is in the book.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -130,12 +139,20 @@ impl ReservationBook {
         Amount(self.lock().total)
     }
 
+    /// Outstanding reservations.
     pub fn len(&self) -> usize {
         self.lock().holds.len()
     }
 
+    /// No reservations and no unconfirmed charges: nothing a successor would need.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        let inner = self.lock();
+        inner.holds.is_empty() && inner.settling.is_empty()
+    }
+
+    /// The charge for `request_id` is durable; forget it. Called by whoever saw the commit.
+    pub fn confirm(&self, request_id: &str) {
+        self.lock().settling.remove(request_id);
     }
 }
 
@@ -210,15 +227,42 @@ impl Actor for AccountActor {
     ) -> Result<AccountState, ActorProcessingErr> {
         // Everything sent to the ledger before now (by this account's previous incarnation)
         // must be durable before the balance is read, or the read would miss it.
-        args.ledger
+        let barrier = args
+            .ledger
             .get()
             .call(LedgerMsg::Barrier, Some(Duration::from_secs(30)))
             .await?;
+        if !barrier.is_success() {
+            return Err("the ledger writer is restarting".into());
+        }
         let snapshot = args
             .store
             .account_snapshot(&args.account_id)
             .await?
             .ok_or_else(|| NoSuchAccount(args.account_id.clone()))?;
+        let mut balance = snapshot.balance.nanos();
+        let mut key_spent: HashMap<String, i64> = snapshot
+            .key_spent
+            .into_iter()
+            .map(|(k, v)| (k, v.nanos()))
+            .collect();
+        // Charges the previous incarnation applied whose records a dead ledger writer lost:
+        // their senders are resending them. Count them now, as the store will.
+        let unconfirmed: Vec<String> = args.book.lock().settling.keys().cloned().collect();
+        if !unconfirmed.is_empty() {
+            let durable = args.store.committed_entries(&unconfirmed).await?;
+            let mut book = args.book.lock();
+            for id in unconfirmed {
+                if durable.contains(&id) {
+                    book.settling.remove(&id);
+                } else if let Some(c) = book.settling.get(&id) {
+                    balance -= c.amount;
+                    if let Some(k) = &c.key_id {
+                        *key_spent.entry(k.clone()).or_default() += c.amount;
+                    }
+                }
+            }
+        }
         if !args.idle_after.is_zero() {
             myself.send_interval(args.idle_after / 2 + Duration::from_millis(1), || {
                 AccountMsg::IdleCheck
@@ -226,12 +270,8 @@ impl Actor for AccountActor {
         }
         Ok(AccountState {
             account_id: args.account_id,
-            balance: snapshot.balance.nanos(),
-            key_spent: snapshot
-                .key_spent
-                .into_iter()
-                .map(|(k, v)| (k, v.nanos()))
-                .collect(),
+            balance,
+            key_spent,
             book: args.book,
             ledger: args.ledger,
             last_active: Instant::now(),
@@ -345,11 +385,20 @@ impl AccountState {
         // Money this request may use: its own hold (already back in the free balance) plus
         // whatever no other request holds. Holds never exceed the balance, so this is >= held.
         let payable = (self.balance - book.total).max(0);
+        let charged = req.cost.nanos().clamp(0, payable);
+        if charged > 0 {
+            book.settling.insert(
+                req.request_id.clone(),
+                Charge {
+                    amount: charged,
+                    key_id: req.key_id.clone(),
+                },
+            );
+        }
         drop(book);
         if held == 0 {
             tracing::warn!(request_id = %req.request_id, "settlement without a reservation");
         }
-        let charged = req.cost.nanos().clamp(0, payable);
         let uncollected = req.cost.nanos() - charged;
         self.balance -= charged;
         if let Some(k) = &req.key_id {

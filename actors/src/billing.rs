@@ -8,7 +8,7 @@
 use crate::account::{
     AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
 };
-use crate::directory::{DirectoryMsg, LiveAccounts};
+use crate::directory::{Books, DirectoryMsg, LiveAccounts};
 use crate::ledger::LedgerMsg;
 use crate::money::Amount;
 use crate::slot::Slot;
@@ -36,6 +36,7 @@ const COMMIT_PATIENCE: Duration = Duration::from_secs(120);
 #[derive(Clone)]
 pub struct Billing {
     live: LiveAccounts,
+    books: Books,
     directory: Slot<DirectoryMsg>,
     ledger: Slot<LedgerMsg>,
 }
@@ -47,9 +48,15 @@ enum Attempt<T> {
 }
 
 impl Billing {
-    pub fn new(live: LiveAccounts, directory: Slot<DirectoryMsg>, ledger: Slot<LedgerMsg>) -> Self {
+    pub fn new(
+        live: LiveAccounts,
+        books: Books,
+        directory: Slot<DirectoryMsg>,
+        ledger: Slot<LedgerMsg>,
+    ) -> Self {
         Billing {
             live,
+            books,
             directory,
             ledger,
         }
@@ -70,10 +77,13 @@ impl Billing {
                 )
                 .await;
             match reply {
+                // The actor could not start (its store or the ledger writer is restarting).
+                Ok(CallResult::Success(Err(BillingError::Unavailable(_)))) => {}
                 Ok(CallResult::Success(result)) => return result,
                 // The directory is restarting.
-                _ => tokio::time::sleep(RETRY_PAUSE).await,
+                _ => {}
             }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
         Err(BillingError::Unavailable("account directory"))
     }
@@ -146,14 +156,14 @@ impl Billing {
                     continue;
                 }
             };
-            match commit_rx.await {
-                Ok(Ok(_)) => return Ok(settled),
+            if !matches!(commit_rx.await, Ok(Ok(_))) {
                 // The writer died with the record in its batch: resend it (idempotent).
-                _ => {
-                    self.commit(settled.record.clone()).await?;
-                    return Ok(settled);
-                }
+                self.commit(settled.record.clone()).await?;
             }
+            if let Some(book) = self.books.get(account_id) {
+                book.confirm(&usage.request_id);
+            }
+            return Ok(settled);
         }
         Err(BillingError::Unavailable("account actor"))
     }

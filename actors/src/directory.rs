@@ -164,14 +164,25 @@ impl Actor for AccountDirectory {
         let Some(child) = state.children.get_mut(&account_id) else {
             return Ok(());
         };
-        child.actor = None;
+        // A request may already have started a successor (it found this one dead before its
+        // termination reached us). Then the successor stands: never clear or double it.
+        let successor_running = child
+            .actor
+            .as_ref()
+            .is_some_and(|a| a.get_id() != cell.get_id());
         if passivated {
-            state.children.remove(&account_id);
-            state.args.books.remove_if(&account_id, |_, b| b.is_empty());
+            if !successor_running {
+                state.children.remove(&account_id);
+                state.args.books.remove_if(&account_id, |_, b| b.is_empty());
+            }
             return Ok(());
         }
         tracing::warn!(account = %account_id, reason = reason.as_deref().unwrap_or("unknown"), "account actor died");
+        if !successor_running {
+            child.actor = None;
+        }
         match child.history.next_delay(&state.args.policy) {
+            Some(_) if successor_running => Ok(()),
             Some(delay) => {
                 let id = account_id.clone();
                 myself.send_after(delay, move || DirectoryMsg::Restart(id));

@@ -366,7 +366,13 @@ impl Store {
     pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.pool.begin().await?;
 
-        let entries: Vec<&LedgerEntry> = records.iter().filter_map(|r| r.ledger.as_ref()).collect();
+        // The same entry twice in one batch (a resend racing its original) counts once.
+        let mut seen = std::collections::HashSet::new();
+        let entries: Vec<&LedgerEntry> = records
+            .iter()
+            .filter_map(|r| r.ledger.as_ref())
+            .filter(|e| seen.insert(e.entry_id.as_str()))
+            .collect();
         let mut inserted_entries = std::collections::HashSet::new();
         for chunk in entries.chunks(500) {
             let mut sql = String::from(
@@ -417,7 +423,12 @@ impl Store {
                 .await?;
         }
 
-        let usages: Vec<&UsageRecord> = records.iter().filter_map(|r| r.usage.as_ref()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let usages: Vec<&UsageRecord> = records
+            .iter()
+            .filter_map(|r| r.usage.as_ref())
+            .filter(|u| seen.insert(u.request_id.as_str()))
+            .collect();
         let mut inserted_usage = std::collections::HashSet::new();
         for chunk in usages.chunks(200) {
             let mut sql = String::from(
@@ -452,14 +463,39 @@ impl Store {
         }
         tx.commit().await?;
 
+        // `take`: only the first of duplicates in the batch reports itself as new.
         Ok(records
             .iter()
             .map(|r| match (&r.ledger, &r.usage) {
-                (Some(e), _) => inserted_entries.contains(&e.entry_id),
-                (None, Some(u)) => inserted_usage.contains(&u.request_id),
+                (Some(e), _) => inserted_entries.remove(&e.entry_id),
+                (None, Some(u)) => inserted_usage.remove(&u.request_id),
                 (None, None) => false,
             })
             .collect())
+    }
+
+    /// Which of these ledger entry ids are committed.
+    pub async fn committed_entries(
+        &self,
+        entry_ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let mut found = std::collections::HashSet::new();
+        for chunk in entry_ids.chunks(500) {
+            let mut sql = String::from("SELECT entry_id FROM ledger WHERE entry_id IN (");
+            for i in 1..=chunk.len() {
+                sql.push_str(if i == 1 { "$" } else { ", $" });
+                sql.push_str(&i.to_string());
+            }
+            sql.push(')');
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id.as_str());
+            }
+            for row in q.fetch_all(&self.pool).await? {
+                found.insert(row.try_get::<String, _>("entry_id")?);
+            }
+        }
+        Ok(found)
     }
 
     pub async fn usage(

@@ -101,6 +101,7 @@ pub struct RootArgs {
 }
 
 pub struct Handles {
+    books: Books,
     ledger: Slot<LedgerMsg>,
     directory: Slot<DirectoryMsg>,
     providers: HashMap<String, Slot<ProviderMsg>>,
@@ -150,6 +151,7 @@ impl Actor for Root {
             specs.insert(spec.name.clone(), spec.clone());
         }
         let _ = args.handles.send(Handles {
+            books: books.clone(),
             ledger: ledger.clone(),
             directory: directory.clone(),
             providers: providers.clone(),
@@ -346,7 +348,12 @@ impl ActorSystem {
             .await
             .map_err(|_| SpawnErr::StartupFailed("the root supervisor did not start".into()))?;
         Ok(ActorSystem {
-            billing: Billing::new(handles.live, handles.directory.clone(), handles.ledger),
+            billing: Billing::new(
+                handles.live,
+                handles.books,
+                handles.directory.clone(),
+                handles.ledger,
+            ),
             providers: Arc::new(handles.providers),
             directory: handles.directory,
             root,

@@ -40,9 +40,18 @@ pub fn new_request_id() -> String {
 pub async fn completions(app: Arc<App>, req: &Request, body: Bytes) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    let resp = match proxy(app, req, body, &request_id, started).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    // A task of its own: a client that hangs up cancels this handler, but a call that
+    // reserved money must still reach its settlement (or release).
+    let call = {
+        let (app, headers, request_id) = (app.clone(), req.headers.clone(), request_id.clone());
+        app.clone()
+            .relays
+            .spawn(async move { proxy(app, &headers, body, &request_id, started).await })
+    };
+    let resp = match call.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => ApiError::Internal.into_response(),
     };
     with_request_id(resp, &request_id)
 }
@@ -160,12 +169,12 @@ fn field_u64(request: &Map<String, Value>, name: &str) -> Result<Option<u64>, Ap
 
 async fn proxy(
     app: Arc<App>,
-    req: &Request,
+    headers: &http::HeaderMap,
     body: Bytes,
     request_id: &str,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let key = authenticate(&app, &req.headers).await?;
+    let key = authenticate(&app, headers).await?;
     let mut request: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::InvalidRequest(match e.classify() {
             serde_json::error::Category::Data => {
@@ -338,7 +347,8 @@ async fn proxy(
     }
 
     if stream {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
+        // Small: a chunk handed over is at most two chunks from the socket.
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
         let idle = app.config.stream_idle_timeout(&call.model.provider);
         app.relays.spawn(relay(
             call,
@@ -463,20 +473,22 @@ async fn upstream_refused(call: &Call, upstream: reqwest::Response, timeout: Dur
 }
 
 #[derive(Deserialize)]
-struct ChunkPeek {
-    #[serde(default)]
-    choices: Vec<ChoicePeek>,
+struct ChunkPeek<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChoicePeek<'a>>,
     usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
-struct ChoicePeek {
-    delta: Option<DeltaPeek>,
+struct ChoicePeek<'a> {
+    #[serde(borrow)]
+    delta: Option<DeltaPeek<'a>>,
 }
 
 #[derive(Deserialize)]
-struct DeltaPeek {
-    content: Option<serde::de::IgnoredAny>,
+struct DeltaPeek<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
 }
 
 enum StreamEnd {
@@ -507,7 +519,8 @@ async fn relay(
         };
         let event = match next {
             Err(_) => break StreamEnd::UpstreamIdle,
-            Ok(None) => break StreamEnd::Done,
+            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
+            Ok(None) => break StreamEnd::UpstreamFailed,
             Ok(Some(Err(_))) => break StreamEnd::UpstreamFailed,
             Ok(Some(Ok(event))) => event,
         };
@@ -515,24 +528,25 @@ async fn relay(
             break StreamEnd::Done;
         }
         let mut forward = true;
+        let mut has_content = false;
         if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
             if let Some(u) = peek.usage {
                 usage = Some(u);
                 forward = client_wants_usage || !peek.choices.is_empty();
             }
-            if peek
-                .choices
-                .iter()
-                .any(|c| c.delta.as_ref().is_some_and(|d| d.content.is_some()))
-            {
-                content_chunks += 1;
-            }
+            has_content = peek.choices.iter().any(|c| {
+                c.delta
+                    .as_ref()
+                    .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
+            });
         }
         if forward {
             let frame = Bytes::from(format!("data: {}\n\n", event.data));
             if tx.send(Ok(frame)).await.is_err() {
                 break StreamEnd::ClientGone;
             }
+            // Delivered: handed to the client's connection.
+            content_chunks += u64::from(has_content);
         }
     };
     // Stop the upstream call now (dropping the body closes its connection), then settle.

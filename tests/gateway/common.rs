@@ -1,0 +1,505 @@
+//! Test harness: a real database per test (SQLite file or a fresh Postgres database), the mock
+//! upstream on a loopback port, and the gateway started with `tollgate::start` or as the real
+//! binary. Everything talks real HTTP.
+
+use serde_json::{json, Value};
+use sqlx::Row;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tollgate::config::Config;
+use tollgate::mock::MockOptions;
+use tollgate::Gateway;
+use tollgate_actors::Amount;
+
+pub const ADMIN: &str = "test-admin-token";
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs an async test body once per store: `both_stores!(name)` expects `async fn name(Backend)`.
+#[macro_export]
+macro_rules! both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::common::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::common::Backend::Postgres).await
+            }
+        }
+    };
+}
+
+/// A database that exists for one test.
+pub struct TestDb {
+    pub url: String,
+    _backend: Backend,
+    pub dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    /// `None` (with a line saying why) when Postgres is not reachable outside CI; under
+    /// `CI=true` a missing Postgres fails the test instead.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        match backend {
+            Backend::Sqlite => Some(TestDb {
+                url: format!("sqlite://{}/tollgate.db", dir.path().display()),
+                _backend: backend,
+                dir,
+                pg_name: None,
+            }),
+            Backend::Postgres => {
+                sqlx::any::install_default_drivers();
+                let admin = match sqlx::AnyPool::connect(PG_ADMIN_URL).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        if std::env::var("CI").is_ok_and(|v| v == "true") {
+                            panic!("PostgreSQL is required under CI=true but {PG_ADMIN_URL} is unreachable: {e}");
+                        }
+                        eprintln!("SKIPPED: PostgreSQL not reachable at {PG_ADMIN_URL} ({e}); this test needs it");
+                        return None;
+                    }
+                };
+                let name = format!("tollgate_test_{}", uuid::Uuid::now_v7().simple());
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create database");
+                admin.close().await;
+                Some(TestDb {
+                    url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
+                    _backend: backend,
+                    dir,
+                    pg_name: Some(name),
+                })
+            }
+        }
+    }
+
+    pub async fn pool(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::pool::PoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url)
+            .await
+            .expect("connect test db")
+    }
+
+    pub async fn drop_db(self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(admin) = sqlx::AnyPool::connect(PG_ADMIN_URL).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await;
+                admin.close().await;
+            }
+        }
+    }
+}
+
+/// The mock upstream on a loopback port; stops when dropped.
+pub struct Mock {
+    pub addr: std::net::SocketAddr,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Mock {
+    pub async fn start(options: MockOptions) -> Mock {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind mock");
+        let addr = listener.local_addr().expect("mock addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(tollgate::mock::serve(listener, options, async move {
+            let _ = rx.await;
+        }));
+        Mock { addr, _stop: tx }
+    }
+}
+
+/// The config every test starts from: mock upstream, three priced models, the given store.
+pub fn config_toml(database_url: &str, mock: std::net::SocketAddr) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+database_url = "{database_url}"
+admin_token = "{ADMIN}"
+
+[[providers]]
+name = "mock"
+kind = "openai-compatible"
+base_url = "http://{mock}/v1"
+request_timeout_ms = 3000
+stream_idle_timeout_ms = 3000
+
+[[models]]
+id = "gpt-4o-mini"
+provider = "mock"
+upstream_model = "gpt-4o-mini"
+input_per_mtok = "0.15"
+output_per_mtok = "0.60"
+max_output_tokens = 4096
+
+[[models]]
+id = "pricey"
+provider = "mock"
+upstream_model = "pricey"
+input_per_mtok = "3"
+output_per_mtok = "15.000000001"
+max_output_tokens = 1000
+
+[[models]]
+id = "broken"
+provider = "mock"
+upstream_model = "mock-error"
+input_per_mtok = "1"
+output_per_mtok = "1"
+
+[[models]]
+id = "hangs"
+provider = "mock"
+upstream_model = "mock-hang"
+input_per_mtok = "1"
+output_per_mtok = "1"
+
+[[models]]
+id = "refuses"
+provider = "mock"
+upstream_model = "mock-bad-request"
+input_per_mtok = "1"
+output_per_mtok = "1"
+
+[[models]]
+id = "no-usage"
+provider = "mock"
+upstream_model = "mock-no-usage"
+input_per_mtok = "1"
+output_per_mtok = "2"
+"#
+    )
+}
+
+/// A gateway in this process, on its own database and mock upstream.
+pub struct Harness {
+    pub gateway: Gateway,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+    _mock: Mock,
+}
+
+impl Harness {
+    pub async fn start(backend: Backend) -> Option<Harness> {
+        Self::start_with(backend, MockOptions::default(), |_| {}).await
+    }
+
+    pub async fn start_with(
+        backend: Backend,
+        mock: MockOptions,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Option<Harness> {
+        let db = TestDb::new(backend).await?;
+        let mock = Mock::start(mock).await;
+        let mut config = Config::from_toml(&config_toml(&db.url, mock.addr)).expect("config");
+        tweak(&mut config);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let gateway = tollgate::start(listener, config)
+            .await
+            .expect("start gateway");
+        let base = format!("http://{}", gateway.addr);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Some(Harness {
+            gateway,
+            base,
+            http,
+            db,
+            _mock: mock,
+        })
+    }
+
+    pub async fn stop(self) {
+        self.gateway.shutdown().await;
+        self.db.drop_db().await;
+    }
+
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN)
+    }
+
+    pub async fn account(&self, email: &str) -> String {
+        let r = self
+            .admin(reqwest::Method::POST, "/admin/accounts")
+            .json(&json!({"email": email}))
+            .send()
+            .await
+            .expect("create account");
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.expect("json")["id"]
+            .as_str()
+            .expect("id")
+            .to_owned()
+    }
+
+    pub async fn credit(&self, account: &str, amount: &str) -> Value {
+        let r = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/accounts/{account}/credits"),
+            )
+            .json(&json!({"amount": amount, "reason": "test funding"}))
+            .send()
+            .await
+            .expect("credit");
+        assert_eq!(r.status(), 200, "credit {amount}");
+        r.json().await.expect("json")
+    }
+
+    pub async fn key(&self, account: &str, extra: Value) -> (String, String) {
+        let mut body = json!({"name": "test"});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let r = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/accounts/{account}/keys"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .expect("create key");
+        assert_eq!(r.status(), 201);
+        let v: Value = r.json().await.expect("json");
+        (
+            v["id"].as_str().expect("id").to_owned(),
+            v["key"].as_str().expect("key").to_owned(),
+        )
+    }
+
+    /// A funded account and a key for it.
+    pub async fn funded(&self, amount: &str) -> (String, String) {
+        let account = self
+            .account(&format!("{}@example.com", uuid::Uuid::now_v7().simple()))
+            .await;
+        self.credit(&account, amount).await;
+        let (_, key) = self.key(&account, json!({})).await;
+        (account, key)
+    }
+
+    pub async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/v1/chat/completions", self.base))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .expect("chat request")
+    }
+
+    pub async fn balance(&self, account: &str) -> Amount {
+        let v: Value = self
+            .admin(reqwest::Method::GET, &format!("/admin/accounts/{account}"))
+            .send()
+            .await
+            .expect("get account")
+            .json()
+            .await
+            .expect("json");
+        v["balance"]
+            .as_str()
+            .expect("balance")
+            .parse()
+            .expect("amount")
+    }
+
+    pub async fn usage(&self, account: &str) -> Vec<Value> {
+        let v: Value = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/accounts/{account}/usage?limit=1000"),
+            )
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("json");
+        v["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// What the store says about an account, straight from SQL.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Ledger {
+    pub balance: i64,
+    pub ledger_sum: i64,
+    pub charges: i64,
+    pub credits: i64,
+    pub charge_count: i64,
+    pub usage_cost_sum: i64,
+    pub usage_count: i64,
+}
+
+pub async fn ledger(pool: &sqlx::AnyPool, account: &str) -> Ledger {
+    let one = |sql: &'static str| {
+        let pool = pool.clone();
+        let account = account.to_owned();
+        async move {
+            sqlx::query(sql)
+                .bind(account)
+                .fetch_one(&pool)
+                .await
+                .expect(sql)
+                .try_get::<i64, _>(0)
+                .expect("i64")
+        }
+    };
+    Ledger {
+        balance: one("SELECT balance FROM accounts WHERE id = $1").await,
+        ledger_sum: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1").await,
+        charges: one("SELECT CAST(COALESCE(SUM(-amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1 AND kind = 'charge'").await,
+        credits: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1 AND kind <> 'charge'").await,
+        charge_count: one("SELECT COUNT(*) FROM ledger WHERE account_id = $1 AND kind = 'charge'").await,
+        usage_cost_sum: one("SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM usage_records WHERE account_id = $1").await,
+        usage_count: one("SELECT COUNT(*) FROM usage_records WHERE account_id = $1").await,
+    }
+}
+
+/// The mock's prompt-token formula: Σ(ceil(len/4) + 4) + 3.
+pub fn mock_prompt_tokens(contents: &[&str]) -> u64 {
+    contents
+        .iter()
+        .map(|c| (c.len() as u64).div_ceil(4) + 4)
+        .sum::<u64>()
+        + 3
+}
+
+/// Cost at per-Mtok prices given as nano-USDT per Mtok, rounded up: the rule written out again.
+pub fn expected_cost(
+    input_nanos_per_mtok: u128,
+    output_nanos_per_mtok: u128,
+    prompt: u64,
+    completion: u64,
+) -> Amount {
+    let micro = prompt as u128 * input_nanos_per_mtok + completion as u128 * output_nanos_per_mtok;
+    Amount(micro.div_ceil(1_000_000) as i64)
+}
+
+/// Reads an SSE body to the end; returns the `data:` payloads.
+pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.expect("sse body");
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+pub fn assert_error_shape(v: &Value, code: &str) {
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "message in {v}"
+    );
+    assert!(e["type"].is_string(), "type in {v}");
+    assert_eq!(e["code"], code, "code in {v}");
+}
+
+/// The real `tollgate` binary, serving on a port of its own.
+pub struct Server {
+    child: tokio::process::Child,
+    pub base: String,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    /// Starts `tollgate serve` and waits until it answers `/healthz`. Its stdout and stderr
+    /// are appended to `log`.
+    pub async fn spawn(
+        config: &std::path::Path,
+        port: u16,
+        log: &std::path::Path,
+        rust_log: &str,
+    ) -> Server {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", rust_log)
+            .env_remove("DATABASE_URL")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn tollgate");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        for _ in 0..400 {
+            if let Ok(r) = http.get(format!("{base}/healthz")).send().await {
+                if r.status() == 200 {
+                    return Server { child, base };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "tollgate did not become healthy; log: {}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+
+    /// kill -9.
+    pub async fn kill9(mut self) {
+        self.child.start_kill().unwrap();
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().unwrap();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("exit in time")
+            .unwrap()
+    }
+
+    pub fn admin(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        http.request(method, format!("{}{path}", self.base))
+            .bearer_auth(ADMIN)
+    }
+}

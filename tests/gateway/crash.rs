@@ -1,0 +1,164 @@
+//! kill -9 under load, then restart: every request whose response completed has its usage
+//! record and its charge, none twice, and balance = credits - charges.
+
+use crate::both_stores;
+use crate::common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::Row;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tollgate::mock::MockOptions;
+
+async fn kill9_under_load_loses_no_charge(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions {
+        chunks: 8,
+        chunk_interval: Duration::from_millis(3),
+        ..Default::default()
+    })
+    .await;
+    let config = db.dir.path().join("tollgate.toml");
+    std::fs::write(&config, config_toml(&db.url, mock.addr)).unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let port = free_port();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    let server = Server::spawn(&config, port, &log, "info").await;
+    let r = server
+        .admin(&http, Method::POST, "/admin/accounts")
+        .json(&json!({"email": "crash@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    let account = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server
+        .admin(
+            &http,
+            Method::POST,
+            &format!("/admin/accounts/{account}/credits"),
+        )
+        .json(&json!({"amount": "100", "reason": "crash test"}))
+        .send()
+        .await
+        .unwrap();
+    let r = server
+        .admin(
+            &http,
+            Method::POST,
+            &format!("/admin/accounts/{account}/keys"),
+        )
+        .json(&json!({"name": "k"}))
+        .send()
+        .await
+        .unwrap();
+    let key = r.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let completed: Arc<Mutex<HashSet<String>>> = Default::default();
+    let mut server = Some(server);
+    for round in 0..3 {
+        let base = format!("http://127.0.0.1:{port}");
+        let workers: Vec<_> = (0..24)
+            .map(|w| {
+                let (http, key, base, completed) = (http.clone(), key.clone(), base.clone(), completed.clone());
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        let stream = (w + i) % 2 == 0;
+                        let body = json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 8,
+                            "messages": [{"role": "user", "content": format!("round {round} worker {w} request {i}")}]});
+                        let Ok(resp) = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&body).send().await else {
+                            return;
+                        };
+                        let id = resp.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_owned());
+                        let ok = resp.status() == 200;
+                        let Ok(text) = resp.text().await else { return };
+                        if ok && (!stream || text.ends_with("data: [DONE]\n\n")) {
+                            completed.lock().unwrap().insert(id.unwrap());
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        server.take().unwrap().kill9().await;
+        for w in workers {
+            let _ = w.await;
+        }
+        server = Some(Server::spawn(&config, port, &log, "info").await);
+        let _ = round;
+    }
+    let server = server.unwrap();
+    let completed = completed.lock().unwrap().clone();
+    assert!(
+        completed.len() > 50,
+        "load was real: {} completed",
+        completed.len()
+    );
+
+    let pool = db.pool().await;
+    let charged: HashSet<String> = sqlx::query("SELECT entry_id FROM ledger WHERE kind = 'charge'")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect();
+    let recorded: HashSet<String> =
+        sqlx::query("SELECT request_id FROM usage_records WHERE status = 200")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect();
+    let missing: Vec<_> = completed
+        .iter()
+        .filter(|id| !charged.contains(*id) || !recorded.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} completed responses without a durable charge: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let l = ledger(&pool, &account).await;
+    assert_eq!(l.credits, 100_000_000_000);
+    assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
+    assert_eq!(
+        l.charges, l.usage_cost_sum,
+        "each charge has its usage record and vice versa"
+    );
+    let dupes: i64 = sqlx::query("SELECT COUNT(*) - COUNT(DISTINCT entry_id) FROM ledger")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dupes, 0);
+
+    // The restarted gateway's view is the store's.
+    let v: Value = server
+        .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["balance"], tollgate_actors::Amount(l.balance).to_string());
+    assert!(server.terminate().await.success(), "SIGTERM exits 0");
+    pool.close().await;
+    db.drop_db().await;
+}
+both_stores!(kill9_under_load_loses_no_charge);

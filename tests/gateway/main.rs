@@ -1,0 +1,18 @@
+//! Black-box tests of the gateway over real HTTP against real databases.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout
+)]
+
+mod common;
+
+mod admin;
+mod billing;
+mod concurrency;
+mod crash;
+mod errors;
+mod privacy;
+mod streaming;
+mod supervision;

@@ -1,0 +1,168 @@
+//! We never store or log the content of prompts or responses: a canary sent in prompts (and
+//! echoed back by the upstream in responses) appears nowhere in the database or the logs.
+
+use crate::both_stores;
+use crate::common::*;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::Row;
+use std::time::Duration;
+use tollgate::mock::MockOptions;
+
+const CANARY: &str = "CANARY7f3a9cPRIVATE";
+
+async fn canary_is_nowhere(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions {
+        chunks: 12,
+        chunk_interval: Duration::from_millis(10),
+        ..Default::default()
+    })
+    .await;
+    let config = db.dir.path().join("tollgate.toml");
+    std::fs::write(&config, config_toml(&db.url, mock.addr)).unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let http = reqwest::Client::new();
+    // The most verbose level there is: if content reached a log line, it shows here.
+    let server = Server::spawn(&config, free_port(), &log, "trace").await;
+
+    let r = server
+        .admin(&http, Method::POST, "/admin/accounts")
+        .json(&json!({"email": "p@example.com"}))
+        .send()
+        .await
+        .unwrap();
+    let account = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    server
+        .admin(
+            &http,
+            Method::POST,
+            &format!("/admin/accounts/{account}/credits"),
+        )
+        .json(&json!({"amount": "1", "reason": "privacy test"}))
+        .send()
+        .await
+        .unwrap();
+    let r = server
+        .admin(
+            &http,
+            Method::POST,
+            &format!("/admin/accounts/{account}/keys"),
+        )
+        .json(&json!({"name": "k"}))
+        .send()
+        .await
+        .unwrap();
+    let key = r.json::<Value>().await.unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let url = format!("{}/v1/chat/completions", server.base);
+    let msg = json!([{"role": "system", "content": format!("secret {CANARY}")}, {"role": "user", "content": format!("{CANARY} {CANARY}")}]);
+
+    let mut seen_by_client = 0;
+    for body in [
+        json!({"model": "gpt-4o-mini", "messages": msg}),
+        json!({"model": "gpt-4o-mini", "messages": msg, "stream": true}),
+        json!({"model": "no-usage", "messages": msg}),
+        json!({"model": "refuses", "messages": msg}),
+        json!({"model": "broken", "messages": msg}),
+        json!({"model": "gpt-4o-mini", "messages": msg, "max_tokens": CANARY}),
+        json!({"model": CANARY, "messages": msg}),
+    ] {
+        let text = http
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        seen_by_client += text.matches(CANARY).count();
+    }
+    // Malformed JSON with the canary in it.
+    let _ = http
+        .post(&url)
+        .bearer_auth(&key)
+        .body(format!("{{\"model\": \"{CANARY}"))
+        .send()
+        .await
+        .unwrap();
+    // A stream the client abandons.
+    let resp = http
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-4o-mini", "messages": msg, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut s = resp.bytes_stream();
+    let _ = s.next().await;
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        seen_by_client >= 3,
+        "the canary did travel through the gateway ({seen_by_client})"
+    );
+    assert!(server.terminate().await.success());
+
+    let logs = std::fs::read(&log).unwrap();
+    assert!(logs.len() > 1000, "trace logging was on");
+    assert!(
+        !String::from_utf8_lossy(&logs).contains(CANARY),
+        "canary in the logs"
+    );
+
+    match backend {
+        Backend::Sqlite => {
+            for entry in std::fs::read_dir(db.dir.path()).unwrap() {
+                let path = entry.unwrap().path();
+                if path.to_string_lossy().contains("tollgate.db") {
+                    let bytes = std::fs::read(&path).unwrap();
+                    assert!(
+                        !String::from_utf8_lossy(&bytes).contains(CANARY),
+                        "canary in {}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        Backend::Postgres => {
+            let pool = db.pool().await;
+            for table in [
+                "accounts",
+                "api_keys",
+                "ledger",
+                "usage_records",
+                "_sqlx_migrations",
+            ] {
+                let rows = sqlx::query(&format!("SELECT CAST(t AS TEXT) FROM {table} t"))
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+                for r in rows {
+                    assert!(!r.get::<String, _>(0).contains(CANARY), "canary in {table}");
+                }
+            }
+            pool.close().await;
+        }
+    }
+    let pool = db.pool().await;
+    let usage: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records")
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert!(usage >= 5, "metadata was recorded ({usage})");
+    pool.close().await;
+    db.drop_db().await;
+}
+both_stores!(canary_is_nowhere);
