@@ -22,6 +22,8 @@ pub enum CommitError {
 /// `Ok(true)`: the record is new and now durable. `Ok(false)`: it was committed before.
 pub type CommitReply = RpcReplyPort<Result<bool, CommitError>>;
 
+// Nearly every message is a Commit: boxing its record would add an allocation per record.
+#[allow(clippy::large_enum_variant)]
 pub enum LedgerMsg {
     Commit(Record, CommitReply),
     /// Answered once every record sent before it is durable.

@@ -604,3 +604,6 @@ fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {
         format!("{url}?mode=rwc")
     })
 }
+
+#[cfg(test)]
+mod tests;

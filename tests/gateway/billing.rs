@@ -142,10 +142,7 @@ async fn max_tokens_lowered_to_what_balance_covers(backend: Backend) {
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(
-        completion <= 5 && completion >= 1,
-        "lowered to {completion}"
-    );
+    assert!((1..=5).contains(&completion), "lowered to {completion}");
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     let after = h.balance(&account).await;
     assert!(after.nanos() >= 0);

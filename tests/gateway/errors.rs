@@ -170,7 +170,6 @@ async fn key_limits(backend: Backend) {
     let usage = h.usage(&account).await;
     let capped_spend: i64 = usage
         .iter()
-        .skip(0)
         .filter(|u| u["status"] == 200)
         .map(|u| {
             u["cost"]

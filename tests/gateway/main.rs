@@ -13,6 +13,7 @@ mod billing;
 mod concurrency;
 mod crash;
 mod errors;
+mod lifecycle;
 mod privacy;
 mod streaming;
 mod supervision;

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use super::*;
 
 #[test]
@@ -12,7 +14,7 @@ fn parses_and_prints_exactly() {
         ("10.", 10_000_000_000, "10"),
     ];
     for (text, nanos, printed) in cases {
-        let a: Amount = text.parse().unwrap_or_default();
+        let a: Amount = text.parse().unwrap();
         assert_eq!(a, Amount(nanos), "{text}");
         assert_eq!(a.to_string(), printed, "{text}");
     }
@@ -46,21 +48,21 @@ fn refuses_what_it_cannot_hold_exactly() {
 #[test]
 fn cost_rounds_up_to_the_nano() {
     // 0.15 USDT / Mtok in, 0.60 out.
-    let p = Price::parse("0.15", "0.60").unwrap_or_default();
+    let p = Price::parse("0.15", "0.60").unwrap();
     assert_eq!(p.cost(1_000_000, 0), Amount(150_000_000));
     assert_eq!(p.cost(1, 0), Amount(150)); // 0.15e-6 USDT = 150 nano
     assert_eq!(p.cost(10, 7), Amount(1_500 + 4_200));
     // A price with a sub-nano per-token part rounds the total up once.
-    let q = Price::parse("0.0375", "0").unwrap_or_default();
+    let q = Price::parse("0.0375", "0").unwrap();
     assert_eq!(q.cost(1, 0), Amount(38)); // 37.5 -> 38
     assert_eq!(q.cost(2, 0), Amount(75));
 }
 
 #[test]
 fn affordable_output_never_exceeds_budget() {
-    let p = Price::parse("0.15", "0.60").unwrap_or_default();
+    let p = Price::parse("0.15", "0.60").unwrap();
     let budget = Amount(10_000);
-    let out = p.affordable_output(budget, 10).unwrap_or(0);
+    let out = p.affordable_output(budget, 10).unwrap();
     assert!(p.cost(10, out) <= budget);
     assert!(p.cost(10, out + 1) > budget);
     assert_eq!(p.affordable_output(Amount(100), 10), None);

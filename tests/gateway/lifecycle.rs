@@ -1,0 +1,192 @@
+//! Account actors passivate when idle and come back from the store; provider concurrency caps
+//! answer 429; the `serve --demo` and `mock-upstream` commands work as the README says.
+
+use crate::both_stores;
+use crate::common::*;
+use futures::future::join_all;
+use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate::mock::MockOptions;
+use tollgate_actors::Amount;
+
+fn account_children(tree: &Value) -> usize {
+    tree["children"]
+        .as_array()
+        .and_then(|c| c.iter().find(|n| n["kind"] == "account_directory"))
+        .and_then(|d| d["children"].as_array())
+        .map_or(0, Vec::len)
+}
+
+async fn idle_account_actors_passivate_and_reload(backend: Backend) {
+    let Some(h) = Harness::start_with(backend, MockOptions::default(), |c| {
+        c.accounts.idle_secs = 1
+    })
+    .await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "idle"}]});
+    assert_eq!(h.chat(&key, &body).await.status(), 200);
+    let before = h.balance(&account).await;
+    let tree = || async {
+        h.admin(reqwest::Method::GET, "/admin/actors")
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    assert_eq!(account_children(&tree().await), 1);
+
+    let mut gone = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if account_children(&tree().await) == 0 {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "idle account actor stopped");
+    assert_eq!(h.gateway.app().system.billing.live_accounts(), 0);
+
+    // The next request starts a fresh actor from the store.
+    let resp = h.chat(&key, &body).await;
+    assert_eq!(resp.status(), 200);
+    let cost: Amount = resp.headers()["x-tollgate-cost"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        h.balance(&account).await,
+        Amount(before.nanos() - cost.nanos())
+    );
+    h.stop().await;
+}
+both_stores!(idle_account_actors_passivate_and_reload);
+
+async fn provider_concurrency_cap_answers_429(backend: Backend) {
+    let mock = MockOptions {
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let Some(h) = Harness::start_with(backend, mock, |c| c.providers[0].max_concurrency = 2).await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "busy"}]});
+    let results = join_all((0..6).map(|_| async {
+        let r = h.chat(&key, &body).await;
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap())
+    }))
+    .await;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    let limited: Vec<_> = results.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(ok, 2, "{results:?}");
+    assert_eq!(limited.len(), 4);
+    for (_, v) in limited {
+        assert_error_shape(v, "rate_limit_exceeded");
+    }
+    assert_eq!(
+        h.usage(&account).await.len(),
+        2,
+        "limited requests leave no charge"
+    );
+    let p: Value = h
+        .admin(reqwest::Method::GET, "/admin/providers")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["data"][0]["leases_refused"], 4);
+    assert_eq!(p["data"][0]["in_flight"], 0);
+    h.stop().await;
+}
+both_stores!(provider_concurrency_cap_answers_429);
+
+/// The README's first command, as a user runs it: `tollgate serve --demo` in a fresh folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_and_mock_upstream_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--demo", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stdout = demo.stdout.take().unwrap();
+    let mut printed = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !printed.contains("curl -s http://") || !printed.contains("/admin/accounts/") {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, stdout.read(&mut buf))
+            .await
+            .expect("demo printed its key")
+            .unwrap();
+        assert!(n > 0, "demo exited: {printed}");
+        printed.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let key = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("sk-tg-"))
+        .unwrap()
+        .trim_end_matches('\'');
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello tollgate"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().contains_key("x-tollgate-cost"));
+    assert!(
+        dir.path().join("data/tollgate.db").exists(),
+        "embedded store under data/"
+    );
+    let _ = demo.start_kill();
+
+    let mock_port = free_port();
+    let mut mock = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "mock-upstream",
+            "--listen",
+            &format!("127.0.0.1:{mock_port}"),
+            "--chunks",
+            "3",
+            "--latency-ms",
+            "5",
+        ])
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut answer = None;
+    for _ in 0..200 {
+        if let Ok(r) = http
+            .post(format!("http://127.0.0.1:{mock_port}/v1/chat/completions"))
+            .json(&json!({"model": "m", "messages": [{"role": "user", "content": "a b c d"}]}))
+            .send()
+            .await
+        {
+            answer = Some(r.json::<Value>().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let answer = answer.expect("mock-upstream answered");
+    assert_eq!(answer["usage"]["completion_tokens"], 3);
+    assert_eq!(answer["choices"][0]["message"]["content"], "a b c");
+    let _ = mock.start_kill();
+}
