@@ -10,11 +10,13 @@
 //! Actors, money and the store live in the `tollgate-actors` crate. Tests start the gateway
 //! with [`start`] on a `127.0.0.1:0` listener, or spawn the real binary.
 
+pub mod admin_cli;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod http;
 pub mod mock;
+pub mod telemetry;
 pub mod tokens;
 
 use crate::config::Config;
@@ -54,6 +56,7 @@ pub struct Gateway {
 /// Connects the store, starts the actor system and serves HTTP on `listener`.
 pub async fn start(listener: TcpListener, config: Config) -> Result<Gateway, ServeError> {
     let catalog = config.catalog()?;
+    telemetry::prometheus();
     let store = Store::connect(&config.database_url).await?;
     let system = ActorSystem::start(SystemConfig {
         store: store.clone(),

@@ -39,6 +39,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         chunk_interval_ms: u64,
     },
+    /// Operate a running gateway through its admin API.
+    Admin(tollgate::admin_cli::AdminArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -161,5 +163,6 @@ async fn main() -> anyhow::Result<()> {
             tollgate::mock::serve(listener, options, terminated()).await;
             Ok(())
         }
+        Command::Admin(args) => std::process::exit(tollgate::admin_cli::run(args).await),
     }
 }

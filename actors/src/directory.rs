@@ -11,6 +11,7 @@ use crate::account::{
 };
 use crate::billing::BillingError;
 use crate::ledger::LedgerMsg;
+use crate::metered::{record_restart, Metered};
 use crate::restart::{RestartHistory, RestartPolicy};
 use crate::slot::Slot;
 use crate::store::Store;
@@ -106,6 +107,7 @@ impl Actor for AccountDirectory {
                     .get(&account_id)
                     .is_some_and(|c| c.actor.is_none());
                 if needs_start {
+                    record_restart("account");
                     if let Err(e) = state.get_or_start(&myself, &account_id).await {
                         tracing::warn!(account = %account_id, error = %e, "account actor restart failed");
                     }
@@ -171,6 +173,7 @@ impl Actor for AccountDirectory {
             .as_ref()
             .is_some_and(|a| a.get_id() != cell.get_id());
         if passivated {
+            metrics::counter!("tollgate_accounts_passivated_total").increment(1);
             if !successor_running {
                 state.children.remove(&account_id);
                 state.args.books.remove_if(&account_id, |_, b| b.is_empty());
@@ -232,8 +235,16 @@ impl DirectoryState {
             book,
             idle_after: self.args.idle_after,
         };
-        match Actor::spawn_linked(None, AccountActor, args, myself.get_cell()).await {
+        match Actor::spawn_linked(
+            None,
+            Metered::new(AccountActor, "account"),
+            args,
+            myself.get_cell(),
+        )
+        .await
+        {
             Ok((actor, _)) => {
+                metrics::counter!("tollgate_accounts_loaded_total").increment(1);
                 self.by_actor.insert(actor.get_id(), account_id.to_owned());
                 let child = self
                     .children

@@ -42,6 +42,8 @@ pub struct LedgerState {
     max_batch: usize,
     flush_interval: Duration,
     pending: Vec<(Record, CommitReply)>,
+    /// When the oldest pending record arrived.
+    oldest: Option<std::time::Instant>,
     barriers: Vec<RpcReplyPort<()>>,
     flush_scheduled: bool,
 }
@@ -63,6 +65,7 @@ impl Actor for LedgerWriter {
             max_batch: args.max_batch.max(1),
             flush_interval: args.flush_interval,
             pending: Vec::new(),
+            oldest: None,
             barriers: Vec::new(),
             flush_scheduled: false,
         })
@@ -76,7 +79,9 @@ impl Actor for LedgerWriter {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             LedgerMsg::Commit(record, reply) => {
+                state.oldest.get_or_insert_with(std::time::Instant::now);
                 state.pending.push((record, reply));
+                metrics::gauge!("tollgate_ledger_queue_depth").set(state.pending.len() as f64);
                 if state.pending.len() >= state.max_batch {
                     state.flush().await;
                 } else {
@@ -133,6 +138,11 @@ impl LedgerState {
             return;
         }
         let batch = std::mem::take(&mut self.pending);
+        if let Some(oldest) = self.oldest.take() {
+            metrics::histogram!("tollgate_ledger_record_wait_seconds")
+                .record(oldest.elapsed().as_secs_f64());
+        }
+        metrics::histogram!("tollgate_ledger_batch_size").record(batch.len() as f64);
         let records: Vec<Record> = batch.iter().map(|(r, _)| r.clone()).collect();
         let mut backoff = Duration::from_millis(10);
         let started = std::time::Instant::now();
@@ -140,12 +150,19 @@ impl LedgerState {
             match self.store.commit_batch(&records).await {
                 Ok(flags) => break flags,
                 Err(e) => {
+                    metrics::counter!("tollgate_ledger_commit_failures_total").increment(1);
+                    metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds")
+                        .set(started.elapsed().as_secs_f64());
                     log_commit_failure(&e, records.len(), backoff);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         };
+        metrics::histogram!("tollgate_ledger_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds").set(0.0);
+        metrics::gauge!("tollgate_ledger_queue_depth").set(0.0);
         tracing::trace!(
             batch = records.len(),
             micros = started.elapsed().as_micros() as u64,

@@ -17,6 +17,7 @@ pub mod billing;
 pub mod directory;
 pub mod keys;
 pub mod ledger;
+pub mod metered;
 pub mod money;
 pub mod provider;
 pub mod restart;

@@ -36,11 +36,15 @@ pub struct Lease {
     _in_flight: InFlightGuard,
 }
 
-struct InFlightGuard(Arc<AtomicU64>);
+struct InFlightGuard {
+    count: Arc<AtomicU64>,
+    gauge: metrics::Gauge,
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.decrement(1.0);
     }
 }
 
@@ -64,6 +68,7 @@ pub struct ProviderState {
     client: reqwest::Client,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
+    in_flight_gauge: metrics::Gauge,
     granted: u64,
     refused: u64,
 }
@@ -87,7 +92,10 @@ impl Actor for ProviderActor {
             .tcp_nodelay(true)
             .build()
             .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+        metrics::gauge!("tollgate_provider_max_concurrency", "provider" => spec.name.clone())
+            .set(spec.max_concurrency as f64);
         Ok(ProviderState {
+            in_flight_gauge: metrics::gauge!("tollgate_provider_in_flight", "provider" => spec.name.clone()),
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             client,
@@ -109,15 +117,21 @@ impl Actor for ProviderActor {
                     Ok(permit) => {
                         state.granted += 1;
                         state.in_flight.fetch_add(1, Ordering::Relaxed);
+                        state.in_flight_gauge.increment(1.0);
                         Ok(Lease {
                             client: state.client.clone(),
                             spec: state.spec.clone(),
                             _permit: permit,
-                            _in_flight: InFlightGuard(state.in_flight.clone()),
+                            _in_flight: InFlightGuard {
+                                count: state.in_flight.clone(),
+                                gauge: state.in_flight_gauge.clone(),
+                            },
                         })
                     }
                     Err(_) => {
                         state.refused += 1;
+                        metrics::counter!("tollgate_provider_leases_refused_total", "provider" => state.spec.name.clone())
+                            .increment(1);
                         Err(ProviderError::Saturated {
                             provider: state.spec.name.clone(),
                             limit: state.spec.max_concurrency,

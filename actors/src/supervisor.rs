@@ -16,6 +16,7 @@ use crate::directory::{
     AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
 use crate::ledger::{LedgerArgs, LedgerMsg, LedgerWriter};
+use crate::metered::{record_restart, Metered};
 use crate::provider::{ProviderActor, ProviderMsg, ProviderSpec, ProviderStatus};
 use crate::restart::{RestartHistory, RestartPolicy};
 use crate::slot::Slot;
@@ -133,8 +134,13 @@ impl Actor for Root {
         let ledger = Slot::new(ledger);
 
         let dir_args = directory_args(&cfg, &ledger, &live, &books);
-        let (directory, _) =
-            Actor::spawn_linked(None, AccountDirectory, dir_args, cell.clone()).await?;
+        let (directory, _) = Actor::spawn_linked(
+            None,
+            Metered::new(AccountDirectory, "account_directory"),
+            dir_args,
+            cell.clone(),
+        )
+        .await?;
         by_actor.insert(directory.get_id(), ChildKind::Directory);
         started.insert(ChildKind::Directory, Instant::now());
         let directory = Slot::new(directory);
@@ -142,8 +148,13 @@ impl Actor for Root {
         let mut providers = HashMap::new();
         let mut specs = HashMap::new();
         for spec in &cfg.providers {
-            let (p, _) =
-                Actor::spawn_linked(None, ProviderActor, spec.clone(), cell.clone()).await?;
+            let (p, _) = Actor::spawn_linked(
+                None,
+                Metered::new(ProviderActor, "provider"),
+                spec.clone(),
+                cell.clone(),
+            )
+            .await?;
             let kind = ChildKind::Provider(spec.name.clone());
             by_actor.insert(p.get_id(), kind.clone());
             started.insert(kind, Instant::now());
@@ -280,7 +291,13 @@ impl RootState {
             }
             ChildKind::Directory => {
                 let args = directory_args(&self.cfg, &self.ledger, &self.live, &self.books);
-                let (d, _) = Actor::spawn_linked(None, AccountDirectory, args, cell).await?;
+                let (d, _) = Actor::spawn_linked(
+                    None,
+                    Metered::new(AccountDirectory, "account_directory"),
+                    args,
+                    cell,
+                )
+                .await?;
                 let id = d.get_id();
                 self.directory.set(d);
                 id
@@ -290,13 +307,20 @@ impl RootState {
                 else {
                     return Ok(());
                 };
-                let (p, _) = Actor::spawn_linked(None, ProviderActor, spec.clone(), cell).await?;
+                let (p, _) = Actor::spawn_linked(
+                    None,
+                    Metered::new(ProviderActor, "provider"),
+                    spec.clone(),
+                    cell,
+                )
+                .await?;
                 let id = p.get_id();
                 slot.set(p);
                 id
             }
         };
         tracing::info!(child = %kind.name(), "supervised actor restarted");
+        record_restart(kind.kind());
         self.started.insert(kind.clone(), Instant::now());
         self.by_actor.insert(id, kind);
         Ok(())
@@ -312,7 +336,8 @@ async fn spawn_ledger(
         max_batch: cfg.ledger_max_batch,
         flush_interval: cfg.ledger_flush_interval,
     };
-    let (ledger, _) = Actor::spawn_linked(None, LedgerWriter, args, supervisor).await?;
+    let (ledger, _) =
+        Actor::spawn_linked(None, Metered::new(LedgerWriter, "ledger"), args, supervisor).await?;
     Ok(ledger)
 }
 
@@ -343,7 +368,12 @@ pub struct ActorSystem {
 impl ActorSystem {
     pub async fn start(cfg: SystemConfig) -> Result<ActorSystem, SpawnErr> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (root, _join) = Actor::spawn(None, Root, RootArgs { cfg, handles: tx }).await?;
+        let (root, _join) = Actor::spawn(
+            None,
+            Metered::new(Root, "root"),
+            RootArgs { cfg, handles: tx },
+        )
+        .await?;
         let handles = rx
             .await
             .map_err(|_| SpawnErr::StartupFailed("the root supervisor did not start".into()))?;

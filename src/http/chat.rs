@@ -9,7 +9,7 @@
 //!   lowered to what it can cover; only when not even one output token is payable is it 402;
 //! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
 
-use super::{authenticate, with_request_id, App, Request};
+use super::{authenticate, with_request_id, App, CallLabels, Request};
 use crate::config::Model;
 use crate::error::ApiError;
 use crate::tokens;
@@ -19,7 +19,7 @@ use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
 use ractor::rpc::CallResult;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -44,16 +44,24 @@ pub async fn completions(app: Arc<App>, req: &Request, body: Bytes) -> Response 
     // reserved money must still reach its settlement (or release).
     let call = {
         let (app, headers, request_id) = (app.clone(), req.headers.clone(), request_id.clone());
-        app.clone()
-            .relays
-            .spawn(async move { proxy(app, &headers, body, &request_id, started).await })
+        app.clone().relays.spawn(async move {
+            let mut labels = None;
+            let result = proxy(app, &headers, body, &request_id, started, &mut labels).await;
+            (labels, result)
+        })
     };
-    let resp = match call.await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => e.into_response(),
+    let mut resp = match call.await {
+        Ok((labels, result)) => {
+            let mut resp = result.unwrap_or_else(ApiError::into_response);
+            if let Some(l) = labels {
+                resp.extensions_mut().insert(l);
+            }
+            resp
+        }
         Err(_) => ApiError::Internal.into_response(),
     };
-    with_request_id(resp, &request_id)
+    resp = with_request_id(resp, &request_id);
+    resp
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]
@@ -134,6 +142,13 @@ impl Call {
                 tracing::error!(request_id = %self.request_id, error = %e, "settlement failed");
                 ApiError::from(e)
             })?;
+        let (m, p) = (self.model.id.clone(), self.model.provider.clone());
+        metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "input")
+            .increment(usage.prompt_tokens);
+        metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "output")
+            .increment(usage.completion_tokens);
+        metrics::counter!("tollgate_billed_nanousdt_total", "model" => m, "provider" => p)
+            .increment(u64::try_from(settled.charged.nanos()).unwrap_or(0));
         tracing::info!(
             request_id = %self.request_id,
             model = %self.model.id,
@@ -158,88 +173,33 @@ impl Call {
     }
 }
 
-fn field_u64(request: &Map<String, Value>, name: &str) -> Result<Option<u64>, ApiError> {
-    match request.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-            ApiError::InvalidRequest(format!("`{name}` must be a non-negative integer."))
-        }),
-    }
-}
-
 async fn proxy(
     app: Arc<App>,
     headers: &http::HeaderMap,
     body: Bytes,
     request_id: &str,
     started: Instant,
+    labels: &mut Option<CallLabels>,
 ) -> Result<Response, ApiError> {
     let key = authenticate(&app, headers).await?;
-    let mut request: Map<String, Value> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::InvalidRequest(match e.classify() {
-            serde_json::error::Category::Data => {
-                "The request body must be a JSON object.".to_owned()
-            }
-            _ => format!(
-                "The request body is not valid JSON (line {}, column {}).",
-                e.line(),
-                e.column()
-            ),
-        })
-    })?;
-    let model_id = match request.get("model") {
-        Some(Value::String(m)) => m.clone(),
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "`model` must be a string.".to_owned(),
-            ))
-        }
-        None => {
-            return Err(ApiError::InvalidRequest(
-                "You must provide a model parameter.".to_owned(),
-            ))
-        }
-    };
-    match request.get("messages") {
-        Some(Value::Array(m)) if !m.is_empty() => {}
-        Some(Value::Array(_)) => {
-            return Err(ApiError::InvalidRequest(
-                "`messages` must not be empty.".to_owned(),
-            ))
-        }
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "`messages` must be an array.".to_owned(),
-            ))
-        }
-        None => {
-            return Err(ApiError::InvalidRequest(
-                "Missing required parameter: `messages`.".to_owned(),
-            ))
-        }
-    }
-    let stream = match request.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "`stream` must be a boolean.".to_owned(),
-            ))
-        }
-    };
-    let max_completion = field_u64(&request, "max_completion_tokens")?;
-    let max_tokens = field_u64(&request, "max_tokens")?;
-    let n = field_u64(&request, "n")?.unwrap_or(1);
-    if n == 0 || n > 128 {
-        return Err(ApiError::InvalidRequest(
-            "`n` must be between 1 and 128.".to_owned(),
-        ));
-    }
+    let super::request::ChatRequest {
+        fields: mut request,
+        model: model_id,
+        stream,
+        max_completion_tokens: max_completion,
+        max_tokens,
+        n,
+        wants_usage: client_wants_usage,
+    } = super::request::parse_chat(&body)?;
     let model = app
         .catalog
         .get(&model_id)
         .cloned()
         .ok_or(ApiError::ModelNotFound(model_id.clone()))?;
+    *labels = Some(CallLabels {
+        model: model.id.clone(),
+        provider: model.provider.clone(),
+    });
     if !key.allows_model(&model.id) {
         return Err(ApiError::ModelNotAllowed(model.id));
     }
@@ -282,11 +242,6 @@ async fn proxy(
         };
         request.insert(field.to_owned(), json!(allowed));
     }
-    let client_wants_usage = request
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     if stream {
         let options = request.entry("stream_options").or_insert_with(|| json!({}));
         if !options.is_object() {
@@ -342,6 +297,8 @@ async fn proxy(
         Ok(Ok(r)) => r,
     };
     let status = upstream.status();
+    metrics::histogram!("tollgate_upstream_response_seconds", "provider" => call.model.provider.clone())
+        .record(call.started.elapsed().as_secs_f64());
     if !status.is_success() {
         return Err(upstream_refused(&call, upstream, timeout).await);
     }
@@ -546,6 +503,11 @@ async fn relay(
                 break StreamEnd::ClientGone;
             }
             // Delivered: handed to the client's connection.
+            if has_content && content_chunks == 0 {
+                metrics::histogram!("tollgate_time_to_first_token_seconds",
+                    "model" => call.model.id.clone(), "provider" => call.model.provider.clone())
+                .record(call.started.elapsed().as_secs_f64());
+            }
             content_chunks += u64::from(has_content);
         }
     };

@@ -3,6 +3,7 @@
 
 mod admin;
 mod chat;
+pub mod request;
 
 use crate::config::{Config, Model};
 use crate::error::{json_response, ApiError};
@@ -81,7 +82,48 @@ where
     B: Buf + Send,
 {
     let body = Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))));
-    route(app, request, body).await
+    let started = std::time::Instant::now();
+    let route_name = route_label(&request.method, &request.path);
+    let resp = route(app, request, body).await;
+    let status = resp.status().as_u16().to_string();
+    let (model, provider) = match resp.extensions().get::<CallLabels>() {
+        Some(l) => (l.model.clone(), l.provider.clone()),
+        None => (String::new(), String::new()),
+    };
+    metrics::counter!("tollgate_http_requests_total", "route" => route_name, "status" => status.clone(),
+        "model" => model, "provider" => provider)
+    .increment(1);
+    metrics::histogram!("tollgate_http_request_duration_seconds", "route" => route_name, "status" => status)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Which model and provider served a call, for the request metrics. Only configured names.
+#[derive(Clone, Debug)]
+pub struct CallLabels {
+    pub model: String,
+    pub provider: String,
+}
+
+/// The route's template, never the raw path (which can carry ids).
+fn route_label(method: &Method, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", ["v1", "chat", "completions"]) => "/v1/chat/completions",
+        ("GET", ["v1", "models"]) => "/v1/models",
+        ("GET", ["healthz"]) => "/healthz",
+        ("GET", ["readyz"]) => "/readyz",
+        ("GET", ["metrics"]) => "/metrics",
+        (_, ["admin", "accounts"]) => "/admin/accounts",
+        (_, ["admin", "accounts", _]) => "/admin/accounts/{id}",
+        (_, ["admin", "accounts", _, "credits"]) => "/admin/accounts/{id}/credits",
+        (_, ["admin", "accounts", _, "keys"]) => "/admin/accounts/{id}/keys",
+        (_, ["admin", "accounts", _, "usage"]) => "/admin/accounts/{id}/usage",
+        (_, ["admin", "keys", _]) => "/admin/keys/{id}",
+        (_, ["admin", "actors"]) => "/admin/actors",
+        (_, ["admin", "providers"]) => "/admin/providers",
+        _ => "other",
+    }
 }
 
 pub struct Request {
@@ -110,6 +152,14 @@ where
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
         ["readyz"] if m == Method::GET => ready(&app).await,
+        ["metrics"] if m == Method::GET => admin::authorize(&app, &req).map(|()| {
+            let mut resp = Response::new(crate::telemetry::render().into());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }),
         ["admin", rest @ ..] => match admin::authorize(&app, &req) {
             Ok(()) => {
                 let body = if matches!(*m, Method::POST | Method::PUT | Method::PATCH) {
@@ -124,9 +174,11 @@ where
             }
             Err(e) => Err(e),
         },
-        ["v1", "chat", "completions"] | ["v1", "models"] | ["healthz"] | ["readyz"] => {
-            Err(ApiError::MethodNotAllowed(req.method.to_string()))
-        }
+        ["v1", "chat", "completions"]
+        | ["v1", "models"]
+        | ["healthz"]
+        | ["readyz"]
+        | ["metrics"] => Err(ApiError::MethodNotAllowed(req.method.to_string())),
         _ => Err(ApiError::NotFound(format!(
             "No route for {} {}.",
             req.method, req.path

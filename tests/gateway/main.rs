@@ -9,11 +9,13 @@
 mod common;
 
 mod admin;
+mod admin_cli;
 mod billing;
 mod concurrency;
 mod crash;
 mod errors;
 mod lifecycle;
+mod metrics;
 mod privacy;
 mod streaming;
 mod supervision;

@@ -42,7 +42,10 @@ async fn an_entry_counts_once_however_often_it_is_written() {
         usage: None,
     };
     assert_eq!(
-        store.commit_batch(std::slice::from_ref(&credit)).await.unwrap(),
+        store
+            .commit_batch(std::slice::from_ref(&credit))
+            .await
+            .unwrap(),
         vec![true]
     );
     // The same charge twice in one batch, then again in a later batch, and the credit again.
