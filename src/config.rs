@@ -89,6 +89,10 @@ pub struct LedgerConfig {
     /// 0: flush as soon as the records already queued are in the batch.
     #[serde(default)]
     pub flush_interval_ms: u64,
+    /// Records the writer holds while the store is unreachable; beyond it new requests get
+    /// 503 instead of being served without a durable charge.
+    #[serde(default = "default_max_buffer")]
+    pub max_buffer: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -111,6 +115,7 @@ impl Default for LedgerConfig {
         LedgerConfig {
             max_batch: default_max_batch(),
             flush_interval_ms: 0,
+            max_buffer: default_max_buffer(),
         }
     }
 }
@@ -151,6 +156,9 @@ fn default_max_body_bytes() -> usize {
 }
 fn default_max_batch() -> usize {
     512
+}
+fn default_max_buffer() -> usize {
+    100_000
 }
 fn default_idle_secs() -> u64 {
     300
