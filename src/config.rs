@@ -79,6 +79,16 @@ pub struct ModelConfig {
 pub struct Limits {
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Open client connections at most; one accepted beyond it is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A request line and headers must arrive within this long. It also bounds how long a
+    /// kept-alive connection may sit idle waiting for its next request.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// A request body must arrive whole within this long after its headers; else 408.
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -107,6 +117,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: default_max_body_bytes(),
+            max_connections: default_max_connections(),
+            header_read_timeout_ms: default_header_read_timeout_ms(),
+            body_read_timeout_ms: default_body_read_timeout_ms(),
         }
     }
 }
@@ -153,6 +166,15 @@ fn default_max_output_tokens() -> u64 {
 }
 fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
+}
+fn default_body_read_timeout_ms() -> u64 {
+    30_000
 }
 fn default_max_batch() -> usize {
     512

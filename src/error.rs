@@ -29,6 +29,8 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("Request body is larger than the limit of {0} bytes.")]
     PayloadTooLarge(usize),
+    #[error("The request body did not arrive within {0} ms.")]
+    RequestTimeout(u64),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -93,6 +95,11 @@ impl ApiError {
                 "invalid_request_error",
                 "request_too_large",
             ),
+            RequestTimeout(_) => (
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "request_timeout",
+            ),
             Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
             RateLimited(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -125,7 +132,7 @@ impl ApiError {
     pub fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
         let mut resp = error_response(status, &self.to_string(), kind, code);
-        if let ApiError::PayloadTooLarge(_) = self {
+        if let ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) = self {
             // The rest of the body was not read: this connection cannot carry another request.
             resp.headers_mut()
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -159,6 +166,9 @@ impl From<BillingError> for ApiError {
             // A key whose account is gone authenticates nothing.
             BillingError::NoSuchAccount(_) => ApiError::InvalidApiKey,
             BillingError::Unavailable(what) => ApiError::Unavailable(what.to_owned()),
+            BillingError::LedgerBufferFull(_) => ApiError::Unavailable(
+                "Billing (the store is unreachable; charges are buffered)".to_owned(),
+            ),
         }
     }
 }

@@ -15,6 +15,8 @@ use crate::slot::Slot;
 use crate::store::{Record, UsageRecord};
 use ractor::rpc::CallResult;
 use ractor::{ActorRef, RpcReplyPort};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,6 +27,10 @@ pub enum BillingError {
     NoSuchAccount(String),
     #[error("{0} unavailable")]
     Unavailable(&'static str),
+    /// The store is not taking commits and the ledger buffer is full: refuse new work rather
+    /// than serve it without a durable charge.
+    #[error("the ledger buffer is full ({0} charges awaiting the store)")]
+    LedgerBufferFull(usize),
 }
 
 /// How often a message to an account whose actor just died is retried on its successor.
@@ -37,8 +43,29 @@ const COMMIT_PATIENCE: Duration = Duration::from_secs(120);
 pub struct Billing {
     live: LiveAccounts,
     books: Books,
+    /// Settlements waiting for their commit: the ledger's buffer, as its senders see it.
+    awaiting: Arc<AtomicUsize>,
+    max_buffer: usize,
     directory: Slot<DirectoryMsg>,
     ledger: Slot<LedgerMsg>,
+}
+
+/// Counts one settlement as awaiting its commit for as long as it lives.
+struct Awaiting<'a>(&'a AtomicUsize);
+
+impl<'a> Awaiting<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::gauge!("tollgate_ledger_awaiting_commit").set(n as f64);
+        Awaiting(counter)
+    }
+}
+
+impl Drop for Awaiting<'_> {
+    fn drop(&mut self) {
+        let n = self.0.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        metrics::gauge!("tollgate_ledger_awaiting_commit").set(n as f64);
+    }
 }
 
 enum Attempt<T> {
@@ -53,10 +80,13 @@ impl Billing {
         books: Books,
         directory: Slot<DirectoryMsg>,
         ledger: Slot<LedgerMsg>,
+        max_buffer: usize,
     ) -> Self {
         Billing {
             live,
             books,
+            awaiting: Arc::new(AtomicUsize::new(0)),
+            max_buffer: max_buffer.max(1),
             directory,
             ledger,
         }
@@ -114,6 +144,10 @@ impl Billing {
         account_id: &str,
         request: ReserveRequest,
     ) -> Result<Reservation, BillingError> {
+        let awaiting = self.awaiting.load(Ordering::Relaxed);
+        if awaiting >= self.max_buffer {
+            return Err(BillingError::LedgerBufferFull(awaiting));
+        }
         self.ask(account_id, |port| {
             AccountMsg::Reserve(request.clone(), port)
         })
@@ -136,6 +170,7 @@ impl Billing {
         cost: Amount,
         usage: UsageRecord,
     ) -> Result<Settled, BillingError> {
+        let _awaiting = Awaiting::new(&self.awaiting);
         for _ in 0..ATTEMPTS {
             let actor = self.account(account_id).await?;
             let (commit_tx, commit_rx) = ractor::concurrency::oneshot();

@@ -35,6 +35,8 @@ pub struct SystemConfig {
     pub store: Store,
     pub ledger_max_batch: usize,
     pub ledger_flush_interval: Duration,
+    /// Settlements allowed to wait for the store before new requests are refused (503).
+    pub ledger_max_buffer: usize,
     pub account_idle_after: Duration,
     pub policy: RestartPolicy,
     pub providers: Vec<ProviderSpec>,
@@ -367,6 +369,7 @@ pub struct ActorSystem {
 
 impl ActorSystem {
     pub async fn start(cfg: SystemConfig) -> Result<ActorSystem, SpawnErr> {
+        let max_buffer = cfg.ledger_max_buffer;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (root, _join) = Actor::spawn(
             None,
@@ -383,6 +386,7 @@ impl ActorSystem {
                 handles.books,
                 handles.directory.clone(),
                 handles.ledger,
+                max_buffer,
             ),
             providers: Arc::new(handles.providers),
             directory: handles.directory,

@@ -385,21 +385,27 @@ async fn proxy(
     Ok(resp)
 }
 
+/// A lease from the provider's actor; if the actor is restarting, waits for its successor
+/// (up to about a second) rather than failing the call.
 async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
-    let actor = app
-        .system
-        .provider(provider)
-        .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
-    match actor
-        .call(ProviderMsg::Lease, Some(Duration::from_secs(5)))
-        .await
-    {
-        Ok(CallResult::Success(Ok(lease))) => Ok(lease),
-        Ok(CallResult::Success(Err(e @ ProviderError::Saturated { .. }))) => {
-            Err(ApiError::RateLimited(e.to_string()))
+    for _ in 0..50 {
+        let actor = app
+            .system
+            .provider(provider)
+            .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
+        match actor
+            .call(ProviderMsg::Lease, Some(Duration::from_secs(5)))
+            .await
+        {
+            Ok(CallResult::Success(Ok(lease))) => return Ok(lease),
+            Ok(CallResult::Success(Err(e @ ProviderError::Saturated { .. }))) => {
+                return Err(ApiError::RateLimited(e.to_string()))
+            }
+            Ok(CallResult::Success(Err(e))) => return Err(ApiError::Unavailable(e.to_string())),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        _ => Err(ApiError::Unavailable(format!("provider `{provider}`"))),
     }
+    Err(ApiError::Unavailable(format!("provider `{provider}`")))
 }
 
 /// An upstream that answered with an error: nothing is charged. A client error (the request

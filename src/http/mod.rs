@@ -54,6 +54,7 @@ impl App {
 pub fn filter(
     app: Arc<App>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
+    let body_timeout_ms = app.config.limits.body_read_timeout_ms;
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -65,11 +66,18 @@ pub fn filter(
                   query: String,
                   headers: HeaderMap,
                   body| {
+                // The body's clock starts once the headers are in (hyper bounds those).
+                let body_deadline = (body_timeout_ms > 0).then(|| BodyDeadline {
+                    at: tokio::time::Instant::now()
+                        + std::time::Duration::from_millis(body_timeout_ms),
+                    ms: body_timeout_ms,
+                });
                 let request = Request {
                     method,
                     path: path.as_str().to_owned(),
                     query,
                     headers,
+                    body_deadline,
                 };
                 handle(app.clone(), request, body)
             },
@@ -131,6 +139,7 @@ pub struct Request {
     pub path: String,
     pub query: String,
     pub headers: HeaderMap,
+    pub body_deadline: Option<BodyDeadline>,
 }
 
 async fn route<S, E>(app: Arc<App>, req: Request, body: S) -> Response
@@ -142,7 +151,7 @@ where
     let m = &req.method;
     let result = match segments.as_slice() {
         ["v1", "chat", "completions"] if m == Method::POST => {
-            return match read_body(&req.headers, body, limit).await {
+            return match read_body(&req, body, limit).await {
                 Ok(bytes) => chat::completions(app, &req, bytes).await,
                 Err(e) => with_request_id(e.into_response(), &chat::new_request_id()),
             };
@@ -163,7 +172,7 @@ where
         ["admin", rest @ ..] => match admin::authorize(&app, &req) {
             Ok(()) => {
                 let body = if matches!(*m, Method::POST | Method::PUT | Method::PATCH) {
-                    match read_body(&req.headers, body, limit).await {
+                    match read_body(&req, body, limit).await {
                         Ok(b) => b,
                         Err(e) => return e.into_response(),
                     }
@@ -187,30 +196,48 @@ where
     result.unwrap_or_else(ApiError::into_response)
 }
 
-/// Reads a body up to `limit` bytes; refuses a larger one as soon as it is known to be larger.
-async fn read_body<S, E>(headers: &HeaderMap, mut body: S, limit: usize) -> Result<Bytes, ApiError>
+/// When the request's body must have arrived whole (`limits.body_read_timeout_ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct BodyDeadline {
+    at: tokio::time::Instant,
+    ms: u64,
+}
+
+/// Reads a body up to `limit` bytes; refuses a larger one as soon as it is known to be larger,
+/// and answers 408 when it has not arrived whole by the request's body deadline.
+async fn read_body<S, E>(req: &Request, body: S, limit: usize) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
 {
-    let declared = headers
+    let declared = req
+        .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let mut buf =
-        BytesMut::with_capacity(declared.map(|n| n as usize).unwrap_or(8 * 1024).min(limit));
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|_| {
-            ApiError::InvalidRequest("The request body could not be read.".to_owned())
-        })?;
-        if buf.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
+    let read = async move {
+        let mut body = body;
+        let mut buf =
+            BytesMut::with_capacity(declared.map(|n| n as usize).unwrap_or(8 * 1024).min(limit));
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|_| {
+                ApiError::InvalidRequest("The request body could not be read.".to_owned())
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            buf.extend_from_slice(&chunk);
         }
-        buf.extend_from_slice(&chunk);
+        Ok(buf.freeze())
+    };
+    match req.body_deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.at, read)
+            .await
+            .unwrap_or(Err(ApiError::RequestTimeout(deadline.ms))),
+        None => read.await,
     }
-    Ok(buf.freeze())
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {

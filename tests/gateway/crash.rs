@@ -97,7 +97,10 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
             let _ = w.await;
         }
         server = Some(Server::spawn(&config, port, &log, "info").await);
-        let _ = round;
+        let pool = db.pool().await;
+        let so_far = completed.lock().unwrap().clone();
+        check_invariants(&pool, &account, &so_far).await;
+        pool.close().await;
     }
     let server = server.unwrap();
     let completed = completed.lock().unwrap().clone();
@@ -108,45 +111,7 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     );
 
     let pool = db.pool().await;
-    let charged: HashSet<String> = sqlx::query("SELECT entry_id FROM ledger WHERE kind = 'charge'")
-        .fetch_all(&pool)
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get::<String, _>(0))
-        .collect();
-    let recorded: HashSet<String> =
-        sqlx::query("SELECT request_id FROM usage_records WHERE status = 200")
-            .fetch_all(&pool)
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<String, _>(0))
-            .collect();
-    let missing: Vec<_> = completed
-        .iter()
-        .filter(|id| !charged.contains(*id) || !recorded.contains(*id))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "{} completed responses without a durable charge: {:?}",
-        missing.len(),
-        &missing[..missing.len().min(5)]
-    );
-    let l = ledger(&pool, &account).await;
-    assert_eq!(l.credits, 100_000_000_000);
-    assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
-    assert_eq!(
-        l.charges, l.usage_cost_sum,
-        "each charge has its usage record and vice versa"
-    );
-    let dupes: i64 = sqlx::query("SELECT COUNT(*) - COUNT(DISTINCT entry_id) FROM ledger")
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(dupes, 0);
-
+    let l = check_invariants(&pool, &account, &completed).await;
     // The restarted gateway's view is the store's.
     let v: Value = server
         .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
@@ -162,3 +127,52 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     db.drop_db().await;
 }
 both_stores!(kill9_under_load_loses_no_charge);
+
+/// After a restart: every completed response has its charge and usage record, none twice, and
+/// balance = credits - charges.
+async fn check_invariants(
+    pool: &sqlx::AnyPool,
+    account: &str,
+    completed: &HashSet<String>,
+) -> Ledger {
+    let charged: HashSet<String> = sqlx::query("SELECT entry_id FROM ledger WHERE kind = 'charge'")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect();
+    let recorded: HashSet<String> =
+        sqlx::query("SELECT request_id FROM usage_records WHERE status = 200")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<String, _>(0))
+            .collect();
+    let missing: Vec<_> = completed
+        .iter()
+        .filter(|id| !charged.contains(*id) || !recorded.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} completed responses without a durable charge: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let l = ledger(pool, account).await;
+    assert_eq!(l.credits, 100_000_000_000);
+    assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
+    assert_eq!(
+        l.charges, l.usage_cost_sum,
+        "each charge has its usage record and vice versa"
+    );
+    let dupes: i64 = sqlx::query("SELECT COUNT(*) - COUNT(DISTINCT entry_id) FROM ledger")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dupes, 0);
+
+    l
+}

@@ -1,0 +1,238 @@
+//! Connection hygiene: slow-loris clients are cut off by the header timeout, a slow body gets
+//! 408, connections beyond `max_connections` are closed at once, idle keep-alive connections
+//! do not linger, and a graceful stop still lets a stream in flight finish.
+
+use crate::common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate::config::Config;
+use tollgate::mock::MockOptions;
+
+/// Only guards against a hang: every close tested here is due well within it.
+const CLOSE_BOUND: Duration = Duration::from_secs(5);
+
+async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
+    Harness::start_with(Backend::Sqlite, MockOptions::default(), tweak)
+        .await
+        .expect("sqlite harness")
+}
+
+/// Reads until the server closes the connection (EOF or reset); returns what it sent first.
+async fn read_until_closed(stream: &mut (impl AsyncRead + Unpin)) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Like [`read_until_closed`], failing the test if the server keeps the connection open.
+async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin), what: &str) -> Vec<u8> {
+    tokio::time::timeout(CLOSE_BOUND, read_until_closed(stream))
+        .await
+        .unwrap_or_else(|_| panic!("the server kept {what} open"))
+}
+
+async fn healthz_ok(h: &Harness) {
+    let r = h
+        .http
+        .get(format!("{}/healthz", h.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// `name value` from the Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A raw request's status code, headers (lower-cased) and body.
+fn parse_response(raw: &[u8]) -> (u16, String, Vec<u8>) {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a whole response head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, head.to_ascii_lowercase(), body.as_bytes().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_loris_connections_are_closed_after_the_header_timeout() {
+    let h = start(|c| c.limits.header_read_timeout_ms = 400).await;
+    let addr = h.gateway.addr;
+    let clients = (0..40).map(|i| async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: tollgate\r\nX-Slow")
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = stream.split();
+        // Half trickle a header byte every 50 ms for as long as the connection lasts (so a
+        // per-read timer would never fire); half stall.
+        let trickle = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if i % 2 == 0 {
+                    let _ = wr.write_all(b"w").await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = closed_by_server(&mut rd, "a slow-loris connection") => {}
+            () = trickle => {}
+        }
+    });
+    futures::future::join_all(clients).await;
+    healthz_ok(&h).await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed() {
+    let h = start(|c| c.limits.header_read_timeout_ms = 300).await;
+    let mut stream = TcpStream::connect(h.gateway.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+        .await
+        .unwrap();
+    // The answer arrives and the connection stays open for a next request...
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("\"ok\"") {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before answering");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(parse_response(&got).0, 200);
+    // ...but not forever.
+    let rest = closed_by_server(&mut stream, "an idle keep-alive connection").await;
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_closed_at_once() {
+    let h = start(|c| {
+        c.limits.max_connections = 20;
+        c.limits.header_read_timeout_ms = 1000;
+    })
+    .await;
+    let addr: SocketAddr = h.gateway.addr;
+    // Twenty connections that never send a byte hold every slot.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // The 21st gets no answer to a whole request: the server closes it unserved.
+    let mut extra = TcpStream::connect(addr).await.unwrap();
+    let _ = extra
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n")
+        .await;
+    let answer = closed_by_server(&mut extra, "the connection beyond the limit").await;
+    assert!(
+        answer.is_empty(),
+        "served beyond the limit: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // The stalled ones time out, which frees their slots.
+    for stream in &mut held {
+        closed_by_server(stream, "a stalled connection").await;
+    }
+    healthz_ok(&h).await;
+
+    let text = h
+        .admin(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused = metric(&text, "tollgate_http_connections_refused_total").unwrap_or(0.0);
+    assert!(refused >= 1.0, "refused counter in:\n{text}");
+    assert!(
+        metric(&text, "tollgate_http_connections_open").is_some_and(|n| n >= 1.0),
+        "open-connections gauge in:\n{text}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_gets_408() {
+    let h = start(|c| c.limits.body_read_timeout_ms = 400).await;
+    let (_, key) = h.funded("1").await;
+    let mut stream = TcpStream::connect(h.gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: tollgate\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // A few bytes trickle in, then the body stalls.
+    for chunk in [
+        &b"{\"model\""[..],
+        b": \"gpt-4o-mini\"",
+        b", \"messages\": [",
+    ] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stream.write_all(chunk).await.unwrap();
+    }
+    let raw = closed_by_server(&mut stream, "a connection with a stalled body").await;
+    let (status, head, body) = parse_response(&raw);
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&raw));
+    assert!(head.contains("\r\nconnection: close"), "{head}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_error_shape(&v, "request_timeout");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+
+    // Nothing was reserved or charged, and the gateway serves the next caller.
+    let resp = h
+        .chat(&key, &json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_lets_a_stream_in_flight_finish() {
+    let mock = MockOptions {
+        chunks: 20,
+        chunk_interval: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let h = Harness::start_with(Backend::Sqlite, mock, |_| {})
+        .await
+        .expect("sqlite harness");
+    let (_, key) = h.funded("1").await;
+    let resp = h
+        .chat(&key, &json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "one two three"}]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut text = String::from_utf8_lossy(&body.next().await.unwrap().unwrap()).into_owned();
+
+    let stopping = tokio::spawn(h.stop());
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    assert!(
+        text.ends_with("data: [DONE]\n\n"),
+        "stream cut short: {text}"
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown finished after the stream")
+        .unwrap();
+}
