@@ -439,12 +439,15 @@ impl AccountState {
     /// Credits are rare: the actor waits for the commit so the balance in memory moves only by
     /// what the store accepted (a repeated entry id moves nothing).
     async fn credit(&mut self, req: CreditRequest) -> Result<BalanceView, BillingError> {
+        if self.balance.checked_add(req.amount.nanos()).is_none() {
+            return Err(BillingError::Unavailable("balance limit"));
+        }
         if req.amount.is_negative() {
             let free = self.balance - self.book.total().nanos();
-            if free + req.amount.nanos() < 0 {
+            if free.saturating_add(req.amount.nanos()) < 0 {
                 return Err(BillingError::InsufficientBalance {
                     available: Amount(free.max(0)),
-                    needed: Amount(-req.amount.nanos()),
+                    needed: Amount(req.amount.nanos().saturating_neg()),
                 });
             }
         }
@@ -471,7 +474,8 @@ impl AccountState {
             .map_err(|_| BillingError::Unavailable("ledger writer"))?;
         match inserted {
             ractor::rpc::CallResult::Success(Ok(true)) => {
-                self.balance += req.amount.nanos();
+                // The store accepted it, so it fits there; saturate rather than wrap regardless.
+                self.balance = self.balance.saturating_add(req.amount.nanos());
                 Ok(self.view())
             }
             ractor::rpc::CallResult::Success(Ok(false)) => Ok(self.view()),

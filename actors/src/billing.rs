@@ -9,7 +9,7 @@ use crate::account::{
     AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
 };
 use crate::directory::{Books, DirectoryMsg, LiveAccounts};
-use crate::ledger::LedgerMsg;
+use crate::ledger::{CommitError, LedgerMsg};
 use crate::money::Amount;
 use crate::slot::Slot;
 use crate::store::{Record, UsageRecord};
@@ -191,9 +191,16 @@ impl Billing {
                     continue;
                 }
             };
-            if !matches!(commit_rx.await, Ok(Ok(_))) {
+            match commit_rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(CommitError::Rejected(reason))) => {
+                    tracing::error!(request_id = %usage.request_id, %reason, "charge rejected by the store");
+                    return Err(BillingError::Unavailable("ledger (record rejected)"));
+                }
                 // The writer died with the record in its batch: resend it (idempotent).
-                self.commit(settled.record.clone()).await?;
+                _ => {
+                    self.commit(settled.record.clone()).await?;
+                }
             }
             if let Some(book) = self.books.get(account_id) {
                 book.confirm(&usage.request_id);
@@ -212,8 +219,12 @@ impl Billing {
                 .get()
                 .call(|port| LedgerMsg::Commit(record.clone(), port), None)
                 .await;
-            if let Ok(CallResult::Success(Ok(inserted))) = reply {
-                return Ok(inserted);
+            match reply {
+                Ok(CallResult::Success(Ok(inserted))) => return Ok(inserted),
+                Ok(CallResult::Success(Err(CommitError::Rejected(_)))) => {
+                    return Err(BillingError::Unavailable("ledger (record rejected)"))
+                }
+                _ => {}
             }
             tokio::time::sleep(RETRY_PAUSE).await;
         }

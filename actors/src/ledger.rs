@@ -17,6 +17,9 @@ use std::time::Duration;
 pub enum CommitError {
     #[error("the ledger writer stopped before committing")]
     WriterGone,
+    /// The store refused this record itself (not a lost connection): retrying cannot help.
+    #[error("the store rejected the record: {0}")]
+    Rejected(String),
 }
 
 /// `Ok(true)`: the record is new and now durable. `Ok(false)`: it was committed before.
@@ -146,9 +149,12 @@ impl LedgerState {
         let records: Vec<Record> = batch.iter().map(|(r, _)| r.clone()).collect();
         let mut backoff = Duration::from_millis(10);
         let started = std::time::Instant::now();
-        let outcome = loop {
+        let outcome: Vec<Result<bool, CommitError>> = loop {
             match self.store.commit_batch(&records).await {
-                Ok(flags) => break flags,
+                Ok(flags) => break flags.into_iter().map(Ok).collect(),
+                // The server refused a statement: find the record(s) at fault, one by one, so
+                // that one bad record cannot hold every other charge back.
+                Err(e) if e.is_rejection() => break self.commit_one_by_one(&records).await,
                 Err(e) => {
                     metrics::counter!("tollgate_ledger_commit_failures_total").increment(1);
                     metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds")
@@ -168,8 +174,8 @@ impl LedgerState {
             micros = started.elapsed().as_micros() as u64,
             "ledger batch committed"
         );
-        for ((_, reply), inserted) in batch.into_iter().zip(outcome) {
-            let _ = reply.send(Ok(inserted));
+        for ((_, reply), result) in batch.into_iter().zip(outcome) {
+            let _ = reply.send(result);
         }
         for b in self.barriers.drain(..) {
             let _ = b.send(());
@@ -177,6 +183,35 @@ impl LedgerState {
     }
 }
 
+impl LedgerState {
+    async fn commit_one_by_one(&self, records: &[Record]) -> Vec<Result<bool, CommitError>> {
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            let mut backoff = Duration::from_millis(10);
+            let result = loop {
+                match self.store.commit_batch(std::slice::from_ref(record)).await {
+                    Ok(flags) => break Ok(flags.first().copied().unwrap_or(false)),
+                    Err(e) if e.is_rejection() => {
+                        metrics::counter!("tollgate_ledger_rejected_records_total").increment(1);
+                        tracing::error!(error = %e, "the store rejected a ledger record; its sender is told");
+                        break Err(CommitError::Rejected(e.to_string()));
+                    }
+                    Err(e) => {
+                        log_commit_failure(&e, 1, backoff);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            };
+            out.push(result);
+        }
+        out
+    }
+}
+
 fn log_commit_failure(e: &StoreError, batch: usize, retry_in: Duration) {
     tracing::error!(error = %e, batch, retry_in_ms = retry_in.as_millis() as u64, "ledger commit failed; retrying");
 }
+
+#[cfg(test)]
+mod tests;

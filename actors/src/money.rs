@@ -72,20 +72,24 @@ impl FromStr for Amount {
             return Err(AmountError::TooPrecise(text.to_owned()));
         }
         let out_of_range = || AmountError::OutOfRange(text.to_owned());
-        let whole: i64 = if whole.is_empty() {
+        let whole: i128 = if whole.is_empty() {
             0
         } else {
             whole.parse().map_err(|_| out_of_range())?
         };
-        let mut frac: i64 = 0;
+        let mut frac: i128 = 0;
         for (i, b) in fraction.bytes().enumerate() {
-            frac += i64::from(b - b'0') * 10i64.pow((FRACTION_DIGITS - 1 - i) as u32);
+            frac += i128::from(b - b'0') * 10i128.pow((FRACTION_DIGITS - 1 - i) as u32);
         }
+        // In i128, so that the most negative amount (whose magnitude exceeds i64::MAX) parses.
         let nanos = whole
-            .checked_mul(NANOS_PER_USDT)
+            .checked_mul(i128::from(NANOS_PER_USDT))
             .and_then(|w| w.checked_add(frac))
             .ok_or_else(out_of_range)?;
-        Ok(Amount(if negative { -nanos } else { nanos }))
+        let signed = if negative { -nanos } else { nanos };
+        i64::try_from(signed)
+            .map(Amount)
+            .map_err(|_| out_of_range())
     }
 }
 

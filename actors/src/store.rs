@@ -25,6 +25,30 @@ pub enum StoreError {
     DuplicateEmail(String),
 }
 
+impl StoreError {
+    /// The database received the statement and refused it (a constraint, a value it cannot
+    /// hold), as opposed to a connection that failed: sending it again changes nothing.
+    pub fn is_rejection(&self) -> bool {
+        let StoreError::Database(sqlx::Error::Database(db)) = self else {
+            return false;
+        };
+        if !matches!(db.kind(), sqlx::error::ErrorKind::Other) {
+            return true; // unique, foreign-key, not-null or check violation
+        }
+        match db.code().as_deref() {
+            // Postgres SQLSTATE: class 22 (data exception), 23 (integrity constraint).
+            // Class 57 and 08 (shutdown, connection) are not here: those are retried.
+            Some(c) if c.len() == 5 => c.starts_with("22") || c.starts_with("23"),
+            // SQLite (extended) result codes: TOOBIG, CONSTRAINT, MISMATCH, RANGE.
+            // BUSY and LOCKED are not here: those are retried.
+            Some(c) => c
+                .parse::<u32>()
+                .is_ok_and(|n| matches!(n & 0xff, 18 | 19 | 20 | 25)),
+            None => false,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,

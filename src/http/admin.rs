@@ -73,10 +73,31 @@ pub async fn route(
     }
 }
 
+/// A body is one JSON object. (Serde's derived structs would also take a JSON array, field by
+/// field in order: `["x@y.z"]` must not create an account.) Deserialized straight into `T`, so
+/// that a field given twice is refused rather than the last one winning.
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::InvalidRequest(format!("Invalid JSON body: {e}")))
+    let value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidRequest(format!("Invalid JSON body: {e}")))?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::InvalidRequest(
+            "The request body must be a JSON object.".to_owned(),
+        ));
+    }
+    Ok(value)
 }
+
+/// Text kept in the store and shown to operators holds no control characters. NUL in
+/// particular: Postgres cannot store it, and a ledger entry it cannot store would be retried
+/// by the ledger writer forever.
+fn has_control(text: &str) -> bool {
+    text.chars().any(char::is_control)
+}
+
+/// The most an account may hold, and the largest single adjustment: 1e9 USDT, about a ninth of
+/// what an i64 of nano-USDT can count, so that a balance plus a credit never overflows the
+/// store's BIGINT or the account actor's i64.
+const MAX_BALANCE: Amount = Amount(1_000_000_000 * tollgate_actors::money::NANOS_PER_USDT);
 
 fn store_error(e: StoreError) -> ApiError {
     match e {
@@ -106,6 +127,7 @@ fn valid_email(email: &str) -> bool {
         && !domain.ends_with('.')
         && email.len() <= 254
         && !email.chars().any(char::is_whitespace)
+        && !has_control(email)
 }
 
 async fn create_account(app: &App, body: &[u8]) -> Result<Response, ApiError> {
@@ -167,6 +189,11 @@ async fn credit(app: &App, id: &str, body: &[u8]) -> Result<Response, ApiError> 
             "`amount` must not be zero.".to_owned(),
         ));
     }
+    if amount > MAX_BALANCE || amount < Amount(-MAX_BALANCE.nanos()) {
+        return Err(ApiError::InvalidRequest(format!(
+            "`amount` must be between -{MAX_BALANCE} and {MAX_BALANCE}."
+        )));
+    }
     let reason = c
         .reason
         .map(|r| r.trim().to_owned())
@@ -181,17 +208,42 @@ async fn credit(app: &App, id: &str, body: &[u8]) -> Result<Response, ApiError> 
             "`reason` is longer than 500 characters.".to_owned(),
         ));
     }
+    // Line breaks and tabs are fine in an audit note; NUL and the rest are not.
+    if reason
+        .chars()
+        .any(|ch| ch.is_control() && !matches!(ch, '\n' | '\r' | '\t'))
+    {
+        return Err(ApiError::InvalidRequest(
+            "`reason` must not contain control characters.".to_owned(),
+        ));
+    }
     let entry_id = match c.idempotency_key {
-        Some(k) if !k.is_empty() && k.len() <= 200 => format!("adj:{id}:{k}"),
+        Some(k) if !k.is_empty() && k.len() <= 200 && !has_control(&k) => format!("adj:{id}:{k}"),
         Some(_) => {
             return Err(ApiError::InvalidRequest(
-                "`idempotency_key` must be 1 to 200 characters.".to_owned(),
+                "`idempotency_key` must be 1 to 200 characters, none of them control characters."
+                    .to_owned(),
             ))
         }
         None => random_id("adj_").map_err(|_| ApiError::Internal)?,
     };
     if app.store.account(id).await.map_err(store_error)?.is_none() {
         return Err(ApiError::NotFound(format!("No account `{id}`.")));
+    }
+    if !amount.is_negative() {
+        // Checked before the ledger sees it: a balance past i64 would make the commit fail
+        // forever (Postgres) or store a float (SQLite). Credits racing each other can each
+        // pass this check; with MAX_BALANCE at a ninth of the range it takes eight at once.
+        let view = app.system.billing.balance(id).await?;
+        if view
+            .balance
+            .checked_add(amount)
+            .is_none_or(|total| total > MAX_BALANCE)
+        {
+            return Err(ApiError::InvalidRequest(format!(
+                "This credit would take the balance above the maximum of {MAX_BALANCE} USDT."
+            )));
+        }
     }
     let view = app
         .system
@@ -234,9 +286,9 @@ fn key_json(row: &KeyRow) -> Value {
 async fn create_key(app: &App, id: &str, body: &[u8]) -> Result<Response, ApiError> {
     let k: CreateKey = parse(body)?;
     let name = k.name.trim().to_owned();
-    if name.is_empty() || name.len() > 100 {
+    if name.is_empty() || name.len() > 100 || has_control(&name) {
         return Err(ApiError::InvalidRequest(
-            "`name` must be 1 to 100 characters.".to_owned(),
+            "`name` must be 1 to 100 characters, none of them control characters.".to_owned(),
         ));
     }
     let spend_cap = match k.spend_cap {

@@ -149,12 +149,23 @@ where
     let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
     let limit = app.config.limits.max_body_bytes;
     let m = &req.method;
+    // Every body is read (within the limits) before anything else: a body left unread would
+    // leave the connection unusable for the client's next request.
+    let body = match read_body(&req, body, limit).await {
+        Ok(b) => b,
+        Err(e) => {
+            let is_chat = matches!(segments.as_slice(), ["v1", "chat", "completions"]);
+            let resp = e.into_response();
+            return if is_chat {
+                with_request_id(resp, &chat::new_request_id())
+            } else {
+                resp
+            };
+        }
+    };
     let result = match segments.as_slice() {
         ["v1", "chat", "completions"] if m == Method::POST => {
-            return match read_body(&req, body, limit).await {
-                Ok(bytes) => chat::completions(app, &req, bytes).await,
-                Err(e) => with_request_id(e.into_response(), &chat::new_request_id()),
-            };
+            return chat::completions(app, &req, body).await;
         }
         ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
         ["healthz"] if m == Method::GET => {
@@ -170,17 +181,7 @@ where
             resp
         }),
         ["admin", rest @ ..] => match admin::authorize(&app, &req) {
-            Ok(()) => {
-                let body = if matches!(*m, Method::POST | Method::PUT | Method::PATCH) {
-                    match read_body(&req, body, limit).await {
-                        Ok(b) => b,
-                        Err(e) => return e.into_response(),
-                    }
-                } else {
-                    Bytes::new()
-                };
-                admin::route(&app, &req, rest, body).await
-            }
+            Ok(()) => admin::route(&app, &req, rest, body).await,
             Err(e) => Err(e),
         },
         ["v1", "chat", "completions"]
@@ -219,8 +220,7 @@ where
     }
     let read = async move {
         let mut body = body;
-        let mut buf =
-            BytesMut::with_capacity(declared.map(|n| n as usize).unwrap_or(8 * 1024).min(limit));
+        let mut buf = BytesMut::with_capacity(declared.map(|n| n as usize).unwrap_or(0).min(limit));
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|_| {
                 ApiError::InvalidRequest("The request body could not be read.".to_owned())

@@ -503,3 +503,56 @@ impl Server {
             .bearer_auth(ADMIN)
     }
 }
+
+/// Creates a funded account with one key on the gateway at `base`, through the admin API.
+pub async fn seed_account(
+    http: &reqwest::Client,
+    base: &str,
+    email: &str,
+    amount: &str,
+) -> (String, String) {
+    let post = |path: String, body: Value| {
+        let req = http
+            .post(format!("{base}{path}"))
+            .bearer_auth(ADMIN)
+            .json(&body);
+        async move {
+            let r = req.send().await.expect("admin call");
+            assert!(r.status().is_success(), "admin call: {}", r.status());
+            r.json::<Value>().await.expect("json")
+        }
+    };
+    let account = post("/admin/accounts".to_owned(), json!({"email": email})).await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    post(
+        format!("/admin/accounts/{account}/credits"),
+        json!({"amount": amount, "reason": "test funding"}),
+    )
+    .await;
+    let key = post(
+        format!("/admin/accounts/{account}/keys"),
+        json!({"name": "k"}),
+    )
+    .await["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    (account, key)
+}
+
+/// The sum of the `cost` fields of usage records, in nano-USDT.
+pub fn billed(usage: &[Value]) -> i64 {
+    usage
+        .iter()
+        .map(|u| {
+            u["cost"]
+                .as_str()
+                .expect("cost")
+                .parse::<Amount>()
+                .expect("amount")
+                .nanos()
+        })
+        .sum()
+}

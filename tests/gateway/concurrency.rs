@@ -58,17 +58,7 @@ async fn concurrent_requests_never_overdraw(backend: Backend) {
     assert!(after.nanos() >= 0, "balance below zero: {after}");
     let usage = h.usage(&account).await;
     assert_eq!(usage.len(), ok);
-    let billed: i64 = usage
-        .iter()
-        .map(|u| {
-            u["cost"]
-                .as_str()
-                .unwrap()
-                .parse::<Amount>()
-                .unwrap()
-                .nanos()
-        })
-        .sum();
+    let billed = billed(&usage);
     assert_eq!(
         funds.nanos() - after.nanos(),
         billed,

@@ -31,40 +31,7 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
         .unwrap();
 
     let server = Server::spawn(&config, port, &log, "info").await;
-    let r = server
-        .admin(&http, Method::POST, "/admin/accounts")
-        .json(&json!({"email": "crash@example.com"}))
-        .send()
-        .await
-        .unwrap();
-    let account = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    server
-        .admin(
-            &http,
-            Method::POST,
-            &format!("/admin/accounts/{account}/credits"),
-        )
-        .json(&json!({"amount": "100", "reason": "crash test"}))
-        .send()
-        .await
-        .unwrap();
-    let r = server
-        .admin(
-            &http,
-            Method::POST,
-            &format!("/admin/accounts/{account}/keys"),
-        )
-        .json(&json!({"name": "k"}))
-        .send()
-        .await
-        .unwrap();
-    let key = r.json::<Value>().await.unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (account, key) = seed_account(&http, &server.base, "crash@example.com", "100").await;
 
     let completed: Arc<Mutex<HashSet<String>>> = Default::default();
     let mut server = Some(server);

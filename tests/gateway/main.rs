@@ -8,6 +8,7 @@
 
 mod common;
 
+mod abuse;
 mod admin;
 mod admin_cli;
 mod billing;

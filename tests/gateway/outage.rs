@@ -168,35 +168,7 @@ async fn postgres_outage_buffers_then_refuses_then_recovers() {
     let admin =
         |m: reqwest::Method, p: &str| http.request(m, format!("{base}{p}")).bearer_auth(ADMIN);
 
-    let r = admin(reqwest::Method::POST, "/admin/accounts")
-        .json(&json!({"email": "outage@example.com"}))
-        .send()
-        .await
-        .unwrap();
-    let account = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    admin(
-        reqwest::Method::POST,
-        &format!("/admin/accounts/{account}/credits"),
-    )
-    .json(&json!({"amount": "1", "reason": "outage test"}))
-    .send()
-    .await
-    .unwrap();
-    let r = admin(
-        reqwest::Method::POST,
-        &format!("/admin/accounts/{account}/keys"),
-    )
-    .json(&json!({"name": "k"}))
-    .send()
-    .await
-    .unwrap();
-    let key = r.json::<Value>().await.unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (account, key) = seed_account(&http, &base, "outage@example.com", "1").await;
     let chat = |stream: bool| {
         let (http, key, base) = (http.clone(), key.clone(), base.clone());
         tokio::spawn(async move {

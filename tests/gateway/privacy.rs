@@ -4,8 +4,7 @@
 use crate::both_stores;
 use crate::common::*;
 use futures::StreamExt;
-use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use sqlx::Row;
 use std::time::Duration;
 use tollgate::mock::MockOptions;
@@ -29,40 +28,7 @@ async fn canary_is_nowhere(backend: Backend) {
     // The most verbose level there is: if content reached a log line, it shows here.
     let server = Server::spawn(&config, free_port(), &log, "trace").await;
 
-    let r = server
-        .admin(&http, Method::POST, "/admin/accounts")
-        .json(&json!({"email": "p@example.com"}))
-        .send()
-        .await
-        .unwrap();
-    let account = r.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    server
-        .admin(
-            &http,
-            Method::POST,
-            &format!("/admin/accounts/{account}/credits"),
-        )
-        .json(&json!({"amount": "1", "reason": "privacy test"}))
-        .send()
-        .await
-        .unwrap();
-    let r = server
-        .admin(
-            &http,
-            Method::POST,
-            &format!("/admin/accounts/{account}/keys"),
-        )
-        .json(&json!({"name": "k"}))
-        .send()
-        .await
-        .unwrap();
-    let key = r.json::<Value>().await.unwrap()["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, key) = seed_account(&http, &server.base, "p@example.com", "1").await;
     let url = format!("{}/v1/chat/completions", server.base);
     let msg = json!([{"role": "system", "content": format!("secret {CANARY}")}, {"role": "user", "content": format!("{CANARY} {CANARY}")}]);
 

@@ -134,17 +134,7 @@ async fn kills_mid_traffic_lose_no_charge(backend: Backend) {
     let after = h.balance(&account).await;
     let usage = h.usage(&account).await;
     assert_eq!(usage.len(), ok);
-    let billed: i64 = usage
-        .iter()
-        .map(|u| {
-            u["cost"]
-                .as_str()
-                .unwrap()
-                .parse::<Amount>()
-                .unwrap()
-                .nanos()
-        })
-        .sum();
+    let billed = billed(&usage);
     let odd: Vec<_> = usage
         .iter()
         .filter(|u| u["cost"] != usage[0]["cost"])

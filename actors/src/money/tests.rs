@@ -67,3 +67,18 @@ fn affordable_output_never_exceeds_budget() {
     assert!(p.cost(10, out + 1) > budget);
     assert_eq!(p.affordable_output(Amount(100), 10), None);
 }
+
+#[test]
+fn extremes_round_trip() {
+    for v in [i64::MIN, i64::MIN + 1, -1, 0, 1, i64::MAX] {
+        assert_eq!(
+            Amount(v).to_string().parse::<Amount>(),
+            Ok(Amount(v)),
+            "{v}"
+        );
+    }
+    assert!(matches!(
+        "9223372036.854775808".parse::<Amount>(),
+        Err(AmountError::OutOfRange(_))
+    ));
+}
