@@ -514,6 +514,7 @@ fn render_actors(v: &Value) -> String {
             text(&node["kind"]),
             text(&node["status"]),
             text(&node["restarts"]),
+            text(&node["mailbox_depth"]),
             node["uptime_secs"]
                 .as_u64()
                 .map_or_else(|| text(&node["uptime_secs"]), format_uptime),
@@ -522,10 +523,12 @@ fn render_actors(v: &Value) -> String {
             walk(child, depth + 1, rows);
         }
     }
-    let mut rows = vec![row(["NAME", "KIND", "STATUS", "RESTARTS", "UPTIME"])];
+    let mut rows = vec![row([
+        "NAME", "KIND", "STATUS", "RESTARTS", "MAILBOX", "UPTIME",
+    ])];
     walk(v, 0, &mut rows);
     use Align::{Left as L, Right as R};
-    table(&rows, &[L, L, L, R, R])
+    table(&rows, &[L, L, L, R, R, R])
 }
 
 fn render_providers(v: &Value) -> anyhow::Result<String> {
@@ -536,6 +539,7 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
     let mut rows = vec![row([
         "NAME",
         "KIND",
+        "HEALTH",
         "IN_FLIGHT",
         "MAX_CONCURRENCY",
         "LEASES_GRANTED",
@@ -545,6 +549,7 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
         rows.push(vec![
             text(&p["name"]),
             text(&p["kind"]),
+            text(&p["health"]),
             text(&p["in_flight"]),
             text(&p["max_concurrency"]),
             text(&p["leases_granted"]),
@@ -552,7 +557,7 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
         ]);
     }
     use Align::{Left as L, Right as R};
-    Ok(table(&rows, &[L, L, R, R, R, R]))
+    Ok(table(&rows, &[L, L, L, R, R, R, R]))
 }
 
 fn list(v: &Value) -> anyhow::Result<&Vec<Value>> {

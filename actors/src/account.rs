@@ -10,6 +10,7 @@
 
 use crate::billing::BillingError;
 use crate::ledger::{CommitReply, LedgerMsg};
+use crate::metered::Mailbox;
 use crate::money::{Amount, Price};
 use crate::slot::Slot;
 use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store, UsageRecord};
@@ -98,6 +99,10 @@ pub enum AccountMsg {
     ),
     Balance(RpcReplyPort<BalanceView>),
     IdleCheck,
+}
+
+impl crate::metered::Kind for AccountMsg {
+    const KIND: &'static str = "account";
 }
 
 /// Reservations of one account, and its charges not yet confirmed durable. Kept across
@@ -230,7 +235,7 @@ impl Actor for AccountActor {
         let barrier = args
             .ledger
             .get()
-            .call(LedgerMsg::Barrier, Some(Duration::from_secs(30)))
+            .ask(LedgerMsg::Barrier, Some(Duration::from_secs(30)))
             .await?;
         if !barrier.is_success() {
             return Err("the ledger writer is restarting".into());
@@ -423,7 +428,7 @@ impl AccountState {
         if let Err(e) = self
             .ledger
             .get()
-            .send_message(LedgerMsg::Commit(record.clone(), req.commit))
+            .tell(LedgerMsg::Commit(record.clone(), req.commit))
         {
             // The writer is restarting; the caller's commit port is gone with the message and
             // the caller resends `record` (idempotent) to the new writer.
@@ -466,7 +471,7 @@ impl AccountState {
         let inserted = self
             .ledger
             .get()
-            .call(
+            .ask(
                 |port| LedgerMsg::Commit(record, port),
                 Some(Duration::from_secs(60)),
             )

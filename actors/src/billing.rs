@@ -10,6 +10,7 @@ use crate::account::{
 };
 use crate::directory::{Books, DirectoryMsg, LiveAccounts};
 use crate::ledger::{CommitError, LedgerMsg};
+use crate::metered::Mailbox;
 use crate::money::Amount;
 use crate::slot::Slot;
 use crate::store::{Record, UsageRecord};
@@ -101,7 +102,7 @@ impl Billing {
             let reply = self
                 .directory
                 .get()
-                .call(
+                .ask(
                     |port| DirectoryMsg::Get(account_id.to_owned(), port),
                     Some(Duration::from_secs(30)),
                 )
@@ -158,7 +159,7 @@ impl Billing {
     /// actor restarts, since reservations that nobody settles are dropped with the book.
     pub fn release(&self, account_id: &str, request_id: &str) {
         if let Some(actor) = self.live.get(account_id) {
-            let _ = actor.send_message(AccountMsg::Release(request_id.to_owned()));
+            let _ = actor.tell(AccountMsg::Release(request_id.to_owned()));
         }
     }
 
@@ -217,7 +218,7 @@ impl Billing {
             let reply = self
                 .ledger
                 .get()
-                .call(|port| LedgerMsg::Commit(record.clone(), port), None)
+                .ask(|port| LedgerMsg::Commit(record.clone(), port), None)
                 .await;
             match reply {
                 Ok(CallResult::Success(Ok(inserted))) => return Ok(inserted),
@@ -246,7 +247,7 @@ impl Billing {
 
     /// Waits until every record sent to the ledger writer so far is durable.
     pub async fn flush(&self) -> Result<(), BillingError> {
-        match self.ledger.get().call(LedgerMsg::Barrier, None).await {
+        match self.ledger.get().ask(LedgerMsg::Barrier, None).await {
             Ok(CallResult::Success(())) => Ok(()),
             _ => Err(BillingError::Unavailable("ledger writer")),
         }
@@ -257,7 +258,7 @@ impl Billing {
         matches!(
             self.directory
                 .get()
-                .call(|port| DirectoryMsg::Kill(account_id.to_owned(), port), None)
+                .ask(|port| DirectoryMsg::Kill(account_id.to_owned(), port), None)
                 .await,
             Ok(CallResult::Success(true))
         )
@@ -272,7 +273,7 @@ async fn attempt<T: Send + 'static>(
     actor: &ActorRef<AccountMsg>,
     build: impl FnOnce(RpcReplyPort<T>) -> AccountMsg,
 ) -> Attempt<T> {
-    match actor.call(build, None).await {
+    match actor.ask(build, None).await {
         Ok(CallResult::Success(v)) => Attempt::Done(v),
         _ => Attempt::Retry,
     }

@@ -39,12 +39,17 @@ pub enum DirectoryMsg {
     Children(RpcReplyPort<Vec<ChildInfo>>),
 }
 
+impl crate::metered::Kind for DirectoryMsg {
+    const KIND: &'static str = "account_directory";
+}
+
 #[derive(Clone, Debug)]
 pub struct ChildInfo {
     pub account_id: String,
     pub status: String,
     pub restarts: u64,
     pub started_at: std::time::Instant,
+    pub mailbox_depth: i64,
 }
 
 #[derive(Clone)]
@@ -136,6 +141,10 @@ impl Actor for AccountDirectory {
                             .unwrap_or_else(|| "Restarting".to_owned()),
                         restarts: c.history.total,
                         started_at: c.started_at,
+                        mailbox_depth: c
+                            .actor
+                            .as_ref()
+                            .map_or(0, |a| crate::metered::mailbox_depth(a.get_id())),
                     })
                     .collect();
                 let _ = reply.send(list);
@@ -235,14 +244,7 @@ impl DirectoryState {
             book,
             idle_after: self.args.idle_after,
         };
-        match Actor::spawn_linked(
-            None,
-            Metered::new(AccountActor, "account"),
-            args,
-            myself.get_cell(),
-        )
-        .await
-        {
+        match Actor::spawn_linked(None, Metered::new(AccountActor), args, myself.get_cell()).await {
             Ok((actor, _)) => {
                 metrics::counter!("tollgate_accounts_loaded_total").increment(1);
                 self.by_actor.insert(actor.get_id(), account_id.to_owned());

@@ -8,6 +8,7 @@
 //!
 //! Each sender's reply port is answered only after its record's transaction has committed.
 
+use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::time::Duration;
@@ -32,6 +33,10 @@ pub enum LedgerMsg {
     /// Answered once every record sent before it is durable.
     Barrier(RpcReplyPort<()>),
     Flush,
+}
+
+impl crate::metered::Kind for LedgerMsg {
+    const KIND: &'static str = "ledger";
 }
 
 pub struct LedgerArgs {
@@ -125,7 +130,7 @@ impl LedgerState {
         }
         self.flush_scheduled = true;
         if self.flush_interval.is_zero() {
-            let _ = myself.send_message(LedgerMsg::Flush);
+            let _ = myself.tell(LedgerMsg::Flush);
         } else {
             myself.send_after(self.flush_interval, || LedgerMsg::Flush);
         }

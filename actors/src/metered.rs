@@ -4,33 +4,132 @@
 //! - `tollgate_actors_live{kind}`: actors of this kind now running;
 //! - `tollgate_actor_messages_total{kind}`: messages handled;
 //! - `tollgate_actor_handler_seconds{kind}`: time in the handler, per message;
-//! - `tollgate_actor_failures_total{kind}`: handlers that returned an error (the actor stops).
+//! - `tollgate_actor_failures_total{kind}`: handlers that returned an error (the actor stops);
+//! - `tollgate_actor_mailbox_depth{kind}`: messages sent and not yet handled, over all actors
+//!   of the kind (per actor in `/admin/actors`).
 //!
 //! Supervisors add `tollgate_actor_restarts_total{kind}` when they restart one.
+//!
+//! Mailbox depth counts what is sent with [`Mailbox::tell`] and [`Mailbox::ask`], which is
+//! every message but the timers' (`send_after`, `send_interval`); a timer's message is not
+//! counted in and does not count out.
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::time::Instant;
+use dashmap::DashMap;
+use ractor::rpc::CallResult;
+use ractor::{
+    Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
+};
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant};
 
-pub struct Metered<A> {
-    inner: A,
-    kind: &'static str,
+/// The kind of actor a message type belongs to: the `kind` label of its metrics.
+pub trait Kind {
+    const KIND: &'static str;
 }
 
-impl<A> Metered<A> {
-    pub fn new(inner: A, kind: &'static str) -> Self {
-        Metered { inner, kind }
+static DEPTHS: LazyLock<DashMap<ActorId, Arc<AtomicI64>>> = LazyLock::new(DashMap::new);
+
+/// Messages waiting in an actor's mailbox (0 for an actor that is gone).
+pub fn mailbox_depth(actor: ActorId) -> i64 {
+    DEPTHS
+        .get(&actor)
+        .map_or(0, |d| d.load(Ordering::Relaxed).max(0))
+}
+
+fn enqueued<M: Kind>(actor: ActorId) {
+    if let Some(d) = DEPTHS.get(&actor) {
+        d.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => M::KIND).increment(1.0);
     }
 }
 
-/// The wrapped actor's state; dropping it (however the actor ended) counts it out.
+fn not_enqueued<M: Kind>(actor: ActorId) {
+    if let Some(d) = DEPTHS.get(&actor) {
+        d.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => M::KIND).decrement(1.0);
+    }
+}
+
+/// Sending to a metered actor, counted in its mailbox depth.
+pub trait Mailbox<M> {
+    fn tell(&self, msg: M) -> Result<(), MessagingErr<M>>;
+    fn ask<R, F>(
+        &self,
+        build: F,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<CallResult<R>, MessagingErr<M>>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(RpcReplyPort<R>) -> M;
+}
+
+impl<M: ractor::Message + Kind> Mailbox<M> for ActorRef<M> {
+    fn tell(&self, msg: M) -> Result<(), MessagingErr<M>> {
+        let id = self.get_id();
+        enqueued::<M>(id);
+        let sent = self.send_message(msg);
+        if sent.is_err() {
+            not_enqueued::<M>(id);
+        }
+        sent
+    }
+
+    fn ask<R, F>(
+        &self,
+        build: F,
+        timeout: Option<Duration>,
+    ) -> impl Future<Output = Result<CallResult<R>, MessagingErr<M>>> + Send
+    where
+        R: Send + 'static,
+        F: FnOnce(RpcReplyPort<R>) -> M,
+    {
+        // The message is built and sent now; only the wait for the reply is deferred.
+        let (tx, rx) = ractor::concurrency::oneshot();
+        let sent = self.tell(build(tx.into()));
+        async move {
+            sent?;
+            let reply = match timeout {
+                Some(t) => match tokio::time::timeout(t, rx).await {
+                    Ok(r) => r,
+                    Err(_) => return Ok(CallResult::Timeout),
+                },
+                None => rx.await,
+            };
+            Ok(match reply {
+                Ok(v) => CallResult::Success(v),
+                Err(_) => CallResult::SenderError,
+            })
+        }
+    }
+}
+
+pub struct Metered<A> {
+    inner: A,
+}
+
+impl<A> Metered<A> {
+    pub fn new(inner: A) -> Self {
+        Metered { inner }
+    }
+}
+
+/// The wrapped actor's state; dropping it (however the actor ended) counts it out, along with
+/// whatever was left in its mailbox.
 pub struct MeteredState<S> {
     inner: S,
     kind: &'static str,
+    id: ActorId,
+    depth: Arc<AtomicI64>,
 }
 
 impl<S> Drop for MeteredState<S> {
     fn drop(&mut self) {
         metrics::gauge!("tollgate_actors_live", "kind" => self.kind).decrement(1.0);
+        DEPTHS.remove(&self.id);
+        let left = self.depth.swap(0, Ordering::Relaxed).max(0);
+        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => self.kind).decrement(left as f64);
     }
 }
 
@@ -38,7 +137,10 @@ pub fn record_restart(kind: &'static str) {
     metrics::counter!("tollgate_actor_restarts_total", "kind" => kind).increment(1);
 }
 
-impl<A: Actor> Actor for Metered<A> {
+impl<A: Actor> Actor for Metered<A>
+where
+    A::Msg: Kind,
+{
     type Msg = A::Msg;
     type State = MeteredState<A::State>;
     type Arguments = A::Arguments;
@@ -48,11 +150,22 @@ impl<A: Actor> Actor for Metered<A> {
         myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let inner = self.inner.pre_start(myself, args).await?;
-        metrics::gauge!("tollgate_actors_live", "kind" => self.kind).increment(1.0);
+        let id = myself.get_id();
+        let depth = Arc::new(AtomicI64::new(0));
+        DEPTHS.insert(id, depth.clone());
+        let inner = match self.inner.pre_start(myself, args).await {
+            Ok(s) => s,
+            Err(e) => {
+                DEPTHS.remove(&id);
+                return Err(e);
+            }
+        };
+        metrics::gauge!("tollgate_actors_live", "kind" => A::Msg::KIND).increment(1.0);
         Ok(MeteredState {
             inner,
-            kind: self.kind,
+            kind: A::Msg::KIND,
+            id,
+            depth,
         })
     }
 
@@ -78,13 +191,23 @@ impl<A: Actor> Actor for Metered<A> {
         message: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Out of the mailbox; a timer's message was never counted in, so never below zero.
+        if state
+            .depth
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
+                (d > 0).then(|| d - 1)
+            })
+            .is_ok()
+        {
+            metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => state.kind).decrement(1.0);
+        }
         let started = Instant::now();
         let result = self.inner.handle(myself, message, &mut state.inner).await;
-        metrics::counter!("tollgate_actor_messages_total", "kind" => self.kind).increment(1);
-        metrics::histogram!("tollgate_actor_handler_seconds", "kind" => self.kind)
+        metrics::counter!("tollgate_actor_messages_total", "kind" => state.kind).increment(1);
+        metrics::histogram!("tollgate_actor_handler_seconds", "kind" => state.kind)
             .record(started.elapsed().as_secs_f64());
         if result.is_err() {
-            metrics::counter!("tollgate_actor_failures_total", "kind" => self.kind).increment(1);
+            metrics::counter!("tollgate_actor_failures_total", "kind" => state.kind).increment(1);
         }
         result
     }

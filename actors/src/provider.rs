@@ -32,8 +32,52 @@ pub enum ProviderError {
 pub struct Lease {
     pub client: reqwest::Client,
     pub spec: Arc<ProviderSpec>,
+    health: Arc<Health>,
     _permit: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
+}
+
+impl Lease {
+    /// How the call went, as far as the provider is concerned: `false` for an upstream that
+    /// failed, timed out, could not be reached or broke off (not for a client's own 4xx).
+    pub fn report(&self, ok: bool) {
+        self.health.record(ok);
+    }
+}
+
+/// Outcomes of a provider's calls, written by the calls' leases, read by `Status`.
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_failures: AtomicU64,
+    successes: AtomicU64,
+    failures: AtomicU64,
+    last_failure_ms: std::sync::atomic::AtomicI64,
+}
+
+/// A provider is `down` after this many failures in a row.
+const DOWN_AFTER: u64 = 5;
+
+impl Health {
+    fn record(&self, ok: bool) {
+        if ok {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.successes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            self.last_failure_ms
+                .store(crate::store::now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        match self.consecutive_failures.load(Ordering::Relaxed) {
+            0 if self.successes.load(Ordering::Relaxed) == 0 => "unknown",
+            0 => "healthy",
+            n if n < DOWN_AFTER => "degraded",
+            _ => "down",
+        }
+    }
 }
 
 struct InFlightGuard {
@@ -56,11 +100,22 @@ pub struct ProviderStatus {
     pub max_concurrency: usize,
     pub leases_granted: u64,
     pub leases_refused: u64,
+    /// `unknown` (no call yet), `healthy`, `degraded` (recent failures) or `down`.
+    pub health: &'static str,
+    pub consecutive_failures: u64,
+    pub calls_succeeded: u64,
+    pub calls_failed: u64,
+    /// Unix milliseconds of the last failure, if any.
+    pub last_failure_ms: Option<i64>,
 }
 
 pub enum ProviderMsg {
     Lease(RpcReplyPort<Result<Lease, ProviderError>>),
     Status(RpcReplyPort<ProviderStatus>),
+}
+
+impl crate::metered::Kind for ProviderMsg {
+    const KIND: &'static str = "provider";
 }
 
 pub struct ProviderState {
@@ -69,6 +124,7 @@ pub struct ProviderState {
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
+    health: Arc<Health>,
     granted: u64,
     refused: u64,
 }
@@ -96,6 +152,7 @@ impl Actor for ProviderActor {
             .set(spec.max_concurrency as f64);
         Ok(ProviderState {
             in_flight_gauge: metrics::gauge!("tollgate_provider_in_flight", "provider" => spec.name.clone()),
+            health: Arc::new(Health::default()),
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             client,
@@ -121,6 +178,7 @@ impl Actor for ProviderActor {
                         Ok(Lease {
                             client: state.client.clone(),
                             spec: state.spec.clone(),
+                            health: state.health.clone(),
                             _permit: permit,
                             _in_flight: InFlightGuard {
                                 count: state.in_flight.clone(),
@@ -148,6 +206,12 @@ impl Actor for ProviderActor {
                     max_concurrency: state.spec.max_concurrency,
                     leases_granted: state.granted,
                     leases_refused: state.refused,
+                    health: state.health.state(),
+                    consecutive_failures: state.health.consecutive_failures.load(Ordering::Relaxed),
+                    calls_succeeded: state.health.successes.load(Ordering::Relaxed),
+                    calls_failed: state.health.failures.load(Ordering::Relaxed),
+                    last_failure_ms: Some(state.health.last_failure_ms.load(Ordering::Relaxed))
+                        .filter(|t| *t > 0),
                 });
             }
         }

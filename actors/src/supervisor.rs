@@ -16,6 +16,7 @@ use crate::directory::{
     AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
 use crate::ledger::{LedgerArgs, LedgerMsg, LedgerWriter};
+use crate::metered::Mailbox;
 use crate::metered::{record_restart, Metered};
 use crate::provider::{ProviderActor, ProviderMsg, ProviderSpec, ProviderStatus};
 use crate::restart::{RestartHistory, RestartPolicy};
@@ -74,14 +75,28 @@ pub struct TreeNode {
     pub status: String,
     pub restarts: u64,
     pub uptime: Duration,
+    pub mailbox_depth: i64,
     pub children: Vec<TreeNode>,
+}
+
+/// One child of the root, as the tree view shows it.
+pub struct ChildView {
+    kind: ChildKind,
+    status: String,
+    restarts: u64,
+    started: Instant,
+    mailbox_depth: i64,
 }
 
 pub enum RootMsg {
     Restart(ChildKind),
     Kill(ChildKind, RpcReplyPort<bool>),
-    Tree(RpcReplyPort<Vec<(ChildKind, String, u64, Instant)>>),
+    Tree(RpcReplyPort<Vec<ChildView>>),
     Shutdown(RpcReplyPort<()>),
+}
+
+impl crate::metered::Kind for RootMsg {
+    const KIND: &'static str = "root";
 }
 
 pub struct RootState {
@@ -136,13 +151,9 @@ impl Actor for Root {
         let ledger = Slot::new(ledger);
 
         let dir_args = directory_args(&cfg, &ledger, &live, &books);
-        let (directory, _) = Actor::spawn_linked(
-            None,
-            Metered::new(AccountDirectory, "account_directory"),
-            dir_args,
-            cell.clone(),
-        )
-        .await?;
+        let (directory, _) =
+            Actor::spawn_linked(None, Metered::new(AccountDirectory), dir_args, cell.clone())
+                .await?;
         by_actor.insert(directory.get_id(), ChildKind::Directory);
         started.insert(ChildKind::Directory, Instant::now());
         let directory = Slot::new(directory);
@@ -152,7 +163,7 @@ impl Actor for Root {
         for spec in &cfg.providers {
             let (p, _) = Actor::spawn_linked(
                 None,
-                Metered::new(ProviderActor, "provider"),
+                Metered::new(ProviderActor),
                 spec.clone(),
                 cell.clone(),
             )
@@ -205,19 +216,25 @@ impl Actor for Root {
                 let _ = reply.send(cell.is_some());
             }
             RootMsg::Tree(reply) => {
-                let mut list: Vec<_> = state
+                let mut list: Vec<ChildView> = state
                     .started
                     .iter()
                     .map(|(k, t)| {
-                        let status = state
-                            .cell_of(k)
-                            .map(|c| format!("{:?}", c.get_status()))
-                            .unwrap_or_else(|| "Restarting".to_owned());
-                        let restarts = state.history.get(k).map(|h| h.total).unwrap_or(0);
-                        (k.clone(), status, restarts, *t)
+                        let cell = state.cell_of(k);
+                        ChildView {
+                            kind: k.clone(),
+                            status: cell
+                                .as_ref()
+                                .map(|c| format!("{:?}", c.get_status()))
+                                .unwrap_or_else(|| "Restarting".to_owned()),
+                            restarts: state.history.get(k).map(|h| h.total).unwrap_or(0),
+                            started: *t,
+                            mailbox_depth: cell
+                                .map_or(0, |c| crate::metered::mailbox_depth(c.get_id())),
+                        }
                     })
                     .collect();
-                list.sort_by_key(|(k, ..)| k.name());
+                list.sort_by_key(|c| c.kind.name());
                 let _ = reply.send(list);
             }
             RootMsg::Shutdown(reply) => {
@@ -293,13 +310,8 @@ impl RootState {
             }
             ChildKind::Directory => {
                 let args = directory_args(&self.cfg, &self.ledger, &self.live, &self.books);
-                let (d, _) = Actor::spawn_linked(
-                    None,
-                    Metered::new(AccountDirectory, "account_directory"),
-                    args,
-                    cell,
-                )
-                .await?;
+                let (d, _) =
+                    Actor::spawn_linked(None, Metered::new(AccountDirectory), args, cell).await?;
                 let id = d.get_id();
                 self.directory.set(d);
                 id
@@ -309,13 +321,9 @@ impl RootState {
                 else {
                     return Ok(());
                 };
-                let (p, _) = Actor::spawn_linked(
-                    None,
-                    Metered::new(ProviderActor, "provider"),
-                    spec.clone(),
-                    cell,
-                )
-                .await?;
+                let (p, _) =
+                    Actor::spawn_linked(None, Metered::new(ProviderActor), spec.clone(), cell)
+                        .await?;
                 let id = p.get_id();
                 slot.set(p);
                 id
@@ -339,7 +347,7 @@ async fn spawn_ledger(
         flush_interval: cfg.ledger_flush_interval,
     };
     let (ledger, _) =
-        Actor::spawn_linked(None, Metered::new(LedgerWriter, "ledger"), args, supervisor).await?;
+        Actor::spawn_linked(None, Metered::new(LedgerWriter), args, supervisor).await?;
     Ok(ledger)
 }
 
@@ -371,12 +379,8 @@ impl ActorSystem {
     pub async fn start(cfg: SystemConfig) -> Result<ActorSystem, SpawnErr> {
         let max_buffer = cfg.ledger_max_buffer;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let (root, _join) = Actor::spawn(
-            None,
-            Metered::new(Root, "root"),
-            RootArgs { cfg, handles: tx },
-        )
-        .await?;
+        let (root, _join) =
+            Actor::spawn(None, Metered::new(Root), RootArgs { cfg, handles: tx }).await?;
         let handles = rx
             .await
             .map_err(|_| SpawnErr::StartupFailed("the root supervisor did not start".into()))?;
@@ -407,7 +411,7 @@ impl ActorSystem {
         for slot in self.providers.values() {
             if let Ok(CallResult::Success(s)) = slot
                 .get()
-                .call(ProviderMsg::Status, Some(Duration::from_secs(2)))
+                .ask(ProviderMsg::Status, Some(Duration::from_secs(2)))
                 .await
             {
                 out.push(s);
@@ -421,7 +425,7 @@ impl ActorSystem {
     pub async fn tree(&self) -> TreeNode {
         let children = match self
             .root
-            .call(RootMsg::Tree, Some(Duration::from_secs(2)))
+            .ask(RootMsg::Tree, Some(Duration::from_secs(2)))
             .await
         {
             Ok(CallResult::Success(c)) => c,
@@ -430,7 +434,7 @@ impl ActorSystem {
         let accounts: Vec<ChildInfo> = match self
             .directory
             .get()
-            .call(DirectoryMsg::Children, Some(Duration::from_secs(2)))
+            .ask(DirectoryMsg::Children, Some(Duration::from_secs(2)))
             .await
         {
             Ok(CallResult::Success(c)) => c,
@@ -438,13 +442,14 @@ impl ActorSystem {
         };
         let nodes = children
             .into_iter()
-            .map(|(kind, status, restarts, started)| TreeNode {
-                name: kind.name(),
-                kind: kind.kind().to_owned(),
-                status,
-                restarts,
-                uptime: started.elapsed(),
-                children: if kind == ChildKind::Directory {
+            .map(|c| TreeNode {
+                name: c.kind.name(),
+                kind: c.kind.kind().to_owned(),
+                status: c.status,
+                restarts: c.restarts,
+                uptime: c.started.elapsed(),
+                mailbox_depth: c.mailbox_depth,
+                children: if c.kind == ChildKind::Directory {
                     accounts
                         .iter()
                         .map(|a| TreeNode {
@@ -453,6 +458,7 @@ impl ActorSystem {
                             status: a.status.clone(),
                             restarts: a.restarts,
                             uptime: a.started_at.elapsed(),
+                            mailbox_depth: a.mailbox_depth,
                             children: Vec::new(),
                         })
                         .collect()
@@ -467,6 +473,7 @@ impl ActorSystem {
             status: format!("{:?}", self.root.get_status()),
             restarts: 0,
             uptime: Duration::ZERO,
+            mailbox_depth: crate::metered::mailbox_depth(self.root.get_id()),
             children: nodes,
         }
     }
@@ -474,7 +481,7 @@ impl ActorSystem {
     /// Kills a supervised actor as a crash would (operators, fault injection).
     pub async fn kill(&self, kind: ChildKind) -> bool {
         matches!(
-            self.root.call(|p| RootMsg::Kill(kind, p), None).await,
+            self.root.ask(|p| RootMsg::Kill(kind, p), None).await,
             Ok(CallResult::Success(true))
         )
     }
@@ -492,7 +499,7 @@ impl ActorSystem {
     pub async fn shutdown(&self) {
         let _ = self
             .root
-            .call(RootMsg::Shutdown, Some(Duration::from_secs(120)))
+            .ask(RootMsg::Shutdown, Some(Duration::from_secs(120)))
             .await;
         let _ = self.root.wait(Some(Duration::from_secs(30))).await;
     }

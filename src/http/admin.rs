@@ -52,6 +52,9 @@ pub async fn route(
                         "name": p.name, "kind": p.kind, "in_flight": p.in_flight,
                         "max_concurrency": p.max_concurrency,
                         "leases_granted": p.leases_granted, "leases_refused": p.leases_refused,
+                        "health": p.health, "consecutive_failures": p.consecutive_failures,
+                        "calls_succeeded": p.calls_succeeded, "calls_failed": p.calls_failed,
+                        "last_failure_ms": p.last_failure_ms,
                     })
                 })
                 .collect();
@@ -379,7 +382,7 @@ async fn usage(app: &App, id: &str, query: &str) -> Result<Response, ApiError> {
 fn tree_json(node: &TreeNode) -> Value {
     json!({
         "name": node.name, "kind": node.kind, "status": node.status, "restarts": node.restarts,
-        "uptime_secs": node.uptime.as_secs(),
+        "uptime_secs": node.uptime.as_secs(), "mailbox_depth": node.mailbox_depth,
         "children": node.children.iter().map(tree_json).collect::<Vec<_>>(),
     })
 }

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
+use tollgate_actors::metered::Mailbox;
 use tollgate_actors::provider::{Lease, ProviderError, ProviderMsg};
 use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
 use tollgate_actors::Amount;
@@ -284,8 +285,12 @@ async fn proxy(
     }
     let timeout = lease.spec.request_timeout;
     let upstream = match tokio::time::timeout(timeout, builder.send()).await {
-        Err(_) => return Err(call.fail(504, ApiError::UpstreamTimeout).await),
+        Err(_) => {
+            lease.report(false);
+            return Err(call.fail(504, ApiError::UpstreamTimeout).await);
+        }
         Ok(Err(e)) => {
+            lease.report(false);
             tracing::warn!(request_id, provider = %call.model.provider, error = %e.without_url(), "upstream unreachable");
             return Err(call
                 .fail(
@@ -300,6 +305,8 @@ async fn proxy(
     metrics::histogram!("tollgate_upstream_response_seconds", "provider" => call.model.provider.clone())
         .record(call.started.elapsed().as_secs_f64());
     if !status.is_success() {
+        // The upstream failing is its health's business; a client's bad request is not.
+        lease.report(!(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS));
         return Err(upstream_refused(&call, upstream, timeout).await);
     }
 
@@ -335,15 +342,20 @@ async fn proxy(
     let bytes = match tokio::time::timeout(timeout, upstream.bytes()).await {
         Ok(Ok(b)) => b,
         Ok(Err(_)) => {
+            lease.report(false);
             return Err(call
                 .fail(
                     502,
                     ApiError::Upstream("The upstream response was cut short.".to_owned()),
                 )
-                .await)
+                .await);
         }
-        Err(_) => return Err(call.fail(504, ApiError::UpstreamTimeout).await),
+        Err(_) => {
+            lease.report(false);
+            return Err(call.fail(504, ApiError::UpstreamTimeout).await);
+        }
     };
+    lease.report(true);
     drop(lease);
     #[derive(Deserialize)]
     struct Completion {
@@ -394,7 +406,7 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
             .provider(provider)
             .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
         match actor
-            .call(ProviderMsg::Lease, Some(Duration::from_secs(5)))
+            .ask(ProviderMsg::Lease, Some(Duration::from_secs(5)))
             .await
         {
             Ok(CallResult::Success(Ok(lease))) => return Ok(lease),
@@ -519,6 +531,10 @@ async fn relay(
     };
     // Stop the upstream call now (dropping the body closes its connection), then settle.
     drop(events);
+    lease.report(!matches!(
+        end,
+        StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle
+    ));
     drop(lease);
     let (usage, source) = match usage {
         Some(u) => (u, UsageSource::Upstream),

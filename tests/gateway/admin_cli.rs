@@ -264,7 +264,7 @@ async fn admin_cli() {
     let out = cli(&["actors"]).await.ok();
     assert_eq!(
         header(&out),
-        ["NAME", "KIND", "STATUS", "RESTARTS", "UPTIME"]
+        ["NAME", "KIND", "STATUS", "RESTARTS", "MAILBOX", "UPTIME"]
     );
     let root = out.lines().nth(1).unwrap();
     assert!(
@@ -282,6 +282,7 @@ async fn admin_cli() {
         [
             "NAME",
             "KIND",
+            "HEALTH",
             "IN_FLIGHT",
             "MAX_CONCURRENCY",
             "LEASES_GRANTED",

@@ -190,3 +190,73 @@ async fn demo_and_mock_upstream_commands() {
     assert_eq!(answer["choices"][0]["message"]["content"], "a b c");
     let _ = mock.start_kill();
 }
+
+/// `/admin/providers` reports health from the calls' outcomes: failures in a row make a
+/// provider degraded, then down; one success makes it healthy again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_health_follows_outcomes() {
+    let Some(h) = Harness::start(Backend::Sqlite).await else {
+        return;
+    };
+    let (_, key) = h.funded("1").await;
+    let health = || async {
+        let v: Value = h
+            .admin(reqwest::Method::GET, "/admin/providers")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"][0].clone()
+    };
+    assert_eq!(health().await["health"], "unknown");
+    let msg = json!([{"role": "user", "content": "x"}]);
+    assert_eq!(
+        h.chat(&key, &json!({"model": "gpt-4o-mini", "messages": msg}))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(health().await["health"], "healthy");
+    assert_eq!(
+        h.chat(&key, &json!({"model": "refuses", "messages": msg}))
+            .await
+            .status(),
+        400
+    );
+    assert_eq!(
+        health().await["health"],
+        "healthy",
+        "a client's bad request is not the provider's failure"
+    );
+    assert_eq!(
+        h.chat(&key, &json!({"model": "broken", "messages": msg}))
+            .await
+            .status(),
+        502
+    );
+    let p = health().await;
+    assert_eq!(p["health"], "degraded");
+    assert_eq!(p["consecutive_failures"], 1);
+    assert!(p["last_failure_ms"].as_i64().unwrap() > 0);
+    for _ in 0..4 {
+        assert_eq!(
+            h.chat(&key, &json!({"model": "broken", "messages": msg}))
+                .await
+                .status(),
+            502
+        );
+    }
+    assert_eq!(health().await["health"], "down");
+    assert_eq!(
+        h.chat(&key, &json!({"model": "gpt-4o-mini", "messages": msg}))
+            .await
+            .status(),
+        200
+    );
+    let p = health().await;
+    assert_eq!(p["health"], "healthy");
+    assert_eq!(p["calls_failed"], 5);
+    h.stop().await;
+}

@@ -217,6 +217,37 @@ async fn postgres_outage_buffers_then_refuses_then_recovers() {
         "the buffer held the in-flight charges: {}",
         calls.len()
     );
+    // The stuck ledger writer's mailbox shows the waiting records.
+    let tree: Value = http
+        .get(format!("{base}/admin/actors"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ledger_node = tree["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["kind"] == "ledger")
+        .unwrap()
+        .clone();
+    assert!(
+        ledger_node["mailbox_depth"].as_i64().unwrap() >= 1,
+        "{ledger_node}"
+    );
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("tollgate_actor_mailbox_depth{kind=\"ledger\"}"));
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 503, "not ready while the store is down");
 
