@@ -260,3 +260,47 @@ async fn provider_health_follows_outcomes() {
     assert_eq!(p["calls_failed"], 5);
     h.stop().await;
 }
+
+/// With `log_format = "json"` every log line is a JSON object, and a request's lines carry its
+/// request id (the one in its `x-request-id` header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_request_ids() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions::default()).await;
+    let config = db.dir.path().join("tollgate.toml");
+    let toml = config_toml(&db.url, mock.addr).replacen(
+        "admin_token",
+        "log_format = \"json\"\nadmin_token",
+        1,
+    );
+    std::fs::write(&config, toml).unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let server = Server::spawn(&config, free_port(), &log, "info").await;
+    let http = reqwest::Client::new();
+    let (_, key) = seed_account(&http, &server.base, "logs@example.com", "1").await;
+    let resp = http
+        .post(format!("{}/v1/chat/completions", server.base))
+        .bearer_auth(&key)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(resp.status(), 200);
+    assert!(server.terminate().await.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.len() >= 2);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["request_id"] == request_id.as_str()),
+        "no line carries {request_id}: {text}"
+    );
+    db.drop_db().await;
+}
