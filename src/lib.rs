@@ -16,22 +16,18 @@ pub mod demo;
 pub mod error;
 pub mod http;
 pub mod mock;
+pub mod server;
 pub mod telemetry;
 pub mod tokens;
 
 use crate::config::Config;
 use crate::http::App;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio::sync::oneshot;
 use tollgate_actors::keys::KeyRing;
 use tollgate_actors::restart::RestartPolicy;
 use tollgate_actors::{ActorSystem, Store, SystemConfig};
@@ -77,7 +73,14 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Gateway, Ser
     let addr = listener.local_addr()?;
     let app = Arc::new(App::new(config, catalog, keys, system, store));
     let (stop_http, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(listener, app.clone(), stopped));
+    let filter = http::filter(app.clone());
+    let limits = app.config.limits.clone();
+    let server = tokio::spawn(async move {
+        server::serve(listener, filter, &limits, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
     tracing::info!(%addr, "tollgate listening");
     Ok(Gateway {
         addr,
@@ -85,116 +88,6 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Gateway, Ser
         stop_http: Some(stop_http),
         server,
     })
-}
-
-/// How long shutdown lets open connections finish their requests and streams before it drops
-/// the ones still open.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
-
-/// The accept loop. At most `limits.max_connections` connections are open; one accepted
-/// beyond that is closed at once. Each is served by hyper's HTTP/1 with keep-alive and a
-/// header read timeout (which also bounds a kept-alive connection's wait for its next
-/// request). When `stop` resolves the listener closes, every connection is told to finish
-/// its request in flight and close, and after [`DRAIN_DEADLINE`] the rest are dropped.
-async fn serve(listener: TcpListener, app: Arc<App>, stop: oneshot::Receiver<()>) {
-    let limits = &app.config.limits;
-    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .keep_alive(true)
-        .header_read_timeout(
-            (limits.header_read_timeout_ms > 0)
-                .then(|| Duration::from_millis(limits.header_read_timeout_ms)),
-        );
-    let service = TowerToHyperService::new(warp::service(http::filter(app.clone())));
-    let graceful = GracefulShutdown::new();
-    let connections = TaskTracker::new();
-    let drop_all = CancellationToken::new();
-    metrics::counter!("tollgate_http_connections_refused_total").increment(0);
-    metrics::gauge!("tollgate_http_connections_open").increment(0.0);
-
-    let mut stop = std::pin::pin!(stop);
-    loop {
-        let stream = tokio::select! {
-            _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) if is_connection_error(&e) => continue,
-                Err(e) => {
-                    // Most likely out of file descriptors: give the open ones time to close.
-                    tracing::error!(error = %e, "accept failed");
-                    tokio::select! {
-                        _ = &mut stop => break,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    }
-                }
-            },
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("tollgate_http_connections_refused_total").increment(1);
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let open = OpenConnection::new(permit);
-        let conn = graceful.watch(http1.serve_connection(TokioIo::new(stream), service.clone()));
-        let drop_all = drop_all.clone();
-        connections.spawn(async move {
-            let _open = open;
-            tokio::select! {
-                result = conn => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "connection closed with an error");
-                    }
-                }
-                _ = drop_all.cancelled() => {}
-            }
-        });
-    }
-
-    drop(listener);
-    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            deadline_secs = DRAIN_DEADLINE.as_secs(),
-            "connections still open after the drain deadline; dropping them"
-        );
-        drop_all.cancel();
-    }
-    connections.close();
-    connections.wait().await;
-}
-
-/// Errors of one incoming connection, not of the listener.
-fn is_connection_error(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        std::io::ErrorKind::ConnectionRefused
-            | std::io::ErrorKind::ConnectionAborted
-            | std::io::ErrorKind::ConnectionReset
-    )
-}
-
-/// An open client connection: holds its slot under `max_connections` and counts in the
-/// `tollgate_http_connections_open` gauge until dropped.
-struct OpenConnection {
-    _permit: OwnedSemaphorePermit,
-}
-
-impl OpenConnection {
-    fn new(permit: OwnedSemaphorePermit) -> Self {
-        metrics::gauge!("tollgate_http_connections_open").increment(1.0);
-        OpenConnection { _permit: permit }
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        metrics::gauge!("tollgate_http_connections_open").decrement(1.0);
-    }
 }
 
 impl Gateway {

@@ -57,11 +57,15 @@ pub async fn serve(
                 complete(&options, &body).await
             }
         });
-    warp::serve(route)
-        .incoming(listener)
-        .graceful(shutdown)
-        .run()
-        .await;
+    // Our own server, so the mock, like the gateway, sends each chunk without Nagle's delay.
+    // No header timeout: a client's pooled idle connections stay open, as a real upstream's do
+    // for longer than any test or benchmark here waits.
+    let limits = crate::config::Limits {
+        header_read_timeout_ms: 0,
+        body_read_timeout_ms: 0,
+        ..Default::default()
+    };
+    crate::server::serve(listener, route, &limits, shutdown).await;
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
