@@ -1,0 +1,679 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of Tollgate against a bare nginx reverse proxy, on loopback.
+#
+#   bench/run.sh            full run (3 interleaved rounds, 5 s per wrk run; ~8 minutes)
+#   bench/run.sh --quick    smoke check (1 round, short runs, 500 held streams; ~2.5 minutes)
+#   bench/run.sh --summarize bench/results/latest.txt   redo the summary from saved raw lines
+#
+# Targets: the mock upstream directly, nginx in front of it, Tollgate on SQLite, Tollgate on
+# Postgres (a fresh database at 127.0.0.1:5432, dropped at exit). Every request to a gateway is
+# authenticated, reserved, settled and durably recorded (a real funded account and key).
+# Raw numbers go to bench/results/latest.txt; a summary table is printed at the end.
+# See BENCHMARKS.md for the method and the latest figures. Never run by `cargo test`.
+#
+# Knobs (environment): BENCH_ROUNDS, BENCH_LAT_SECS, BENCH_THR_SECS, BENCH_THR_CONNS,
+# BENCH_STREAMS (sequential streams per round), BENCH_HELD (concurrent held streams),
+# BENCH_KEEP_TMP=1 (keep the temp dir with configs and logs), BENCH_SKIP_BUILD=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+QUICK=0
+SUMMARIZE=""
+while (( $# )); do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if (( QUICK )); then
+  ROUNDS=${BENCH_ROUNDS:-1}; LAT_SECS=${BENCH_LAT_SECS:-2}; THR_SECS=${BENCH_THR_SECS:-2}
+  STREAMS=${BENCH_STREAMS:-20}; HELD=${BENCH_HELD:-500}; WARM_SECS=1
+else
+  ROUNDS=${BENCH_ROUNDS:-3}; LAT_SECS=${BENCH_LAT_SECS:-5}; THR_SECS=${BENCH_THR_SECS:-5}
+  STREAMS=${BENCH_STREAMS:-100}; HELD=${BENCH_HELD:-10000}; WARM_SECS=2
+fi
+THR_CONNS=${BENCH_THR_CONNS:-64}
+THR_THREADS=2
+ADMIN=bench-admin-token
+TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FAILED: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# The summary, computed from the raw lines alone (so `--summarize FILE` can redo it).
+# ---------------------------------------------------------------------------------------------
+# med KIND TARGET FIELD: the median across rounds.
+med() {
+  awk -v k="$1" -v t="$2" -v f="$3" '$1 == k {
+      tgt = ""; val = ""
+      for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == "target") tgt = a[2]; if (a[1] == f) val = a[2] }
+      if (tgt == t && val != "") print val }' "$RAW" \
+    | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
+calc() { awk "BEGIN { printf \"%.${2:-0}f\", $1 }"; }
+verdict() { awk "BEGIN { print (($1) ? \"met\" : \"MISSED\") }"; }
+
+summarize() { # raw-file → summary on stdout
+  local RAW=$1
+  eval "$(awk '$1 == "settings" { for (i = 2; i <= NF; i++) { split($i, a, "="); printf "local %s=%s\n", toupper(a[1]), a[2] } }' "$RAW")"
+  printf '\nTollgate benchmark summary — %s rounds, medians across rounds (µs unless noted)\n' "$ROUNDS"
+  printf '\nLatency at concurrency 1 (wrk -t1 -c1 -d%ss), non-streamed, max_tokens 16\n' "$LAT_SECS"
+  printf '  %-18s %8s %8s %10s %10s %10s\n' target p50 p99 'added p50' 'added p99' 'cpu/req'
+  printf '  (floor: nginx answering by itself, no upstream; cpu/req: the target process, µs)\n'
+  d50=$(med lat direct p50_us); d99=$(med lat direct p99_us)
+  for t in floor "${TARGETS[@]}"; do
+    p50=$(med lat "$t" p50_us); p99=$(med lat "$t" p99_us); cpu=$(med lat "$t" cpu_us_per_req)
+    if [[ $t == direct || $t == floor ]]; then a50=-; a99=-; else a50=$(calc "$p50 - $d50"); a99=$(calc "$p99 - $d99"); fi
+    printf '  %-18s %8s %8s %10s %10s %10s\n' "$t" "$p50" "$p99" "$a50" "$a99" "$cpu"
+  done
+  printf '\nThroughput (wrk -t%s -c%s -d%ss)\n' "$THR_THREADS" "$THR_CONNS" "$THR_SECS"
+  printf '  %-18s %9s %8s %8s %8s %9s %10s %10s %9s\n' target req/s p50 p99 non2xx sock_err '/ nginx' 'cpu/req' 'pg cpu/req'
+  ng=$(med thr nginx rps)
+  for t in "${TARGETS[@]}"; do
+    rps=$(med thr "$t" rps)
+    errs=$(awk -v t="$t" '$1 == "thr" && $0 ~ ("target=" t " ") {
+        for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == "non2xx") n += a[2]
+          if (a[1] ~ /^sock_/) s += a[2] } } END { printf "%d %d", n, s }' "$RAW")
+    printf '  %-18s %9s %8s %8s %8s %9s %10s %10s %9s\n' "$t" "$(calc "$rps")" "$(med thr "$t" p50_us)" \
+      "$(med thr "$t" p99_us)" "${errs% *}" "${errs#* }" "$(calc "$rps / $ng" 2)" \
+      "$(med thr "$t" cpu_us_per_req)" "$(med thr "$t" pg_cpu_us_per_req)"
+  done
+  printf '  (non2xx and socket errors are totals over all rounds)\n'
+  printf '\nInside the gateway (its /metrics, per run; medians across rounds)\n'
+  printf '  %-18s %-8s %12s %15s %15s %24s\n' target run 'commit mean' 'commit p99 ≤' 'records/commit' 'start→upstream headers'
+  for t in tollgate-sqlite tollgate-postgres; do
+    for k in lat thr; do
+      printf '  %-18s %-8s %12s %13s %15s %22s\n' "$t" "$([[ $k == lat ]] && echo 'c=1' || echo "c=$THR_CONNS")" \
+        "$(med "$k" "$t" commit_us_mean)" "$(med "$k" "$t" commit_p99_le_us)" "$(med "$k" "$t" records_per_commit)" \
+        "$(med "$k" "$t" to_upstream_headers_us_mean)"
+    done
+  done
+  printf '  (commit p99 ≤: the upper bound of the /metrics histogram bucket holding the p99 commit)\n'
+  printf '  (start→upstream headers: from the request'"'"'s arrival to the mock'"'"'s response headers,\n'
+  printf '   i.e. auth + reservation + provider lease + the mock'"'"'s own time)\n'
+  printf '\nGateway RSS (MB)\n'
+  printf '  %-18s %8s %16s %16s %14s\n' target idle 'steady (thr run)' 'peak (thr run)' 'after thr run'
+  for t in tollgate-sqlite tollgate-postgres; do
+    idle=$(awk -v t="$t" '$1 == "rss" && $0 ~ ("target=" t " ") && /phase=idle/ { sub(/.*kb=/, ""); print }' "$RAW")
+    after=$(awk -v t="$t" '$1 == "rss" && $0 ~ ("target=" t " ") && /phase=after/ { sub(/.*kb=/, ""); v = $0 } END { print v }' "$RAW")
+    printf '  %-18s %8s %16s %16s %14s\n' "$t" "$(calc "$idle / 1024" 1)" \
+      "$(calc "$(med thr "$t" rss_steady_kb) / 1024" 1)" "$(calc "$(med thr "$t" rss_peak_kb) / 1024" 1)" \
+      "$(calc "$after / 1024" 1)"
+  done
+  printf '\nStreaming, %s sequential streams per round (mock: 32 chunks, 5 ms apart)\n' "$STREAMS"
+  printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' target 'TTFT p50' 'TTFT p99' 'gap p50' 'gap p99' \
+    '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
+  s_t50=$(med stream direct ttft_p50_us); s_t99=$(med stream direct ttft_p99_us)
+  s_g50=$(med stream direct gap_p50_us); s_g99=$(med stream direct gap_p99_us)
+  for t in direct tollgate-sqlite tollgate-postgres; do
+    t50=$(med stream "$t" ttft_p50_us); t99=$(med stream "$t" ttft_p99_us)
+    g50=$(med stream "$t" gap_p50_us); g99=$(med stream "$t" gap_p99_us)
+    if [[ $t == direct ]]; then x=(- - - -); else
+      x=("$(calc "$t50 - $s_t50")" "$(calc "$t99 - $s_t99")" "$(calc "$g50 - $s_g50")" "$(calc "$g99 - $s_g99")"); fi
+    printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' "$t" "$t50" "$t99" "$g50" "$g99" "${x[@]}"
+  done
+  printf '\nHeld streams (mock: 40 chunks, 500 ms apart; started 2000/s; descriptor limit %s)\n' "$FD_LIMIT"
+  printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %8s\n' target streams ok failed 'peak' 'TTFT' 'TTFT' \
+    'length' 'peak' 'RSS' 'peak' 'cpu' 'machine'
+  printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %8s\n' '' '' '' '' open 'p50 ms' 'p99 ms' \
+    'p99 ms' 'RSS MB' 'after MB' fds cores busy
+  for t in direct tollgate-sqlite-fit tollgate-sqlite; do
+    held=$(grep "^held target=$t " "$RAW") || continue
+    printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %7s%%\n' "$t" "$(field "$held" requested)" \
+      "$(field "$held" ok)" "$(field "$held" errors)" "$(field "$held" peak_open)" \
+      "$(calc "$(field "$held" ttft_p50_us) / 1000")" "$(calc "$(field "$held" ttft_p99_us) / 1000")" \
+      "$(field "$held" duration_p99_ms)" "$(calc "$(field "$held" peak_rss_kb) / 1024" 1)" \
+      "$(calc "$(field "$held" rss_after_kb) / 1024" 1)" "$(field "$held" peak_fds)" "$(field "$held" cpu_cores)" \
+      "$(field "$held" machine_busy_pct)"
+  done
+  printf '  (direct: RSS, fds and cpu are the mock'"'"'s; tollgate-*: the gateway'"'"'s. Length: send to last byte.)\n'
+  for t in tollgate-sqlite-fit tollgate-sqlite; do
+    held=$(grep "^held target=$t " "$RAW") || continue
+    printf '  %s: errors %s; gateway log: %s "accept failed", %s "upstream unreachable"; mock peak RSS %s MB\n' \
+      "$t" "$(field "$held" error_kinds)" "$(field "$held" gw_accept_failed)" \
+      "$(field "$held" gw_upstream_unreachable)" "$(calc "$(field "$held" mock_peak_rss_kb) / 1024" 1)"
+  done
+  printf '\nDurability: usage records with status 200 committed vs 2xx responses clients saw\n'
+  grep '^durable ' "$RAW" | sed -E 's/^durable target=([^ ]+) records_200=([0-9]+) client_2xx=([0-9]+)/  \1: \2 records, \3 responses/'
+
+  # Targets. Each verdict is on the figure the target names; the p50 beside a p99 says how much
+  # of a p99 difference is signal (a p99 difference below the p50 one is the mock's timer noise).
+  n50=$(calc "$(med lat nginx p50_us) - $d50"); n99=$(calc "$(med lat nginx p99_us) - $d99")
+  printf '\nAgainst the targets (added = target − direct mock, µs; nginx adds p50 %s, p99 %s)\n' "$n50" "$n99"
+  printf '  %-34s %-22s %-22s %s\n' figure tollgate-sqlite tollgate-postgres target
+  row() { printf '  %-34s %-22s %-22s %s\n' "$@"; }
+  cell() { # value condition → "value (met|MISSED)"
+    printf '%s (%s)' "$1" "$(verdict "$2")"
+  }
+  declare -A A50 A99 R T50 T99 G50 G99 ST RPS
+  for t in tollgate-sqlite tollgate-postgres; do
+    A50[$t]=$(calc "$(med lat "$t" p50_us) - $d50"); A99[$t]=$(calc "$(med lat "$t" p99_us) - $d99")
+    R[$t]=$(calc "$(med thr "$t" rps) / $ng" 2)
+    T50[$t]=$(calc "$(med stream "$t" ttft_p50_us) - $s_t50"); T99[$t]=$(calc "$(med stream "$t" ttft_p99_us) - $s_t99")
+    G50[$t]=$(calc "$(med stream "$t" gap_p50_us) - $s_g50"); G99[$t]=$(calc "$(med stream "$t" gap_p99_us) - $s_g99")
+    ST[$t]=$(calc "$(med thr "$t" rss_steady_kb) / 1024" 1); RPS[$t]=$(calc "$(med thr "$t" rps)")
+  done
+  local s=tollgate-sqlite p=tollgate-postgres
+  row 'added p99 @c=1 (us)' "$(cell "${A99[$s]}" "${A99[$s]} <= 100")" "$(cell "${A99[$p]}" "${A99[$p]} <= 100")" '≤ 100'
+  if awk "BEGIN { exit !($n99 > 0) }"; then
+    row '  ... / nginx'"'"'s added p99' "$(cell "$(calc "${A99[$s]} / $n99" 1)x" "${A99[$s]} <= 2 * $n99")" \
+      "$(cell "$(calc "${A99[$p]} / $n99" 1)x" "${A99[$p]} <= 2 * $n99")" '≤ 2x'
+  else
+    row '  ... / nginx'"'"'s added p99' 'n/a' 'n/a' "≤ 2x (nginx's added p99, $n99, is within the noise)"
+  fi
+  row '  (added p50 @c=1, us)' "${A50[$s]}" "${A50[$p]}" ''
+  row 'throughput / nginx' "$(cell "${R[$s]}" "${R[$s]} >= 0.8")" "$(cell "${R[$p]}" "${R[$p]} >= 0.8")" '≥ 0.8'
+  row 'added TTFT p99 (us)' "$(cell "${T99[$s]}" "${T99[$s]} <= 200")" "$(cell "${T99[$p]}" "${T99[$p]} <= 200")" '≤ 200'
+  row '  (added TTFT p50, us)' "${T50[$s]}" "${T50[$p]}" ''
+  row 'added inter-chunk gap p50 (us)' "$(cell "${G50[$s]}" "${G50[$s]} <= 20")" "$(cell "${G50[$p]}" "${G50[$p]} <= 20")" '≤ 20'
+  row 'added inter-chunk gap p99 (us)' "$(cell "${G99[$s]}" "${G99[$s]} <= 20")" "$(cell "${G99[$p]}" "${G99[$p]} <= 20")" '≤ 20'
+  row 'steady RSS, MB (at req/s)' "$(cell "${ST[$s]} @${RPS[$s]}/s" "${ST[$s]} <= 64")" \
+    "$(cell "${ST[$p]} @${RPS[$p]}/s" "${ST[$p]} <= 64")" '≤ 64 at 5k req/s'
+  row 'durable charge p99 @c=1 (us)' '' "$(cell "${A99[$p]}" "${A99[$p]} <= 2000")" \
+    '≤ 2000 on Postgres (all the gateway adds)'
+  local cp99; cp99=$(med lat tollgate-postgres commit_p99_le_us)
+  row '  (commit alone: p99 bucket, us)' '' "≤ $cp99" 'the ledger commit by itself, from /metrics'
+}
+
+if [[ -n $SUMMARIZE ]]; then
+  raw=$(mktemp)
+  grep -E '^(settings|warm|lat|thr|rss|stream|held|durable) ' "$SUMMARIZE" >"$raw" \
+    || { rm -f "$raw"; die "no raw lines in $SUMMARIZE"; }
+  summarize "$raw"
+  rm -f "$raw"
+  exit 0
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 1. Tools and builds
+# ---------------------------------------------------------------------------------------------
+need=()
+command -v nginx  >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+command -v wrk    >/dev/null 2>&1 || need+=(wrk)
+command -v curl   >/dev/null 2>&1 || need+=(curl)
+command -v jq     >/dev/null 2>&1 || need+=(jq)
+command -v psql   >/dev/null 2>&1 || need+=(postgresql-client)
+command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+if (( ${#need[@]} )); then
+  log "installing from Debian: ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
+  log "cargo build --release"
+  cargo build --release --quiet
+  # Built on its own so that the gateway binary is the plain release build: an example pulls
+  # in dev-dependency features, which would otherwise be unified into the binary.
+  cargo build --release --quiet --example stream_probe
+fi
+TOLLGATE=$ROOT/target/release/tollgate
+PROBE=$ROOT/target/release/examples/stream_probe
+[[ -x $TOLLGATE && -x $PROBE ]] || die "release binaries missing"
+
+pg_isready -h 127.0.0.1 -p 5432 -U postgres -q 2>/dev/null \
+  || psql -h 127.0.0.1 -U postgres -Atqc 'select 1' >/dev/null \
+  || die "PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, trust auth)"
+
+# ---------------------------------------------------------------------------------------------
+# Process bookkeeping: everything started here is killed at exit; the Postgres database dropped.
+# ---------------------------------------------------------------------------------------------
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+TMP=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
+PIDS=()
+PG_DB=""
+cleanup() {
+  local status=$?
+  set +e
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  if [[ -n $PG_DB ]]; then
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1
+  fi
+  if [[ "${BENCH_KEEP_TMP:-0}" == 1 || $status -ne 0 ]]; then
+    log "temp dir kept: $TMP"
+  else
+    rm -rf "$TMP"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A background helper that has been waited for leaves the list, so that cleanup never signals a
+# recycled pid.
+forget_pid() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$1" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+# Runs a command in the background with its output in $TMP/<name>.log; sets LAST_PID.
+spawn() {
+  local name=$1; shift
+  "$@" >"$TMP/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# A free loopback port at or above $NEXT_PORT (below the ephemeral range), into the named var.
+NEXT_PORT=21100
+alloc_port() {
+  while ss -Htln "sport = :$NEXT_PORT" | grep -q .; do NEXT_PORT=$((NEXT_PORT + 1)); done
+  printf -v "$1" '%s' "$NEXT_PORT"
+  NEXT_PORT=$((NEXT_PORT + 1))
+}
+
+wait_port() { # port pid name
+  for _ in $(seq 1 200); do
+    kill -0 "$2" 2>/dev/null || { tail -n 20 "$TMP/$3.log" >&2; die "$3 exited at start"; }
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  die "$3 did not listen on $1"
+}
+
+machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+CLK_TCK=$(getconf CLK_TCK)
+
+# A held stream costs the gateway two descriptors (client and upstream sockets). Raise the
+# limit as far as this machine lets us; the held-streams result records what it was.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+
+# ---------------------------------------------------------------------------------------------
+# 2. Mock upstreams, nginx, the two gateways
+# ---------------------------------------------------------------------------------------------
+# Three mocks: non-streamed load (16 words), streaming latency (32 chunks 5 ms apart), and
+# long streams for the held-streams test (40 chunks 500 ms apart: 20 s streams, so that all of
+# them are open at once after a 5 s ramp; at 250 ms apart, 10,000 streams are 40,000 chunks/s,
+# which saturates two cores shared by probe, mock and gateway - see BENCHMARKS.md).
+alloc_port MOCK_PORT; alloc_port STREAM_PORT; alloc_port LONG_PORT
+alloc_port NGINX_PORT; alloc_port FLOOR_PORT; alloc_port GW_SQLITE_PORT; alloc_port GW_PG_PORT
+
+spawn mock "$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16
+MOCK_PID=$LAST_PID
+spawn mock-stream "$TOLLGATE" mock-upstream \
+  --listen "127.0.0.1:$STREAM_PORT" --chunks 32 --chunk-interval-ms 5
+STREAM_MOCK_PID=$LAST_PID
+spawn mock-long "$TOLLGATE" mock-upstream \
+  --listen "127.0.0.1:$LONG_PORT" --chunks 40 --chunk-interval-ms 500
+LONG_MOCK_PID=$LAST_PID
+wait_port "$MOCK_PORT" "$MOCK_PID" mock
+wait_port "$STREAM_PORT" "$STREAM_MOCK_PID" mock-stream
+wait_port "$LONG_PORT" "$LONG_MOCK_PID" mock-long
+
+mkdir -p "$TMP/nginx"
+cat >"$TMP/nginx/nginx.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile 65536;
+daemon off;
+pid $TMP/nginx/nginx.pid;
+error_log $TMP/nginx/error.log warn;
+events { worker_connections 20000; }
+http {
+  access_log off;
+  client_body_temp_path $TMP/nginx/body;
+  proxy_temp_path $TMP/nginx/proxy;
+  fastcgi_temp_path $TMP/nginx/fastcgi;
+  uwsgi_temp_path $TMP/nginx/uwsgi;
+  scgi_temp_path $TMP/nginx/scgi;
+  upstream mock {
+    server 127.0.0.1:$MOCK_PORT;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://mock;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+  # Calibration only (latency runs): what wrk + loopback + one nginx worker cost with no
+  # upstream at all, the floor under every other figure.
+  server {
+    listen 127.0.0.1:$FLOOR_PORT;
+    location / { default_type application/json; return 200 '{"floor":true}'; }
+  }
+}
+EOF
+spawn nginx "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
+NGINX_PID=$LAST_PID
+wait_port "$NGINX_PORT" "$NGINX_PID" nginx
+NGINX_WORKER_PID=$(pgrep -P "$NGINX_PID" | head -n 1)
+
+gateway_config() { # database_url port
+  cat <<EOF
+listen = "127.0.0.1:$2"
+database_url = "$1"
+admin_token = "$ADMIN"
+log_format = "text"
+
+[limits]
+max_connections = 30000
+
+[[providers]]
+name = "mock"
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+max_concurrency = 30000
+request_timeout_ms = 60000
+stream_idle_timeout_ms = 60000
+
+[[providers]]
+name = "mock-stream"
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:$STREAM_PORT/v1"
+max_concurrency = 30000
+
+[[providers]]
+name = "mock-long"
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:$LONG_PORT/v1"
+max_concurrency = 30000
+EOF
+  local id provider
+  for id in gpt-4o-mini:mock gpt-4o-mini-stream:mock-stream gpt-4o-mini-long:mock-long; do
+    provider=${id#*:}; id=${id%%:*}
+    cat <<EOF
+
+[[models]]
+id = "$id"
+provider = "$provider"
+upstream_model = "gpt-4o-mini"
+input_per_mtok = "0.15"
+output_per_mtok = "0.60"
+max_output_tokens = 4096
+EOF
+  done
+}
+
+PG_DB="tollgate_bench_$$_$(date +%s)"
+psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB" >/dev/null
+SQLITE_FILE=$TMP/tollgate.db
+gateway_config "sqlite://$SQLITE_FILE" "$GW_SQLITE_PORT" >"$TMP/gw-sqlite.toml"
+gateway_config "postgres://postgres@127.0.0.1:5432/$PG_DB" "$GW_PG_PORT" >"$TMP/gw-postgres.toml"
+
+start_gateway() { # name config port → sets LAST_PID
+  spawn "$1" env -u DATABASE_URL -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_LISTEN \
+    -u TOLLGATE_DATABASE_URL -u TOLLGATE_LOG_FORMAT -u RUST_LOG \
+    "$TOLLGATE" serve --config "$2"
+  local pid=$LAST_PID
+  for _ in $(seq 1 400); do
+    kill -0 "$pid" 2>/dev/null || { tail -n 30 "$TMP/$1.log" >&2; die "$1 exited at start"; }
+    curl -sf -o /dev/null "http://127.0.0.1:$3/healthz" && { LAST_PID=$pid; return 0; }
+    sleep 0.05
+  done
+  die "$1 did not become healthy"
+}
+
+seed() { # port → prints the API key
+  local base="http://127.0.0.1:$1" acct
+  acct=$(curl -sf -X POST "$base/admin/accounts" -H "Authorization: Bearer $ADMIN" \
+    -H 'Content-Type: application/json' -d '{"email":"bench@example.com"}' | jq -r .id)
+  [[ -n $acct && $acct != null ]] || die "creating the account on :$1"
+  curl -sf -o /dev/null -X POST "$base/admin/accounts/$acct/credits" \
+    -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
+    -d '{"amount":"1000000","reason":"benchmark funding"}' || die "crediting on :$1"
+  curl -sf -X POST "$base/admin/accounts/$acct/keys" -H "Authorization: Bearer $ADMIN" \
+    -H 'Content-Type: application/json' -d '{"name":"bench"}' | jq -r .key
+}
+
+start_gateway tollgate-sqlite "$TMP/gw-sqlite.toml" "$GW_SQLITE_PORT"; GW_SQLITE_PID=$LAST_PID
+start_gateway tollgate-postgres "$TMP/gw-postgres.toml" "$GW_PG_PORT"; GW_PG_PID=$LAST_PID
+KEY_SQLITE=$(seed "$GW_SQLITE_PORT")
+KEY_PG=$(seed "$GW_PG_PORT")
+[[ $KEY_SQLITE == sk-* && $KEY_PG == sk-* ]] || die "seeding: no API key"
+
+declare -A URL KEY PID
+URL[floor]=http://127.0.0.1:$FLOOR_PORT;       KEY[floor]=none;           PID[floor]=$NGINX_WORKER_PID
+URL[direct]=http://127.0.0.1:$MOCK_PORT;       KEY[direct]=none;          PID[direct]=$MOCK_PID
+URL[nginx]=http://127.0.0.1:$NGINX_PORT;       KEY[nginx]=none;           PID[nginx]=$NGINX_WORKER_PID
+URL[tollgate-sqlite]=http://127.0.0.1:$GW_SQLITE_PORT;  KEY[tollgate-sqlite]=$KEY_SQLITE;   PID[tollgate-sqlite]=$GW_SQLITE_PID
+URL[tollgate-postgres]=http://127.0.0.1:$GW_PG_PORT;    KEY[tollgate-postgres]=$KEY_PG;     PID[tollgate-postgres]=$GW_PG_PID
+
+# Quick sanity: each target answers 200 with usage.
+for t in "${TARGETS[@]}"; do
+  code=$(curl -s -o "$TMP/check.json" -w '%{http_code}' -X POST "${URL[$t]}/v1/chat/completions" \
+    -H "Authorization: Bearer ${KEY[$t]}" -H 'Content-Type: application/json' \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":16}')
+  [[ $code == 200 ]] && jq -e .usage.total_tokens "$TMP/check.json" >/dev/null \
+    || die "$t answered $code: $(head -c 300 "$TMP/check.json")"
+done
+
+RAW=$TMP/raw.txt
+echo "settings rounds=$ROUNDS lat_secs=$LAT_SECS thr_secs=$THR_SECS thr_threads=$THR_THREADS" \
+  "thr_conns=$THR_CONNS streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" >"$RAW"
+for t in tollgate-sqlite tollgate-postgres; do
+  echo "rss target=$t phase=idle kb=$(rss_kb "${PID[$t]}")" >>"$RAW"
+done
+
+# ---------------------------------------------------------------------------------------------
+# 3. wrk: latency at concurrency 1, then throughput, in interleaved rounds
+# ---------------------------------------------------------------------------------------------
+PG_PIDS() { pgrep -u postgres -d ' ' postgres || true; }
+sum_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(cpu_ticks "$p"))); done; echo "$s"; }
+
+# The gateway's own account of a run, from /metrics: ledger commits, records, commit time,
+# time from request start to upstream response headers, request time (sums and counts).
+gw_metrics() { # target → "commits records commit_s upstream_n upstream_s le:count;… (commit histogram)"
+  local port=${URL[$1]##*:}
+  curl -sf "http://127.0.0.1:$port/metrics" -H "Authorization: Bearer $ADMIN" | awk '
+    /^tollgate_ledger_batch_size_count /   { c = $2 }
+    /^tollgate_ledger_batch_size_sum /     { r = $2 }
+    /^tollgate_ledger_commit_seconds_sum / { cs = $2 }
+    /^tollgate_upstream_response_seconds_count\{provider="mock"\}/ { un = $2 }
+    /^tollgate_upstream_response_seconds_sum\{provider="mock"\}/   { us = $2 }
+    /^tollgate_ledger_commit_seconds_bucket\{/ {
+      le = $1; sub(/.*le="/, "", le); sub(/".*/, "", le); h = h le ":" $2 ";" }
+    END { printf "%d %d %.9f %d %.9f %s", c, r, cs, un, us, (h == "" ? "none" : h) }'
+}
+
+run_wrk() { # kind round target -- wrk args…   (appends one line to $RAW)
+  local kind=$1 round=$2 t=$3; shift 4
+  local pid=${PID[$t]} rssfile="$TMP/rss.$kind.$round.$t" stop="$TMP/stop.$$"
+  local pg_pids="" pg0=0 pg1
+  [[ $t == tollgate-postgres ]] && { pg_pids=$(PG_PIDS); pg0=$(sum_ticks $pg_pids); }
+  local g0="0 0 0 0 0 none" g1="0 0 0 0 0 none"
+  [[ $t == tollgate-* ]] && g0=$(gw_metrics "$t")
+  local c0 m0; c0=$(cpu_ticks "$pid"); m0=$(cpu_ticks "$MOCK_PID")
+  rm -f "$stop"; : >"$rssfile"
+  ( while [[ ! -e $stop ]]; do rss_kb "$pid" >>"$rssfile"; sleep 0.25; done ) &
+  local sampler=$!
+  PIDS+=("$sampler")
+  local out
+  out=$(TG_KEY=${KEY[$t]} wrk "$@" -s "$ROOT/bench/chat.lua" "${URL[$t]}/v1/chat/completions") \
+    || die "wrk failed against $t: $out"
+  touch "$stop"; wait "$sampler" 2>/dev/null || true; forget_pid "$sampler"
+  local c1 m1; c1=$(cpu_ticks "$pid"); m1=$(cpu_ticks "$MOCK_PID")
+  [[ -n $pg_pids ]] && pg1=$(sum_ticks $pg_pids) || pg1=0
+  [[ $t == tollgate-* ]] && g1=$(gw_metrics "$t")
+  local line; line=$(grep '^WRK ' <<<"$out") || die "no WRK line from wrk against $t: $out"
+  local reqs; reqs=$(sed -E 's/.* requests=([0-9]+).*/\1/' <<<"$line")
+  # Steady RSS: the median of the samples in the second half of the run; peak: the largest.
+  local steady peak
+  local n; n=$(wc -l <"$rssfile")
+  steady=$(tail -n "$((n - n / 2))" "$rssfile" | sort -n | awk '{v[NR] = $1} END { print (NR ? v[int((NR + 1) / 2)] : 0) }')
+  peak=$(sort -n "$rssfile" | tail -n 1)
+  awk -v k="$kind" -v r="$round" -v t="$t" -v l="${line#WRK }" -v n="$reqs" -v tck="$CLK_TCK" \
+      -v c="$((c1 - c0))" -v m="$((m1 - m0))" -v pg="$((pg1 - pg0))" -v st="${steady:-0}" \
+      -v pk="${peak:-0}" -v g0="$g0" -v g1="$g1" 'BEGIN {
+    per = (n > 0) ? 1e6 / tck / n : 0
+    split(g0, a, " "); split(g1, b, " ")
+    commits = b[1] - a[1]; records = b[2] - a[2]; cs = b[3] - a[3]; un = b[4] - a[4]; us = b[5] - a[5]
+    printf "%s round=%s target=%s %s cpu_us_per_req=%.1f mock_cpu_us_per_req=%.1f pg_cpu_us_per_req=%.1f rss_steady_kb=%s rss_peak_kb=%s",
+      k, r, t, l, c * per, m * per, pg * per, st, pk
+    # p99 of the commit time, as the upper bound of the histogram bucket that holds it.
+    p99le = "nan"
+    if (a[6] != "none" && b[6] != "none") {
+      nb = split(b[6], hb, ";"); split(a[6], ha, ";")
+      for (i = 1; i <= nb; i++) { split(hb[i], y, ":"); split(ha[i], x, ":"); le[i] = y[1]; cnt[i] = y[2] - x[2] }
+      tot = cnt[nb - 1]
+      for (i = 1; i < nb; i++) if (le[i] == "+Inf") tot = cnt[i]
+      for (i = 1; i < nb; i++) if (tot > 0 && cnt[i] >= 0.99 * tot) { p99le = le[i] * 1e6; break }
+    }
+    if (t ~ /^tollgate-/)
+      printf " ledger_commits=%d records_per_commit=%.1f commit_us_mean=%.0f commit_p99_le_us=%s to_upstream_headers_us_mean=%.0f",
+        commits, commits ? records / commits : 0, commits ? cs / commits * 1e6 : 0, p99le, un ? us / un * 1e6 : 0
+    printf "\n" }' >>"$RAW"
+  if [[ $kind == thr && $t == tollgate-* ]]; then
+    sleep 2
+    echo "rss target=$t phase=after round=$round kb=$(rss_kb "$pid")" >>"$RAW"
+  fi
+}
+
+log "warm-up (${WARM_SECS}s per target)"
+for t in "${TARGETS[@]}"; do
+  run_wrk warm 0 "$t" -- -t2 -c16 -d"${WARM_SECS}s"
+done
+
+log "latency at concurrency 1: $ROUNDS round(s) × $((${#TARGETS[@]} + 1)) targets × ${LAT_SECS}s"
+for r in $(seq 1 "$ROUNDS"); do
+  for t in floor "${TARGETS[@]}"; do
+    run_wrk lat "$r" "$t" -- -t1 -c1 -d"${LAT_SECS}s" --latency
+    sleep 1
+  done
+done
+
+log "throughput (-t$THR_THREADS -c$THR_CONNS): $ROUNDS round(s) × ${#TARGETS[@]} targets × ${THR_SECS}s"
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    run_wrk thr "$r" "$t" -- -t"$THR_THREADS" -c"$THR_CONNS" -d"${THR_SECS}s"
+    sleep 1
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 4. Streaming: TTFT and inter-chunk gaps (mock: 32 chunks, 5 ms apart)
+# ---------------------------------------------------------------------------------------------
+probe_seq() { # round target base key model n
+  local out
+  out=$("$PROBE" --base "$3" --key "$4" --model "$5" --requests "$6" --warmup 5 --label "$2" 2>&1) \
+    || die "stream probe failed against $2: $out"
+  local line; line=$(grep '^PROBE ' <<<"$out") || die "no PROBE line: $out"
+  echo "stream round=$1 target=$2 ${line#PROBE }" >>"$RAW"
+}
+
+log "streaming: $ROUNDS round(s) × 3 targets × $STREAMS sequential streams"
+STREAM_TARGETS=(direct tollgate-sqlite tollgate-postgres)
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${STREAM_TARGETS[@]}"; do
+    if [[ $t == direct ]]; then
+      probe_seq "$r" "$t" "http://127.0.0.1:$STREAM_PORT" none gpt-4o-mini "$STREAMS"
+    else
+      probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini-stream "$STREAMS"
+    fi
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+# 5. Many held streams through the gateway on SQLite (mock: 40 chunks, 500 ms apart)
+# ---------------------------------------------------------------------------------------------
+# The same load straight at the mock first (the machine's baseline), then through the gateway.
+log_count() { grep -c "$1" "$TMP/tollgate-sqlite.log" || true; }
+held_run() { # target base key model sampled-pid streams
+  local t=$1 pid=$5 n=$6 samples="$TMP/held.$1" stop="$TMP/stop.held.$1"
+  local acc0 unr0; acc0=$(log_count 'accept failed'); unr0=$(log_count 'upstream unreachable')
+  rm -f "$stop"; : >"$samples"
+  ( while [[ ! -e $stop ]]; do
+      echo "$(rss_kb "$pid") $(ls "/proc/$pid/fd" 2>/dev/null | wc -l) $(rss_kb "$LONG_MOCK_PID")" >>"$samples"
+      sleep 0.25
+    done ) &
+  local sampler=$!; PIDS+=("$sampler")
+  local c0 t0 c1 t1 out line m0 m1
+  c0=$(cpu_ticks "$pid"); t0=$(date +%s.%N); m0=$(machine_ticks)
+  out=$("$PROBE" --base "$2" --key "$3" --model "$4" --concurrent "$n" --ramp-per-sec 2000 \
+    --timeout-secs 120 --label "held-$t" 2>"$TMP/held-progress.$t.log") \
+    || die "held-streams probe failed against $t: $out"
+  c1=$(cpu_ticks "$pid"); t1=$(date +%s.%N); m1=$(machine_ticks)
+  touch "$stop"; wait "$sampler" 2>/dev/null || true; forget_pid "$sampler"
+  line=$(grep '^PROBE ' <<<"$out")
+  grep -v '^PROBE ' <<<"$out" | sed 's/^/  /' >&2 || true
+  sleep 2
+  echo "held target=$t ${line#PROBE } fd_limit=$FD_LIMIT" \
+    "peak_rss_kb=$(awk '{print $1}' "$samples" | sort -n | tail -n 1)" \
+    "peak_fds=$(awk '{print $2}' "$samples" | sort -n | tail -n 1)" \
+    "mock_peak_rss_kb=$(awk '{print $3}' "$samples" | sort -n | tail -n 1)" \
+    "rss_after_kb=$(rss_kb "$pid")" \
+    "cpu_cores=$(awk -v c="$((c1 - c0))" -v a="$t0" -v b="$t1" -v k="$CLK_TCK" 'BEGIN { printf "%.2f", c / k / (b - a) }')" \
+    "gw_accept_failed=$(( $(log_count 'accept failed') - acc0 ))" \
+    "gw_upstream_unreachable=$(( $(log_count 'upstream unreachable') - unr0 ))" \
+    "machine_busy_pct=$(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " ")
+      busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.0f", 100 * busy / (busy + idle) }')" \
+    >>"$RAW"
+}
+# Each stream through the gateway holds two of its descriptors. If $HELD does not fit under the
+# descriptor limit, a run at the largest round count that fits goes first (so that its peak RSS
+# is not the 10k run's leftover heap), then the full count as asked.
+HELD_FIT=$(( (FD_LIMIT - 200) / 2 / 500 * 500 ))
+log "held streams: $HELD at once, straight at the mock, then through tollgate-sqlite (each ~20 s; fd limit $FD_LIMIT)"
+held_run direct "http://127.0.0.1:$LONG_PORT" none gpt-4o-mini "$LONG_MOCK_PID" "$HELD"
+if (( HELD_FIT < HELD )); then
+  sleep 3
+  log "held streams: $HELD_FIT through tollgate-sqlite (what fits in $FD_LIMIT descriptors)"
+  held_run tollgate-sqlite-fit "${URL[tollgate-sqlite]}" "$KEY_SQLITE" gpt-4o-mini-long "$GW_SQLITE_PID" "$HELD_FIT"
+fi
+sleep 3
+held_run tollgate-sqlite "${URL[tollgate-sqlite]}" "$KEY_SQLITE" gpt-4o-mini-long "$GW_SQLITE_PID" "$HELD"
+
+# ---------------------------------------------------------------------------------------------
+# Durability check: every 2xx a client saw has its usage record committed.
+# ---------------------------------------------------------------------------------------------
+sleep 1
+seen() { # target → 2xx responses the clients saw (wrk runs, probes incl. their warm-ups, sanity)
+  awk -v t="$1" '
+    { tgt=""; req=0; non=0; ok=0; mode=""
+      for (i = 2; i <= NF; i++) { split($i, a, "=")
+        if (a[1] == "target") tgt = a[2]; if (a[1] == "requests") req = a[2]
+        if (a[1] == "non2xx") non = a[2]; if (a[1] == "ok") ok = a[2]; if (a[1] == "mode") mode = a[2] }
+      if ($1 == "held") sub(/-fit$/, "", tgt)
+      if (tgt != t) next
+      if ($1 == "warm" || $1 == "lat" || $1 == "thr") s += req - non
+      if ($1 == "stream") s += ok + 5
+      if ($1 == "held") s += ok }
+    END { print s + 1 }' "$RAW"
+}
+rec_sqlite=$(sqlite3 "$SQLITE_FILE" "SELECT COUNT(*) FROM usage_records WHERE status = 200")
+rec_pg=$(psql -h 127.0.0.1 -U postgres -d "$PG_DB" -Atc "SELECT COUNT(*) FROM usage_records WHERE status = 200")
+echo "durable target=tollgate-sqlite records_200=$rec_sqlite client_2xx=$(seen tollgate-sqlite)" >>"$RAW"
+echo "durable target=tollgate-postgres records_200=$rec_pg client_2xx=$(seen tollgate-postgres)" >>"$RAW"
+
+# ---------------------------------------------------------------------------------------------
+# 6. Summary
+# ---------------------------------------------------------------------------------------------
+SUMMARY=$TMP/summary.txt
+summarize "$RAW" >"$SUMMARY"
+
+mkdir -p "$ROOT/bench/results"
+OUT=$ROOT/bench/results/latest.txt
+{
+  echo "# bench/run.sh$( ((QUICK)) && echo ' --quick') — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "# git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (working tree modified)')"
+  echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
+  echo "# tools: $("$NGINX" -v 2>&1), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), $(psql -h 127.0.0.1 -U postgres -Atc 'show server_version'| sed 's/^/PostgreSQL /'), sqlite $(sqlite3 --version | cut -d' ' -f1), $(cargo --version 2>/dev/null)"
+  echo "# load average (1/5/15 min): $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+  echo
+  echo "# raw lines: one per run; latencies in µs; cpu_us_per_req = process CPU time / requests"
+  cat "$RAW"
+  cat "$SUMMARY"
+} >"$OUT"
+cat "$SUMMARY"
+log "raw numbers in $OUT"

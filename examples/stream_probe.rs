@@ -1,0 +1,375 @@
+//! A streaming load probe for `bench/run.sh`. Not part of the test suite.
+//!
+//! Sequential mode (default): `--requests N` streamed chat completions one after another
+//! (after `--warmup W` unmeasured ones) on one kept-alive connection, measuring
+//! - time to first content chunk (TTFT): from just before the request is sent to the arrival
+//!   of the first SSE event whose `delta.content` is not empty;
+//! - inter-chunk gaps: between the arrivals of consecutive content chunks;
+//!
+//! and printing p50/p99 of each.
+//!
+//! Concurrent mode (`--concurrent N`): N streams held open at once (started at
+//! `--ramp-per-sec` a second), each read to its end; prints how many completed with
+//! `data: [DONE]`, the errors by kind, and the most streams open at the same time.
+//!
+//! The last line of output is machine-readable: `PROBE key=value …`.
+//!
+//! ```sh
+//! cargo run --release --example stream_probe -- --base http://127.0.0.1:8080 --key sk-tg-… \
+//!     --requests 100
+//! ```
+
+#![allow(clippy::print_stdout)]
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Streaming latency / held-streams probe for Tollgate benchmarks")]
+struct Args {
+    /// Base URL without `/v1`, e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    base: String,
+    /// API key (sent as `Authorization: Bearer …`); any value is fine for the bare mock.
+    #[arg(long, default_value = "none")]
+    key: String,
+    #[arg(long, default_value = "gpt-4o-mini")]
+    model: String,
+    /// Measured sequential streams.
+    #[arg(long, default_value_t = 100)]
+    requests: usize,
+    /// Unmeasured sequential streams first (connection set-up, caches).
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Hold this many streams open at once instead of the sequential measurement.
+    #[arg(long)]
+    concurrent: Option<usize>,
+    /// Concurrent mode: streams started per second while ramping up.
+    #[arg(long, default_value_t = 2000)]
+    ramp_per_sec: u64,
+    /// Per-request deadline, seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// A label echoed in the PROBE line.
+    #[arg(long, default_value = "probe")]
+    label: String,
+}
+
+fn body(model: &str) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hello to the benchmark please"}],
+        "stream": true,
+    })
+    .to_string()
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// What one stream looked like.
+struct StreamTimes {
+    /// Microseconds from send to first content chunk.
+    ttft_us: Option<u64>,
+    /// Microseconds between consecutive content chunks.
+    gaps_us: Vec<u64>,
+    content_chunks: u64,
+}
+
+/// Whether an SSE `data:` payload carries a non-empty `delta.content`.
+fn has_content(data: &str) -> bool {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+        return false;
+    };
+    v.get("choices")
+        .and_then(|c| c.as_array())
+        .is_some_and(|choices| {
+            choices.iter().any(|c| {
+                c.get("delta")
+                    .and_then(|d| d.get("content"))
+                    .and_then(|t| t.as_str())
+                    .is_some_and(|t| !t.is_empty())
+            })
+        })
+}
+
+/// Sends one streamed request and reads it to the end. Fails unless the stream ends with
+/// `data: [DONE]` (an error event or a cut-off stream is a failure). A held stream (`opened`
+/// given) only times its first content chunk, so that the probe spends little CPU per chunk.
+async fn one_stream(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &str,
+    opened: Option<&AtomicU64>,
+) -> anyhow::Result<StreamTimes> {
+    let sent = Instant::now();
+    let resp = client
+        .post(url)
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .context("send")?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("status {}", status.as_u16());
+    }
+    struct Open<'a>(Option<&'a AtomicU64>);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            if let Some(o) = self.0 {
+                o.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Some(o) = opened {
+        o.fetch_add(1, Ordering::Relaxed);
+    }
+    let _open = Open(opened);
+    let mut chunks = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut times = StreamTimes {
+        ttft_us: None,
+        gaps_us: Vec::with_capacity(64),
+        content_chunks: 0,
+    };
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.context("body")?;
+        let at = Instant::now();
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&event[..end]);
+            let Some(data) = text.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                done = true;
+                continue;
+            }
+            if data.starts_with("{\"error\"") {
+                bail!("error event");
+            }
+            if (opened.is_none() || last.is_none()) && has_content(data) {
+                times.content_chunks += 1;
+                match last {
+                    None => times.ttft_us = Some(at.duration_since(sent).as_micros() as u64),
+                    Some(prev) => times
+                        .gaps_us
+                        .push(at.duration_since(prev).as_micros() as u64),
+                }
+                last = Some(at);
+            }
+        }
+    }
+    if !done {
+        bail!("no [DONE]");
+    }
+    Ok(times)
+}
+
+fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build()?)
+}
+
+async fn sequential(args: Args) -> anyhow::Result<()> {
+    let client = client(Duration::from_secs(args.timeout_secs))?;
+    let url = format!("{}/v1/chat/completions", args.base.trim_end_matches('/'));
+    let body = body(&args.model);
+    for _ in 0..args.warmup {
+        one_stream(&client, &url, &args.key, &body, None)
+            .await
+            .context("warm-up stream")?;
+    }
+    let mut ttft = Vec::with_capacity(args.requests);
+    let mut gaps = Vec::new();
+    let (mut ok, mut errors, mut chunks) = (0u64, 0u64, 0u64);
+    for _ in 0..args.requests {
+        match one_stream(&client, &url, &args.key, &body, None).await {
+            Ok(t) => {
+                ok += 1;
+                chunks += t.content_chunks;
+                if let Some(v) = t.ttft_us {
+                    ttft.push(v);
+                }
+                gaps.extend(t.gaps_us);
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("stream failed: {e:#}");
+            }
+        }
+    }
+    ttft.sort_unstable();
+    gaps.sort_unstable();
+    println!(
+        "{}: {ok} streams ok, {errors} failed; TTFT p50 {} µs p99 {} µs; inter-chunk gap p50 {} µs p99 {} µs ({} gaps)",
+        args.label,
+        pct(&ttft, 50.0),
+        pct(&ttft, 99.0),
+        pct(&gaps, 50.0),
+        pct(&gaps, 99.0),
+        gaps.len()
+    );
+    println!(
+        "PROBE mode=seq label={} ok={ok} errors={errors} content_chunks={chunks} ttft_p50_us={} ttft_p99_us={} gap_p50_us={} gap_p99_us={} gaps={}",
+        args.label,
+        pct(&ttft, 50.0),
+        pct(&ttft, 99.0),
+        pct(&gaps, 50.0),
+        pct(&gaps, 99.0),
+        gaps.len()
+    );
+    Ok(())
+}
+
+async fn concurrent(args: Args, n: usize) -> anyhow::Result<()> {
+    let client = client(Duration::from_secs(args.timeout_secs))?;
+    let url = Arc::new(format!(
+        "{}/v1/chat/completions",
+        args.base.trim_end_matches('/')
+    ));
+    let body = Arc::new(body(&args.model));
+    let key = Arc::new(args.key.clone());
+    let opened = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let kinds: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let ttfts: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let durations: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let started = Instant::now();
+    let step = Duration::from_secs_f64(1.0 / args.ramp_per_sec.max(1) as f64);
+
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let (client, url, body, key) = (client.clone(), url.clone(), body.clone(), key.clone());
+        let (opened, finished, failed) = (opened.clone(), finished.clone(), failed.clone());
+        let (kinds, ttfts, durations) = (kinds.clone(), ttfts.clone(), durations.clone());
+        let start_at = started + step * i as u32;
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(start_at.into()).await;
+            let sent = Instant::now();
+            match one_stream(&client, &url, &key, &body, Some(&opened)).await {
+                Ok(t) => {
+                    if let (Some(v), Ok(mut all)) = (t.ttft_us, ttfts.lock()) {
+                        all.push(v);
+                    }
+                    if let Ok(mut all) = durations.lock() {
+                        all.push(sent.elapsed().as_millis() as u64);
+                    }
+                    finished.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    // The outermost cause says most (connect refused, reset, timeout, …).
+                    let kind = format!("{e:#}");
+                    let kind: String = kind.chars().take(120).collect();
+                    if let Ok(mut k) = kinds.lock() {
+                        *k.entry(kind).or_default() += 1;
+                    }
+                }
+            }
+        }));
+    }
+
+    // Progress, and the peak of streams open at once.
+    let peak = Arc::new(AtomicU64::new(0));
+    let monitor = {
+        let (opened, finished, failed, peak) = (
+            opened.clone(),
+            finished.clone(),
+            failed.clone(),
+            peak.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            let mut last_print = Instant::now();
+            loop {
+                tick.tick().await;
+                let now_open = opened.load(Ordering::Relaxed);
+                peak.fetch_max(now_open, Ordering::Relaxed);
+                if last_print.elapsed() >= Duration::from_secs(1) {
+                    last_print = Instant::now();
+                    eprintln!(
+                        "  t={:>5.1}s open={now_open} done={} failed={}",
+                        started.elapsed().as_secs_f64(),
+                        finished.load(Ordering::Relaxed),
+                        failed.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        })
+    };
+    for t in tasks {
+        let _ = t.await;
+    }
+    monitor.abort();
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = finished.load(Ordering::Relaxed);
+    let errors = failed.load(Ordering::Relaxed);
+    let peak = peak.load(Ordering::Relaxed);
+    let mut ttft = ttfts.lock().map(|v| v.clone()).unwrap_or_default();
+    ttft.sort_unstable();
+    let mut durations = durations.lock().map(|v| v.clone()).unwrap_or_default();
+    durations.sort_unstable();
+    let kinds = kinds.lock().map(|k| k.clone()).unwrap_or_default();
+    for (kind, count) in &kinds {
+        println!("  {count} × {kind}");
+    }
+    let kinds_short: Vec<String> = kinds
+        .iter()
+        .map(|(k, c)| format!("{c}:{}", k.replace([' ', '='], "_")))
+        .collect();
+    println!(
+        "{}: {n} streams requested, {ok} completed, {errors} failed, at most {peak} open at once, {elapsed:.1} s; TTFT p50 {} µs p99 {} µs; stream duration p50 {} ms p99 {} ms",
+        args.label,
+        pct(&ttft, 50.0),
+        pct(&ttft, 99.0),
+        pct(&durations, 50.0),
+        pct(&durations, 99.0)
+    );
+    println!(
+        "PROBE mode=concurrent label={} requested={n} ok={ok} errors={errors} peak_open={peak} seconds={elapsed:.1} ttft_p50_us={} ttft_p99_us={} duration_p50_ms={} duration_p99_ms={} error_kinds={}",
+        args.label,
+        pct(&ttft, 50.0),
+        pct(&ttft, 99.0),
+        pct(&durations, 50.0),
+        pct(&durations, 99.0),
+        if kinds_short.is_empty() { "none".to_owned() } else { kinds_short.join(",") }
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.concurrent {
+        // One thread: the least scheduling noise in the timings.
+        None => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(sequential(args)),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(concurrent(args, n)),
+    }
+}
