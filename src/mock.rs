@@ -143,7 +143,10 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
     let with_usage = model != "mock-no-usage";
     let id = format!("chatcmpl-mock{}", uuid::Uuid::now_v7().simple());
     let created = tollgate_actors::store::now_ms() / 1000;
-    tokio::time::sleep(options.latency).await;
+    // No sleep at all for zero latency: even a zero sleep waits for the timer's next tick (~1 ms).
+    if !options.latency.is_zero() {
+        tokio::time::sleep(options.latency).await;
+    }
 
     if request.get("stream").and_then(Value::as_bool) != Some(true) {
         let content: Vec<&str> = (0..n as usize)
