@@ -4,8 +4,9 @@ use figment::providers::{Env, Format, Toml};
 use figment::Figment;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tollgate_actors::journal::JournalSync;
 use tollgate_actors::money::{Price, PriceError};
 use tollgate_actors::provider::ProviderSpec;
 
@@ -94,15 +95,32 @@ pub struct Limits {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerConfig {
+    /// Most records in one store transaction.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// 0: flush as soon as the records already queued are in the batch.
-    #[serde(default)]
-    pub flush_interval_ms: u64,
-    /// Records the writer holds while the store is unreachable; beyond it new requests get
-    /// 503 instead of being served without a durable charge.
+    /// Pause before each shipment of journaled records to the store, to gather more of them.
+    /// 0: ship as soon as the previous shipment is done.
+    #[serde(default, alias = "flush_interval_ms")]
+    pub ship_interval_ms: u64,
+    /// Records allowed to wait for the store (while it is slow or unreachable); beyond it new
+    /// requests get 503.
     #[serde(default = "default_max_buffer")]
     pub max_buffer: usize,
+    /// Where the charge journal lives. Default: beside a SQLite database file
+    /// (`<file>.journal`), otherwise `tollgate-journal` in the working directory.
+    #[serde(default)]
+    pub journal_dir: Option<PathBuf>,
+    /// `write`: a charge is acknowledged once written to the journal (survives a process
+    /// crash). `fsync`: once synced to disk as well (survives a machine crash).
+    #[serde(default)]
+    pub journal_sync: JournalSync,
+    /// A journal segment is closed and a new one started past this many bytes.
+    #[serde(default = "default_segment_bytes")]
+    pub journal_segment_bytes: u64,
+    /// How long a stopping gateway keeps shipping to the store; what is left stays in the
+    /// journal and is shipped at the next start.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -127,8 +145,12 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             max_batch: default_max_batch(),
-            flush_interval_ms: 0,
+            ship_interval_ms: 0,
             max_buffer: default_max_buffer(),
+            journal_dir: None,
+            journal_sync: JournalSync::default(),
+            journal_segment_bytes: default_segment_bytes(),
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }
@@ -181,6 +203,31 @@ fn default_max_batch() -> usize {
 }
 fn default_max_buffer() -> usize {
     100_000
+}
+fn default_segment_bytes() -> u64 {
+    16 << 20
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Config {
+    /// The charge journal's directory (see [`LedgerConfig::journal_dir`]).
+    pub fn journal_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.ledger.journal_dir {
+            return dir.clone();
+        }
+        let file = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"))
+            .map(|rest| rest.split('?').next().unwrap_or(rest))
+            .filter(|path| !path.is_empty() && !path.starts_with(":memory:"));
+        match file {
+            Some(path) => PathBuf::from(format!("{path}.journal")),
+            None => PathBuf::from("tollgate-journal"),
+        }
+    }
 }
 fn default_idle_secs() -> u64 {
     300

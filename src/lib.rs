@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tollgate_actors::keys::KeyRing;
 use tollgate_actors::restart::RestartPolicy;
+use tollgate_actors::supervisor::LedgerOptions;
 use tollgate_actors::{ActorSystem, Store, SystemConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +62,15 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Gateway, Ser
     let store = Store::connect(&config.database_url).await?;
     let system = ActorSystem::start(SystemConfig {
         store: store.clone(),
-        ledger_max_batch: config.ledger.max_batch,
-        ledger_flush_interval: Duration::from_millis(config.ledger.flush_interval_ms),
-        ledger_max_buffer: config.ledger.max_buffer,
+        ledger: LedgerOptions {
+            journal_dir: config.journal_dir(),
+            journal_sync: config.ledger.journal_sync,
+            segment_bytes: config.ledger.journal_segment_bytes,
+            max_batch: config.ledger.max_batch,
+            ship_interval: Duration::from_millis(config.ledger.ship_interval_ms),
+            max_buffer: config.ledger.max_buffer,
+            drain_timeout: Duration::from_millis(config.ledger.drain_timeout_ms),
+        },
         account_idle_after: Duration::from_secs(config.accounts.idle_secs),
         policy: RestartPolicy::default(),
         providers: config.provider_specs(),

@@ -383,7 +383,7 @@ impl AccountState {
     }
 
     /// Applies the charge in memory and hands the record to the ledger writer, which answers
-    /// `req.commit` once it is durable. Never awaits: a kill between messages cannot split it.
+    /// `req.commit` once it is journaled. Never awaits: a kill between messages cannot split it.
     fn settle(&mut self, req: SettleRequest) -> Settled {
         let mut book = self.book.lock();
         let held = book.take(&req.request_id).map(|h| h.amount).unwrap_or(0);
@@ -428,7 +428,7 @@ impl AccountState {
         if let Err(e) = self
             .ledger
             .get()
-            .tell(LedgerMsg::Commit(record.clone(), req.commit))
+            .tell(LedgerMsg::Append(record.clone(), req.commit))
         {
             // The writer is restarting; the caller's commit port is gone with the message and
             // the caller resends `record` (idempotent) to the new writer.

@@ -3,7 +3,7 @@
 //! One charge, end to end: [`Billing::reserve`] asks the account actor to hold the worst case;
 //! the call goes upstream; [`Billing::settle`] sends the actual cost to the same actor, which
 //! applies it and forwards the record to the ledger writer; `settle` returns once the record
-//! is durable. See `docs/guarantees.md`.
+//! is durable in the journal. See `docs/guarantees.md`.
 
 use crate::account::{
     AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
@@ -28,9 +28,9 @@ pub enum BillingError {
     NoSuchAccount(String),
     #[error("{0} unavailable")]
     Unavailable(&'static str),
-    /// The store is not taking commits and the ledger buffer is full: refuse new work rather
-    /// than serve it without a durable charge.
-    #[error("the ledger buffer is full ({0} charges awaiting the store)")]
+    /// The store is not taking commits and the ledger's backlog is full: refuse new work
+    /// rather than let the node's unshipped charges grow without bound.
+    #[error("the ledger backlog is full ({0} charges awaiting the store)")]
     LedgerBufferFull(usize),
 }
 
@@ -44,29 +44,11 @@ const COMMIT_PATIENCE: Duration = Duration::from_secs(120);
 pub struct Billing {
     live: LiveAccounts,
     books: Books,
-    /// Settlements waiting for their commit: the ledger's buffer, as its senders see it.
-    awaiting: Arc<AtomicUsize>,
+    /// Records journaled (or queued) and not yet in the store; the ledger writer keeps it.
+    backlog: Arc<AtomicUsize>,
     max_buffer: usize,
     directory: Slot<DirectoryMsg>,
     ledger: Slot<LedgerMsg>,
-}
-
-/// Counts one settlement as awaiting its commit for as long as it lives.
-struct Awaiting<'a>(&'a AtomicUsize);
-
-impl<'a> Awaiting<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
-        let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
-        metrics::gauge!("tollgate_ledger_awaiting_commit").set(n as f64);
-        Awaiting(counter)
-    }
-}
-
-impl Drop for Awaiting<'_> {
-    fn drop(&mut self) {
-        let n = self.0.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        metrics::gauge!("tollgate_ledger_awaiting_commit").set(n as f64);
-    }
 }
 
 enum Attempt<T> {
@@ -81,12 +63,13 @@ impl Billing {
         books: Books,
         directory: Slot<DirectoryMsg>,
         ledger: Slot<LedgerMsg>,
+        backlog: Arc<AtomicUsize>,
         max_buffer: usize,
     ) -> Self {
         Billing {
             live,
             books,
-            awaiting: Arc::new(AtomicUsize::new(0)),
+            backlog,
             max_buffer: max_buffer.max(1),
             directory,
             ledger,
@@ -145,9 +128,9 @@ impl Billing {
         account_id: &str,
         request: ReserveRequest,
     ) -> Result<Reservation, BillingError> {
-        let awaiting = self.awaiting.load(Ordering::Relaxed);
-        if awaiting >= self.max_buffer {
-            return Err(BillingError::LedgerBufferFull(awaiting));
+        let backlog = self.backlog.load(Ordering::Relaxed);
+        if backlog >= self.max_buffer {
+            return Err(BillingError::LedgerBufferFull(backlog));
         }
         self.ask(account_id, |port| {
             AccountMsg::Reserve(request.clone(), port)
@@ -163,7 +146,7 @@ impl Billing {
         }
     }
 
-    /// Charges `cost` for a finished request and waits until the charge is durable.
+    /// Charges `cost` for a finished request and waits until the charge is journaled.
     pub async fn settle(
         &self,
         account_id: &str,
@@ -171,7 +154,6 @@ impl Billing {
         cost: Amount,
         usage: UsageRecord,
     ) -> Result<Settled, BillingError> {
-        let _awaiting = Awaiting::new(&self.awaiting);
         for _ in 0..ATTEMPTS {
             let actor = self.account(account_id).await?;
             let (commit_tx, commit_rx) = ractor::concurrency::oneshot();
@@ -198,7 +180,8 @@ impl Billing {
                     tracing::error!(request_id = %usage.request_id, %reason, "charge rejected by the store");
                     return Err(BillingError::Unavailable("ledger (record rejected)"));
                 }
-                // The writer died with the record in its batch: resend it (idempotent).
+                // The writer died before journaling the record, or could not sync it: commit it
+                // to the store directly (idempotent).
                 _ => {
                     self.commit(settled.record.clone()).await?;
                 }
@@ -211,7 +194,8 @@ impl Billing {
         Err(BillingError::Unavailable("account actor"))
     }
 
-    /// Commits a record directly, retrying across ledger writer restarts.
+    /// Commits a record to the store (not just the journal), retrying across ledger writer
+    /// restarts.
     pub async fn commit(&self, record: Record) -> Result<bool, BillingError> {
         let deadline = tokio::time::Instant::now() + COMMIT_PATIENCE;
         while tokio::time::Instant::now() < deadline {
@@ -245,7 +229,7 @@ impl Billing {
         self.ask(account_id, AccountMsg::Balance).await
     }
 
-    /// Waits until every record sent to the ledger writer so far is durable.
+    /// Waits until every record sent to the ledger writer so far is in the store.
     pub async fn flush(&self) -> Result<(), BillingError> {
         match self.ledger.get().ask(LedgerMsg::Barrier, None).await {
             Ok(CallResult::Success(())) => Ok(()),

@@ -1,17 +1,25 @@
-//! The ledger writer: the one actor that writes money to the store.
+//! The ledger writer: the one actor that writes money down.
 //!
-//! Records arrive one message each and are committed in groups, one transaction per batch
-//! (see `docs/guarantees.md`, "Durability"). A batch closes when `max_batch` records are
-//! waiting or when the flush tick fires, whichever comes first. With `flush_interval` zero the
-//! tick is a message to itself, queued behind everything already in the mailbox: under load
-//! batches grow by themselves, and at concurrency one nobody waits for a timer.
+//! Two ways in (see `docs/guarantees.md`, section 3):
+//! - [`LedgerMsg::Append`], for charges: the record is written to the node's journal and the
+//!   sender is answered at once. It reaches the store later, in a batch.
+//! - [`LedgerMsg::Commit`], for credits and adjustments: the sender is answered once the store
+//!   has committed the record, with whether the entry was new.
 //!
-//! Each sender's reply port is answered only after its record's transaction has committed.
+//! Shipping to the store runs beside the actor, one batch at a time, so a slow store never
+//! delays an append. A batch holds everything queued when the previous one finished (at most
+//! `max_batch` records): under load batches grow by themselves, and a lone request waits for
+//! no timer. A segment of the journal is deleted once the store holds all its records.
 
+use crate::journal::{Journal, JournalSync};
 use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::time::Duration;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Why a record was not committed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -24,15 +32,24 @@ pub enum CommitError {
 }
 
 /// `Ok(true)`: the record is new and now durable. `Ok(false)`: it was committed before.
+/// An append is answered `Ok(true)` once journaled: newness is the store's to tell.
 pub type CommitReply = RpcReplyPort<Result<bool, CommitError>>;
 
-// Nearly every message is a Commit: boxing its record would add an allocation per record.
+// Nearly every message is an Append: boxing its record would add an allocation per record.
 #[allow(clippy::large_enum_variant)]
 pub enum LedgerMsg {
+    /// Journal the record; answer once it is in the journal.
+    Append(Record, CommitReply),
+    /// Commit the record to the store; answer once it is committed there.
     Commit(Record, CommitReply),
-    /// Answered once every record sent before it is durable.
+    /// Answered once every record sent before it is in the store.
     Barrier(RpcReplyPort<()>),
-    Flush,
+    /// Start a shipment if none is running.
+    Ship,
+    /// A shipment finished.
+    Shipped(Shipment),
+    /// `fsync` mode: sync the journal, then answer the appends waiting for it.
+    Sync,
 }
 
 impl crate::metered::Kind for LedgerMsg {
@@ -41,19 +58,57 @@ impl crate::metered::Kind for LedgerMsg {
 
 pub struct LedgerArgs {
     pub store: Store,
+    pub journal_dir: PathBuf,
+    pub journal_sync: JournalSync,
+    pub segment_bytes: u64,
     pub max_batch: usize,
-    pub flush_interval: Duration,
+    /// Pause before a shipment starts, to let it gather more records. Zero: none.
+    pub ship_interval: Duration,
+    /// How long a stopping writer keeps shipping before it leaves the rest to the next start.
+    pub drain_timeout: Duration,
+    /// Records written but not yet in the store, shared with whoever applies backpressure.
+    pub backlog: Arc<AtomicUsize>,
+}
+
+/// One record on its way to the store.
+struct Queued {
+    record: Record,
+    /// The journal segment holding it; `None` for a record only the store will hold.
+    segment: Option<u64>,
+    /// Answered after the store commit (`Commit` messages only).
+    reply: Option<CommitReply>,
+    queued_at: Instant,
+}
+
+/// The outcome of one shipment, as the writer learns it.
+#[derive(Clone)]
+pub struct Shipment {
+    /// Sequence number of the last record it shipped.
+    through: u64,
+    /// Per journal segment, how many of its records are now in the store.
+    segments: BTreeMap<u64, u64>,
 }
 
 pub struct LedgerState {
     store: Store,
+    journal: Journal,
+    sync: JournalSync,
     max_batch: usize,
-    flush_interval: Duration,
-    pending: Vec<(Record, CommitReply)>,
-    /// When the oldest pending record arrived.
-    oldest: Option<std::time::Instant>,
-    barriers: Vec<RpcReplyPort<()>>,
-    flush_scheduled: bool,
+    ship_interval: Duration,
+    drain_timeout: Duration,
+    backlog: Arc<AtomicUsize>,
+    queue: VecDeque<Queued>,
+    /// Records queued since start; the last one queued has this sequence number.
+    queued: u64,
+    /// Every record up to this sequence number is in the store.
+    shipped_through: u64,
+    in_flight: Option<tokio::task::JoinHandle<Shipment>>,
+    ship_scheduled: bool,
+    barriers: Vec<(u64, RpcReplyPort<()>)>,
+    /// `fsync` mode: appends written but not yet synced.
+    unsynced: Vec<CommitReply>,
+    sync_scheduled: bool,
+    backlog_gauge: metrics::Gauge,
 }
 
 pub struct LedgerWriter;
@@ -65,18 +120,51 @@ impl Actor for LedgerWriter {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<LedgerMsg>,
+        myself: ActorRef<LedgerMsg>,
         args: LedgerArgs,
     ) -> Result<LedgerState, ActorProcessingErr> {
-        Ok(LedgerState {
+        let (journal, replayed) = Journal::open(&args.journal_dir, args.segment_bytes)?;
+        if !replayed.is_empty() {
+            tracing::info!(
+                records = replayed.len(),
+                journal = %args.journal_dir.display(),
+                "shipping the records a previous run left in the journal"
+            );
+        }
+        let now = Instant::now();
+        let queue: VecDeque<Queued> = replayed
+            .into_iter()
+            .map(|r| Queued {
+                record: r.record,
+                segment: Some(r.segment),
+                reply: None,
+                queued_at: now,
+            })
+            .collect();
+        args.backlog.store(queue.len(), Ordering::Relaxed);
+        let mut state = LedgerState {
             store: args.store,
+            journal,
+            sync: args.journal_sync,
             max_batch: args.max_batch.max(1),
-            flush_interval: args.flush_interval,
-            pending: Vec::new(),
-            oldest: None,
+            ship_interval: args.ship_interval,
+            drain_timeout: args.drain_timeout,
+            backlog: args.backlog,
+            queued: queue.len() as u64,
+            queue,
+            shipped_through: 0,
+            in_flight: None,
+            ship_scheduled: false,
             barriers: Vec::new(),
-            flush_scheduled: false,
-        })
+            unsynced: Vec::new(),
+            sync_scheduled: false,
+            backlog_gauge: metrics::gauge!("tollgate_ledger_queue_depth"),
+        };
+        state.publish();
+        if !state.queue.is_empty() {
+            state.schedule_ship(&myself);
+        }
+        Ok(state)
     }
 
     async fn handle(
@@ -86,132 +174,300 @@ impl Actor for LedgerWriter {
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            LedgerMsg::Append(record, reply) => state.append(&myself, record, reply),
             LedgerMsg::Commit(record, reply) => {
-                state.oldest.get_or_insert_with(std::time::Instant::now);
-                state.pending.push((record, reply));
-                metrics::gauge!("tollgate_ledger_queue_depth").set(state.pending.len() as f64);
-                if state.pending.len() >= state.max_batch {
-                    state.flush().await;
-                } else {
-                    state.schedule_flush(&myself);
-                }
+                state.enqueue(record, None, Some(reply));
+                state.ship_now(&myself);
             }
             LedgerMsg::Barrier(reply) => {
-                if state.pending.is_empty() {
+                if state.shipped_through >= state.queued {
                     let _ = reply.send(());
                 } else {
-                    state.barriers.push(reply);
-                    state.schedule_flush(&myself);
+                    state.barriers.push((state.queued, reply));
+                    state.ship_now(&myself);
                 }
             }
-            LedgerMsg::Flush => {
-                state.flush_scheduled = false;
-                state.flush().await;
+            LedgerMsg::Ship => {
+                state.ship_scheduled = false;
+                state.start_shipment(&myself);
+            }
+            LedgerMsg::Shipped(shipment) => {
+                state.in_flight = None;
+                state.shipped(shipment);
+                if !state.queue.is_empty() {
+                    state.start_shipment(&myself);
+                }
+            }
+            LedgerMsg::Sync => {
+                state.sync_scheduled = false;
+                state.sync_journal();
             }
         }
         Ok(())
     }
 
-    /// A draining stop (`drain`) reaches here after the mailbox is empty: commit what is left.
+    /// A draining stop reaches here after the mailbox is empty: ship what is left, for as long
+    /// as the store lets us. Whatever does not make it stays in the journal for the next start.
     async fn post_stop(
         &self,
         _myself: ActorRef<LedgerMsg>,
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
-        state.flush().await;
+        state.sync_journal();
+        let deadline = tokio::time::Instant::now() + state.drain_timeout;
+        loop {
+            if let Some(task) = state.in_flight.take() {
+                match tokio::time::timeout_at(deadline, task).await {
+                    Ok(Ok(shipment)) => state.shipped(shipment),
+                    Ok(Err(_)) => break,
+                    Err(_) => break,
+                }
+            }
+            if state.queue.is_empty() {
+                break;
+            }
+            let batch = state.take_batch();
+            state.in_flight = Some(tokio::spawn(ship(state.store.clone(), batch, None)));
+        }
+        if let Some(task) = state.in_flight.take() {
+            task.abort();
+        }
+        let left = state.journal.unshipped();
+        if left > 0 {
+            tracing::warn!(
+                records = left,
+                journal = %state.journal.dir().display(),
+                "the store did not take every journaled record before shutdown; the next start ships them"
+            );
+        }
         Ok(())
     }
 }
 
 impl LedgerState {
-    fn schedule_flush(&mut self, myself: &ActorRef<LedgerMsg>) {
-        if self.flush_scheduled {
+    fn append(&mut self, myself: &ActorRef<LedgerMsg>, record: Record, reply: CommitReply) {
+        match self.journal.append(&record) {
+            Ok(segment) => {
+                self.enqueue(record, Some(segment), None);
+                match self.sync {
+                    JournalSync::Write => {
+                        let _ = reply.send(Ok(true));
+                    }
+                    JournalSync::Fsync => {
+                        self.unsynced.push(reply);
+                        if !self.sync_scheduled {
+                            self.sync_scheduled = true;
+                            let _ = myself.tell(LedgerMsg::Sync);
+                        }
+                    }
+                }
+            }
+            // No journal to be had (disk full, say): the charge takes the slow road and is
+            // answered once the store has it.
+            Err(e) => {
+                metrics::counter!("tollgate_journal_write_failures_total").increment(1);
+                tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
+                self.enqueue(record, None, Some(reply));
+            }
+        }
+        self.schedule_ship(myself);
+    }
+
+    fn sync_journal(&mut self) {
+        if self.unsynced.is_empty() {
             return;
         }
-        self.flush_scheduled = true;
-        if self.flush_interval.is_zero() {
-            let _ = myself.tell(LedgerMsg::Flush);
-        } else {
-            myself.send_after(self.flush_interval, || LedgerMsg::Flush);
+        let result = self.journal.sync();
+        if let Err(e) = &result {
+            metrics::counter!("tollgate_journal_write_failures_total").increment(1);
+            tracing::error!(error = %e, "journal sync failed");
+        }
+        for reply in self.unsynced.drain(..) {
+            // A failed sync leaves the record in the page cache: still journaled, and still
+            // shipped; the sender learns that the machine-crash promise does not hold for it.
+            let _ = reply.send(match &result {
+                Ok(()) => Ok(true),
+                Err(_) => Err(CommitError::WriterGone),
+            });
         }
     }
 
-    /// Commits everything pending, retrying until the store takes it. While it retries, new
-    /// records wait in the mailbox: nothing is acknowledged that is not durable.
-    async fn flush(&mut self) {
-        if self.pending.is_empty() {
-            for b in self.barriers.drain(..) {
-                let _ = b.send(());
-            }
+    fn enqueue(&mut self, record: Record, segment: Option<u64>, reply: Option<CommitReply>) {
+        self.queue.push_back(Queued {
+            record,
+            segment,
+            reply,
+            queued_at: Instant::now(),
+        });
+        self.queued += 1;
+        let backlog = self.backlog.fetch_add(1, Ordering::Relaxed) + 1;
+        self.backlog_gauge.set(backlog as f64);
+    }
+
+    fn schedule_ship(&mut self, myself: &ActorRef<LedgerMsg>) {
+        if self.ship_scheduled || self.in_flight.is_some() {
             return;
         }
-        let batch = std::mem::take(&mut self.pending);
-        if let Some(oldest) = self.oldest.take() {
-            metrics::histogram!("tollgate_ledger_record_wait_seconds")
-                .record(oldest.elapsed().as_secs_f64());
+        self.ship_scheduled = true;
+        if self.ship_interval.is_zero() {
+            let _ = myself.tell(LedgerMsg::Ship);
+        } else {
+            myself.send_after(self.ship_interval, || LedgerMsg::Ship);
         }
-        metrics::histogram!("tollgate_ledger_batch_size").record(batch.len() as f64);
-        let records: Vec<Record> = batch.iter().map(|(r, _)| r.clone()).collect();
+    }
+
+    /// Someone waits for the store: ship without the pause `ship_interval` asks for.
+    fn ship_now(&mut self, myself: &ActorRef<LedgerMsg>) {
+        if self.ship_interval.is_zero() {
+            self.schedule_ship(myself);
+        } else if self.in_flight.is_none() {
+            // A timer may also be pending; its `Ship` then finds nothing to do.
+            self.ship_scheduled = true;
+            let _ = myself.tell(LedgerMsg::Ship);
+        }
+    }
+
+    fn take_batch(&mut self) -> Batch {
+        let n = self.queue.len().min(self.max_batch);
+        let items: Vec<Queued> = self.queue.drain(..n).collect();
+        // Shipments run one at a time, so this batch starts right after `shipped_through`.
+        let through = self.shipped_through + items.len() as u64;
+        Batch { items, through }
+    }
+
+    fn start_shipment(&mut self, myself: &ActorRef<LedgerMsg>) {
+        if self.in_flight.is_some() || self.queue.is_empty() {
+            return;
+        }
+        let batch = self.take_batch();
+        if let Some(oldest) = batch.items.first() {
+            metrics::histogram!("tollgate_ledger_record_wait_seconds")
+                .record(oldest.queued_at.elapsed().as_secs_f64());
+        }
+        self.in_flight = Some(tokio::spawn(ship(
+            self.store.clone(),
+            batch,
+            Some(myself.clone()),
+        )));
+    }
+
+    fn shipped(&mut self, shipment: Shipment) {
+        if shipment.through <= self.shipped_through {
+            return;
+        }
+        let n = shipment.through.saturating_sub(self.shipped_through);
+        self.shipped_through = shipment.through;
+        let _ = self
+            .backlog
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n as usize))
+            });
+        for (segment, count) in shipment.segments {
+            self.journal.shipped(segment, count);
+        }
+        let through = self.shipped_through;
+        let mut i = 0;
+        while i < self.barriers.len() {
+            if self.barriers[i].0 <= through {
+                let (_, reply) = self.barriers.swap_remove(i);
+                let _ = reply.send(());
+            } else {
+                i += 1;
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        self.backlog_gauge
+            .set(self.backlog.load(Ordering::Relaxed) as f64);
+        metrics::gauge!("tollgate_journal_segments").set(self.journal.segments() as f64);
+    }
+}
+
+struct Batch {
+    items: Vec<Queued>,
+    through: u64,
+}
+
+/// Commits one batch, retrying until the store takes it, then answers whoever waits for it and
+/// tells the writer (if any). Records the store refuses are set aside (see below).
+async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -> Shipment {
+    let started = Instant::now();
+    metrics::histogram!("tollgate_ledger_batch_size").record(batch.items.len() as f64);
+    let records: Vec<Record> = batch.items.iter().map(|q| q.record.clone()).collect();
+    let mut backoff = Duration::from_millis(10);
+    let outcome: Vec<Result<bool, CommitError>> = loop {
+        match store.commit_batch(&records).await {
+            Ok(flags) => break flags.into_iter().map(Ok).collect(),
+            // The server refused a statement: find the record(s) at fault, one by one, so
+            // that one bad record cannot hold every other charge back.
+            Err(e) if e.is_rejection() => break commit_one_by_one(&store, &records).await,
+            Err(e) => {
+                metrics::counter!("tollgate_ledger_commit_failures_total").increment(1);
+                metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds")
+                    .set(started.elapsed().as_secs_f64());
+                log_commit_failure(&e, records.len(), backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    };
+    metrics::histogram!("tollgate_ledger_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds").set(0.0);
+    tracing::trace!(
+        batch = records.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "ledger batch committed"
+    );
+    let mut segments = BTreeMap::new();
+    for (queued, result) in batch.items.into_iter().zip(outcome) {
+        if let Some(segment) = queued.segment {
+            *segments.entry(segment).or_default() += 1;
+            if let Err(CommitError::Rejected(reason)) = &result {
+                // Its client was answered when it was journaled. Nothing can be done now but
+                // keep it where an operator finds it (`docs/guarantees.md` 3.7).
+                tracing::error!(%reason, record = ?queued.record, "the store rejected a journaled charge");
+            }
+        }
+        if let Some(reply) = queued.reply {
+            let _ = reply.send(result);
+        }
+    }
+    let shipment = Shipment {
+        through: batch.through,
+        segments,
+    };
+    // The writer owns the journal's bookkeeping; if it is gone, its successor ships the
+    // journal again from the start.
+    if let Some(w) = writer {
+        let _ = w.tell(LedgerMsg::Shipped(shipment.clone()));
+    }
+    shipment
+}
+
+async fn commit_one_by_one(store: &Store, records: &[Record]) -> Vec<Result<bool, CommitError>> {
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
         let mut backoff = Duration::from_millis(10);
-        let started = std::time::Instant::now();
-        let outcome: Vec<Result<bool, CommitError>> = loop {
-            match self.store.commit_batch(&records).await {
-                Ok(flags) => break flags.into_iter().map(Ok).collect(),
-                // The server refused a statement: find the record(s) at fault, one by one, so
-                // that one bad record cannot hold every other charge back.
-                Err(e) if e.is_rejection() => break self.commit_one_by_one(&records).await,
+        let result = loop {
+            match store.commit_batch(std::slice::from_ref(record)).await {
+                Ok(flags) => break Ok(flags.first().copied().unwrap_or(false)),
+                Err(e) if e.is_rejection() => {
+                    metrics::counter!("tollgate_ledger_rejected_records_total").increment(1);
+                    tracing::error!(error = %e, "the store rejected a ledger record");
+                    break Err(CommitError::Rejected(e.to_string()));
+                }
                 Err(e) => {
-                    metrics::counter!("tollgate_ledger_commit_failures_total").increment(1);
-                    metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds")
-                        .set(started.elapsed().as_secs_f64());
-                    log_commit_failure(&e, records.len(), backoff);
+                    log_commit_failure(&e, 1, backoff);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
         };
-        metrics::histogram!("tollgate_ledger_commit_seconds")
-            .record(started.elapsed().as_secs_f64());
-        metrics::gauge!("tollgate_ledger_oldest_unflushed_seconds").set(0.0);
-        metrics::gauge!("tollgate_ledger_queue_depth").set(0.0);
-        tracing::trace!(
-            batch = records.len(),
-            micros = started.elapsed().as_micros() as u64,
-            "ledger batch committed"
-        );
-        for ((_, reply), result) in batch.into_iter().zip(outcome) {
-            let _ = reply.send(result);
-        }
-        for b in self.barriers.drain(..) {
-            let _ = b.send(());
-        }
+        out.push(result);
     }
-}
-
-impl LedgerState {
-    async fn commit_one_by_one(&self, records: &[Record]) -> Vec<Result<bool, CommitError>> {
-        let mut out = Vec::with_capacity(records.len());
-        for record in records {
-            let mut backoff = Duration::from_millis(10);
-            let result = loop {
-                match self.store.commit_batch(std::slice::from_ref(record)).await {
-                    Ok(flags) => break Ok(flags.first().copied().unwrap_or(false)),
-                    Err(e) if e.is_rejection() => {
-                        metrics::counter!("tollgate_ledger_rejected_records_total").increment(1);
-                        tracing::error!(error = %e, "the store rejected a ledger record; its sender is told");
-                        break Err(CommitError::Rejected(e.to_string()));
-                    }
-                    Err(e) => {
-                        log_commit_failure(&e, 1, backoff);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                }
-            };
-            out.push(result);
-        }
-        out
-    }
+    out
 }
 
 fn log_commit_failure(e: &StoreError, batch: usize, retry_in: Duration) {

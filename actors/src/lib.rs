@@ -2,7 +2,8 @@
 //!
 //! - [`account`]: one actor per active account; serializes reservations, settlements, credits.
 //! - [`directory`]: supervises the account actors; starts, restarts and forgets them.
-//! - [`ledger`]: the ledger writer; group-commits every money movement.
+//! - [`ledger`]: the ledger writer; journals charges, ships them to the store in batches.
+//! - [`journal`]: the node-local append-only log a charge is durable in before the store.
 //! - [`provider`]: one actor per upstream; pooled client and concurrency cap.
 //! - [`supervisor`]: the root of the tree; restarts children with backoff and a limit.
 //! - [`billing`]: the handle request handlers use to reserve, settle and credit.
@@ -15,6 +16,7 @@
 pub mod account;
 pub mod billing;
 pub mod directory;
+pub mod journal;
 pub mod keys;
 pub mod ledger;
 pub mod metered;

@@ -84,7 +84,8 @@ pub struct KeyRow {
     pub revoked_at: Option<i64>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     Credit,
     Charge,
@@ -102,7 +103,7 @@ impl EntryKind {
 }
 
 /// One movement of money. `entry_id` is unique: writing the same entry twice is a no-op.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LedgerEntry {
     pub entry_id: String,
     pub account_id: String,
@@ -115,7 +116,7 @@ pub struct LedgerEntry {
 }
 
 /// Metadata of one proxied call. Never content.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     pub request_id: String,
     pub account_id: String,
@@ -134,7 +135,8 @@ pub struct UsageRecord {
     pub created_at: i64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum UsageSource {
     /// Token counts reported by the upstream.
     Upstream,
@@ -159,7 +161,7 @@ impl UsageSource {
 }
 
 /// What the ledger writer commits for one request: a money movement, its usage metadata, or both.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Record {
     pub ledger: Option<LedgerEntry>,
     pub usage: Option<UsageRecord>,

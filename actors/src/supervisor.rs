@@ -15,6 +15,7 @@ use crate::billing::Billing;
 use crate::directory::{
     AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
+use crate::journal::JournalSync;
 use crate::ledger::{LedgerArgs, LedgerMsg, LedgerWriter};
 use crate::metered::Mailbox;
 use crate::metered::{record_restart, Metered};
@@ -28,19 +29,35 @@ use ractor::{
     SupervisionEvent,
 };
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 pub struct SystemConfig {
     pub store: Store,
-    pub ledger_max_batch: usize,
-    pub ledger_flush_interval: Duration,
-    /// Settlements allowed to wait for the store before new requests are refused (503).
-    pub ledger_max_buffer: usize,
+    pub ledger: LedgerOptions,
     pub account_idle_after: Duration,
     pub policy: RestartPolicy,
     pub providers: Vec<ProviderSpec>,
+}
+
+/// How the ledger writer journals charges and ships them to the store.
+#[derive(Clone, Debug)]
+pub struct LedgerOptions {
+    pub journal_dir: PathBuf,
+    pub journal_sync: JournalSync,
+    /// A journal segment is closed, and a new one started, past this size.
+    pub segment_bytes: u64,
+    /// Most records in one store transaction.
+    pub max_batch: usize,
+    /// Pause before each shipment to the store, to gather more records. Zero: none.
+    pub ship_interval: Duration,
+    /// Records allowed to wait for the store before new requests are refused (503).
+    pub max_buffer: usize,
+    /// How long a stopping writer keeps shipping before it leaves the rest to the next start.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -101,6 +118,8 @@ impl crate::metered::Kind for RootMsg {
 
 pub struct RootState {
     cfg: SystemConfig,
+    /// The ledger's records not yet in the store; outlives each incarnation of the writer.
+    backlog: Arc<AtomicUsize>,
     ledger: Slot<LedgerMsg>,
     directory: Slot<DirectoryMsg>,
     providers: HashMap<String, Slot<ProviderMsg>>,
@@ -120,6 +139,7 @@ pub struct RootArgs {
 
 pub struct Handles {
     books: Books,
+    backlog: Arc<AtomicUsize>,
     ledger: Slot<LedgerMsg>,
     directory: Slot<DirectoryMsg>,
     providers: HashMap<String, Slot<ProviderMsg>>,
@@ -145,7 +165,8 @@ impl Actor for Root {
         let mut started = HashMap::new();
         let cell = myself.get_cell();
 
-        let ledger = spawn_ledger(&cfg, cell.clone()).await?;
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let ledger = spawn_ledger(&cfg, &backlog, cell.clone()).await?;
         by_actor.insert(ledger.get_id(), ChildKind::Ledger);
         started.insert(ChildKind::Ledger, Instant::now());
         let ledger = Slot::new(ledger);
@@ -176,6 +197,7 @@ impl Actor for Root {
         }
         let _ = args.handles.send(Handles {
             books: books.clone(),
+            backlog: backlog.clone(),
             ledger: ledger.clone(),
             directory: directory.clone(),
             providers: providers.clone(),
@@ -183,6 +205,7 @@ impl Actor for Root {
         });
         Ok(RootState {
             cfg,
+            backlog,
             ledger,
             directory,
             providers,
@@ -303,7 +326,7 @@ impl RootState {
         let cell = myself.get_cell();
         let id = match &kind {
             ChildKind::Ledger => {
-                let ledger = spawn_ledger(&self.cfg, cell).await?;
+                let ledger = spawn_ledger(&self.cfg, &self.backlog, cell).await?;
                 let id = ledger.get_id();
                 self.ledger.set(ledger);
                 id
@@ -339,12 +362,18 @@ impl RootState {
 
 async fn spawn_ledger(
     cfg: &SystemConfig,
+    backlog: &Arc<AtomicUsize>,
     supervisor: ActorCell,
 ) -> Result<ActorRef<LedgerMsg>, SpawnErr> {
     let args = LedgerArgs {
         store: cfg.store.clone(),
-        max_batch: cfg.ledger_max_batch,
-        flush_interval: cfg.ledger_flush_interval,
+        journal_dir: cfg.ledger.journal_dir.clone(),
+        journal_sync: cfg.ledger.journal_sync,
+        segment_bytes: cfg.ledger.segment_bytes,
+        max_batch: cfg.ledger.max_batch,
+        ship_interval: cfg.ledger.ship_interval,
+        drain_timeout: cfg.ledger.drain_timeout,
+        backlog: backlog.clone(),
     };
     let (ledger, _) =
         Actor::spawn_linked(None, Metered::new(LedgerWriter), args, supervisor).await?;
@@ -377,7 +406,7 @@ pub struct ActorSystem {
 
 impl ActorSystem {
     pub async fn start(cfg: SystemConfig) -> Result<ActorSystem, SpawnErr> {
-        let max_buffer = cfg.ledger_max_buffer;
+        let max_buffer = cfg.ledger.max_buffer;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (root, _join) =
             Actor::spawn(None, Metered::new(Root), RootArgs { cfg, handles: tx }).await?;
@@ -390,6 +419,7 @@ impl ActorSystem {
                 handles.books,
                 handles.directory.clone(),
                 handles.ledger,
+                handles.backlog,
                 max_buffer,
             ),
             providers: Arc::new(handles.providers),

@@ -371,6 +371,13 @@ async fn usage(app: &App, id: &str, query: &str) -> Result<Response, ApiError> {
     if app.store.account(id).await.map_err(store_error)?.is_none() {
         return Err(ApiError::NotFound(format!("No account `{id}`.")));
     }
+    // A charge is answered from the node's journal and reaches the store a moment later: wait
+    // for what is on its way, so the list has every call that has completed.
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        app.system.billing.flush(),
+    )
+    .await;
     let rows = app.store.usage(id, limit).await.map_err(store_error)?;
     let data: Vec<Value> = rows.iter().map(usage_json).collect();
     Ok(json_response(

@@ -1725,7 +1725,7 @@ async fn abuse_charges_nothing(backend: Backend) {
         restricted_key,
         expired_key,
     };
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let keys_before = count(&pool, "SELECT COUNT(*) FROM api_keys").await;
 
     let probes = probes(&world);
@@ -1805,6 +1805,7 @@ async fn abuse_charges_nothing(backend: Backend) {
         )
         .await;
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    h.flush().await;
     let l = ledger(&pool, &account).await;
     assert_eq!((l.charge_count, l.usage_count), (1, 1));
     assert_eq!(l.balance, l.ledger_sum);

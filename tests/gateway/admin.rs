@@ -111,7 +111,7 @@ async fn admin_api(backend: Backend) {
         full.starts_with("sk-tg-") && full.len() == 6 + 64,
         "256 bits of hex"
     );
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let row = sqlx::query("SELECT key_hash, prefix, name FROM api_keys WHERE id = $1")
         .bind(k["id"].as_str().unwrap())
         .fetch_one(&pool)

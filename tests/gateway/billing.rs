@@ -51,7 +51,7 @@ async fn exact_billing_non_streamed(backend: Backend) {
     assert_eq!(usage[0]["status"], 200);
     assert_eq!(usage[0]["usage_source"], "upstream");
 
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
@@ -113,7 +113,7 @@ async fn exact_billing_streamed(backend: Backend) {
     let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 16);
 
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charges, l.usage_cost_sum);

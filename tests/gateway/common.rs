@@ -125,12 +125,22 @@ impl Mock {
 }
 
 /// The config every test starts from: mock upstream, three priced models, the given store.
-pub fn config_toml(database_url: &str, mock: std::net::SocketAddr) -> String {
+/// A gateway's config for the tests; its charge journal lives in `dir`, one per test.
+pub fn config_toml(
+    database_url: &str,
+    dir: &std::path::Path,
+    mock: std::net::SocketAddr,
+) -> String {
+    let journal = dir.join("journal");
+    let journal = journal.display();
     format!(
         r#"
 listen = "127.0.0.1:0"
 database_url = "{database_url}"
 admin_token = "{ADMIN}"
+
+[ledger]
+journal_dir = "{journal}"
 
 [[providers]]
 name = "mock"
@@ -207,7 +217,8 @@ impl Harness {
     ) -> Option<Harness> {
         let db = TestDb::new(backend).await?;
         let mock = Mock::start(mock).await;
-        let mut config = Config::from_toml(&config_toml(&db.url, mock.addr)).expect("config");
+        let mut config =
+            Config::from_toml(&config_toml(&db.url, db.dir.path(), mock.addr)).expect("config");
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let gateway = tollgate::start(listener, config)
@@ -225,6 +236,23 @@ impl Harness {
             db,
             _mock: mock,
         })
+    }
+
+    /// Waits until every charge the gateway has answered is in the store.
+    pub async fn flush(&self) {
+        self.gateway
+            .app()
+            .system
+            .billing
+            .flush()
+            .await
+            .expect("ledger flush");
+    }
+
+    /// The test database, once every charge the gateway has answered is in it.
+    pub async fn pool(&self) -> sqlx::AnyPool {
+        self.flush().await;
+        self.db.pool().await
     }
 
     pub async fn stop(self) {

@@ -66,7 +66,7 @@ async fn concurrent_requests_never_overdraw(backend: Backend) {
     );
     assert!(usage.iter().all(|u| u["uncollected"] == "0"));
 
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance);

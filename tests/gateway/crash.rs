@@ -22,7 +22,7 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     })
     .await;
     let config = db.dir.path().join("tollgate.toml");
-    std::fs::write(&config, config_toml(&db.url, mock.addr)).unwrap();
+    std::fs::write(&config, config_toml(&db.url, db.dir.path(), mock.addr)).unwrap();
     let log = db.dir.path().join("tollgate.log");
     let port = free_port();
     let http = reqwest::Client::builder()
@@ -63,7 +63,16 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
         for w in workers {
             let _ = w.await;
         }
-        server = Some(Server::spawn(&config, port, &log, "info").await);
+        let restarted = Server::spawn(&config, port, &log, "info").await;
+        // The account's actor starts only once the journal the killed process left is in the
+        // store, so this answers after the replay.
+        let resp = restarted
+            .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        server = Some(restarted);
         let pool = db.pool().await;
         let so_far = completed.lock().unwrap().clone();
         check_invariants(&pool, &account, &so_far).await;
@@ -143,3 +152,65 @@ async fn check_invariants(
 
     l
 }
+
+/// Charges answered from the journal alone: nothing is shipped to the store before the
+/// `kill -9`, so every charge the restarted gateway has must come from the journal it left.
+async fn kill9_before_shipping_replays_the_journal(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions::default()).await;
+    let normal = config_toml(&db.url, db.dir.path(), mock.addr);
+    let config = db.dir.path().join("tollgate.toml");
+    // An hour between shipments: in this test the store sees nothing until the restart.
+    std::fs::write(
+        &config,
+        normal.replacen("[ledger]\n", "[ledger]\nship_interval_ms = 3600000\n", 1),
+    )
+    .unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let port = free_port();
+    let http = reqwest::Client::new();
+    let server = Server::spawn(&config, port, &log, "info").await;
+    let (account, key) = seed_account(&http, &server.base, "journal@example.com", "100").await;
+
+    let mut completed = HashSet::new();
+    for i in 0..20 {
+        let stream = i % 2 == 0;
+        let body = json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 8,
+            "messages": [{"role": "user", "content": format!("request {i}")}]});
+        let resp = http
+            .post(format!("{}/v1/chat/completions", server.base))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let text = resp.text().await.unwrap();
+        assert!(!stream || text.ends_with("data: [DONE]\n\n"), "{text}");
+        completed.insert(id);
+    }
+    let pool = db.pool().await;
+    let l = ledger(&pool, &account).await;
+    assert_eq!(l.charge_count, 0, "nothing was shipped before the kill");
+    pool.close().await;
+    server.kill9().await;
+
+    std::fs::write(&config, normal).unwrap();
+    let server = Server::spawn(&config, port, &log, "info").await;
+    let resp = server
+        .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let pool = db.pool().await;
+    let l = check_invariants(&pool, &account, &completed).await;
+    assert_eq!(l.charge_count, 20);
+    pool.close().await;
+    assert!(server.terminate().await.success());
+    db.drop_db().await;
+}
+both_stores!(kill9_before_shipping_replays_the_journal);

@@ -68,7 +68,7 @@ async fn refused_requests_charge_nothing(backend: Backend) {
     assert_eq!(h.balance(&account).await, Amount(1_000_000_000));
     assert_eq!(h.balance(&empty).await, Amount::ZERO);
     assert!(h.usage(&account).await.is_empty());
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!((l.charge_count, l.usage_count), (0, 0));
     pool.close().await;
@@ -180,7 +180,7 @@ async fn key_limits(backend: Backend) {
                 .nanos()
         })
         .sum();
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let spent: i64 = sqlx::Row::try_get(
         &sqlx::query("SELECT spent FROM api_keys WHERE spend_cap IS NOT NULL")
             .fetch_one(&pool)

@@ -270,7 +270,7 @@ async fn json_logs_carry_request_ids() {
     };
     let mock = Mock::start(MockOptions::default()).await;
     let config = db.dir.path().join("tollgate.toml");
-    let toml = config_toml(&db.url, mock.addr).replacen(
+    let toml = config_toml(&db.url, db.dir.path(), mock.addr).replacen(
         "admin_token",
         "log_format = \"json\"\nadmin_token",
         1,

@@ -22,7 +22,7 @@ async fn canary_is_nowhere(backend: Backend) {
     })
     .await;
     let config = db.dir.path().join("tollgate.toml");
-    std::fs::write(&config, config_toml(&db.url, mock.addr)).unwrap();
+    std::fs::write(&config, config_toml(&db.url, db.dir.path(), mock.addr)).unwrap();
     let log = db.dir.path().join("tollgate.log");
     let http = reqwest::Client::new();
     // The most verbose level there is: if content reached a log line, it shows here.
@@ -78,6 +78,19 @@ async fn canary_is_nowhere(backend: Backend) {
         seen_by_client >= 3,
         "the canary did travel through the gateway ({seen_by_client})"
     );
+    // The charge journal holds metadata only. Read while the server runs: a clean stop ships
+    // it to the store and deletes it.
+    let journal = db.dir.path().join("journal");
+    let mut journaled = 0;
+    for entry in std::fs::read_dir(&journal).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        journaled += bytes.len();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(CANARY),
+            "canary in the journal"
+        );
+    }
+    assert!(journaled > 0, "the journal was written");
     assert!(server.terminate().await.success());
 
     let logs = std::fs::read(&log).unwrap();

@@ -89,7 +89,7 @@ async fn client_disconnect_settles_what_was_delivered(backend: Backend) {
         h.balance(&account).await,
         Amount(1_000_000_000 - cost.nanos())
     );
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charges, cost.nanos());

@@ -72,7 +72,7 @@ async fn killed_account_actor_restarts_with_balance_intact(backend: Backend) {
         Amount(before.nanos() - cost.nanos())
     );
 
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charge_count, 6);
@@ -140,7 +140,7 @@ async fn kills_mid_traffic_lose_no_charge(backend: Backend) {
         .filter(|u| u["cost"] != usage[0]["cost"])
         .collect();
     assert_eq!(10_000_000_000 - after.nanos(), billed, "odd usage: {odd:?}");
-    let pool = h.db.pool().await;
+    let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance);

@@ -5,12 +5,12 @@ use crate::money::Amount;
 use crate::store::{now_ms, EntryKind, LedgerEntry};
 use ractor::rpc::CallResult;
 
-fn credit(id: &str, account: &str, nanos: i64) -> Record {
+fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
     Record {
         ledger: Some(LedgerEntry {
             entry_id: id.to_owned(),
             account_id: account.to_owned(),
-            kind: EntryKind::Credit,
+            kind,
             amount: Amount(nanos),
             key_id: None,
             reason: None,
@@ -20,37 +20,77 @@ fn credit(id: &str, account: &str, nanos: i64) -> Record {
     }
 }
 
-/// One record the store refuses (here: an unknown account) fails alone; the rest of its
-/// batch commits.
-#[tokio::test]
-async fn a_rejected_record_does_not_hold_back_its_batch() {
+struct Setup {
+    dir: tempfile::TempDir,
+    store: Store,
+    backlog: Arc<AtomicUsize>,
+}
+
+async fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::connect(&format!("sqlite://{}/l.db", dir.path().display()))
         .await
         .unwrap();
     store.create_account("a", "a@example.com").await.unwrap();
-    let args = LedgerArgs {
-        store: store.clone(),
-        max_batch: 64,
-        flush_interval: Duration::from_millis(20),
-    };
-    let (ledger, _) = Actor::spawn(None, LedgerWriter, args).await.unwrap();
+    Setup {
+        dir,
+        store,
+        backlog: Arc::new(AtomicUsize::new(0)),
+    }
+}
 
-    let records = [
-        credit("ok1", "a", 5),
-        credit("bad", "nobody", 7),
-        credit("ok2", "a", 11),
-    ];
-    let replies: Vec<_> = records
-        .into_iter()
-        .map(|r| {
-            let (tx, rx) = ractor::concurrency::oneshot();
-            ledger
-                .send_message(LedgerMsg::Commit(r, tx.into()))
-                .unwrap();
-            rx
-        })
-        .collect();
+impl Setup {
+    fn journal_dir(&self) -> PathBuf {
+        self.dir.path().join("journal")
+    }
+
+    async fn writer(&self) -> ActorRef<LedgerMsg> {
+        let args = LedgerArgs {
+            store: self.store.clone(),
+            journal_dir: self.journal_dir(),
+            journal_sync: JournalSync::Write,
+            segment_bytes: 1 << 20,
+            max_batch: 64,
+            ship_interval: Duration::from_millis(20),
+            drain_timeout: Duration::from_secs(5),
+            backlog: self.backlog.clone(),
+        };
+        Actor::spawn(None, LedgerWriter, args).await.unwrap().0
+    }
+
+    async fn balance(&self) -> Amount {
+        self.store.account("a").await.unwrap().unwrap().balance
+    }
+}
+
+fn send(
+    ledger: &ActorRef<LedgerMsg>,
+    msg: impl FnOnce(CommitReply) -> LedgerMsg,
+) -> tokio::sync::oneshot::Receiver<Result<bool, CommitError>> {
+    let (tx, rx) = ractor::concurrency::oneshot();
+    ledger.send_message(msg(tx.into())).unwrap();
+    rx
+}
+
+async fn barrier(ledger: &ActorRef<LedgerMsg>) {
+    let done = ledger.call(LedgerMsg::Barrier, None).await.unwrap();
+    assert!(matches!(done, CallResult::Success(())));
+}
+
+/// One record the store refuses (here: an unknown account) fails alone; the rest of its
+/// batch commits.
+#[tokio::test]
+async fn a_rejected_record_does_not_hold_back_its_batch() {
+    let s = setup().await;
+    let ledger = s.writer().await;
+    let replies: Vec<_> = [
+        entry("ok1", "a", EntryKind::Credit, 5),
+        entry("bad", "nobody", EntryKind::Credit, 7),
+        entry("ok2", "a", EntryKind::Credit, 11),
+    ]
+    .into_iter()
+    .map(|r| send(&ledger, |port| LedgerMsg::Commit(r, port)))
+    .collect();
     let mut results = Vec::new();
     for rx in replies {
         results.push(rx.await.unwrap());
@@ -62,13 +102,81 @@ async fn a_rejected_record_does_not_hold_back_its_batch() {
         results[1]
     );
     assert!(matches!(results[2], Ok(true)));
-    assert_eq!(
-        store.account("a").await.unwrap().unwrap().balance,
-        Amount(16)
-    );
+    assert_eq!(s.balance().await, Amount(16));
+    // A repeated entry is committed, and says it was not new.
+    let again = send(&ledger, |port| {
+        LedgerMsg::Commit(entry("ok1", "a", EntryKind::Credit, 5), port)
+    });
+    assert!(matches!(again.await.unwrap(), Ok(false)));
+    assert_eq!(s.balance().await, Amount(16));
 
     // The writer is still healthy.
-    let barrier = ledger.call(LedgerMsg::Barrier, None).await.unwrap();
-    assert!(matches!(barrier, CallResult::Success(())));
+    barrier(&ledger).await;
     ledger.stop(None);
+}
+
+/// An append is answered from the journal; the store has it after a barrier, and the backlog
+/// counts it until then.
+#[tokio::test]
+async fn appends_are_answered_from_the_journal_then_shipped() {
+    let s = setup().await;
+    let ledger = s.writer().await;
+    let credit = send(&ledger, |port| {
+        LedgerMsg::Commit(entry("credit", "a", EntryKind::Credit, 1_000), port)
+    });
+    assert!(matches!(credit.await.unwrap(), Ok(true)));
+    for i in 0..10 {
+        let rx = send(&ledger, |port| {
+            LedgerMsg::Append(entry(&format!("c{i}"), "a", EntryKind::Charge, -7), port)
+        });
+        assert!(matches!(rx.await.unwrap(), Ok(true)));
+    }
+    barrier(&ledger).await;
+    assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
+    assert_eq!(s.balance().await, Amount(1_000 - 70));
+    ledger.stop(None);
+}
+
+/// Records a dead process left in the journal reach the store when the next writer starts,
+/// once each, however often they are replayed.
+#[tokio::test]
+async fn a_new_writer_ships_what_the_journal_holds() {
+    let s = setup().await;
+    s.store
+        .commit_batch(&[entry("credit", "a", EntryKind::Credit, 1_000)])
+        .await
+        .unwrap();
+    // A previous run journaled three charges and died before shipping them; one of them
+    // had reached the store anyway.
+    {
+        let (mut journal, _) = Journal::open(&s.journal_dir(), 1 << 20).unwrap();
+        for i in 0..3 {
+            journal
+                .append(&entry(&format!("c{i}"), "a", EntryKind::Charge, -100))
+                .unwrap();
+        }
+    }
+    s.store
+        .commit_batch(&[entry("c1", "a", EntryKind::Charge, -100)])
+        .await
+        .unwrap();
+    assert_eq!(s.balance().await, Amount(900));
+
+    let ledger = s.writer().await;
+    barrier(&ledger).await;
+    assert_eq!(s.balance().await, Amount(700));
+    assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
+    ledger.stop_and_wait(None, None).await.unwrap();
+
+    // Shipped segments were deleted: a second start ships nothing and moves nothing.
+    let ledger = s.writer().await;
+    barrier(&ledger).await;
+    assert_eq!(s.balance().await, Amount(700));
+    ledger.stop_and_wait(None, None).await.unwrap();
+    let left: Vec<_> = std::fs::read_dir(s.journal_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".log"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
