@@ -9,7 +9,7 @@
 //! keeps honouring the reservations that in-flight requests still hold.
 
 use crate::billing::BillingError;
-use crate::ledger::{CommitReply, LedgerMsg};
+use crate::ledger::LedgerMsg;
 use crate::metered::Mailbox;
 use crate::money::{Amount, Price};
 use crate::slot::Slot;
@@ -49,14 +49,12 @@ pub struct Reservation {
 }
 
 /// The actual cost of a finished request, and its metadata.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct SettleRequest {
     pub request_id: String,
     pub key_id: Option<String>,
     pub cost: Amount,
     pub usage: UsageRecord,
-    /// Answered by the ledger writer once the charge is durable.
-    pub commit: CommitReply,
 }
 
 /// How a settlement came out.
@@ -66,7 +64,7 @@ pub struct Settled {
     /// Cost the balance could not cover (the upstream used more than was reserved and the
     /// account had nothing left). Recorded, never taken below zero.
     pub uncollected: Amount,
-    /// The record sent to the ledger writer; resending it is harmless.
+    /// The record to write down (the caller journals it); writing it twice is harmless.
     pub record: Record,
 }
 
@@ -382,8 +380,9 @@ impl AccountState {
         })
     }
 
-    /// Applies the charge in memory and hands the record to the ledger writer, which answers
-    /// `req.commit` once it is journaled. Never awaits: a kill between messages cannot split it.
+    /// Applies the charge in memory and returns the record for the caller to journal. The
+    /// charge stays unconfirmed in the book until the caller has. Never awaits: a kill between
+    /// messages cannot split it.
     fn settle(&mut self, req: SettleRequest) -> Settled {
         let mut book = self.book.lock();
         let held = book.take(&req.request_id).map(|h| h.amount).unwrap_or(0);
@@ -425,15 +424,6 @@ impl AccountState {
             ledger,
             usage: Some(usage),
         };
-        if let Err(e) = self
-            .ledger
-            .get()
-            .tell(LedgerMsg::Append(record.clone(), req.commit))
-        {
-            // The writer is restarting; the caller's commit port is gone with the message and
-            // the caller resends `record` (idempotent) to the new writer.
-            tracing::warn!(error = %e, "ledger writer unavailable at settlement");
-        }
         Settled {
             charged: Amount(charged),
             uncollected: Amount(uncollected),

@@ -9,6 +9,7 @@ use crate::account::{
     AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
 };
 use crate::directory::{Books, DirectoryMsg, LiveAccounts};
+use crate::journal::JournalSlot;
 use crate::ledger::{CommitError, LedgerMsg};
 use crate::metered::Mailbox;
 use crate::money::Amount;
@@ -49,6 +50,7 @@ pub struct Billing {
     max_buffer: usize,
     directory: Slot<DirectoryMsg>,
     ledger: Slot<LedgerMsg>,
+    journal: JournalSlot,
 }
 
 enum Attempt<T> {
@@ -63,10 +65,12 @@ impl Billing {
         books: Books,
         directory: Slot<DirectoryMsg>,
         ledger: Slot<LedgerMsg>,
+        journal: JournalSlot,
         backlog: Arc<AtomicUsize>,
         max_buffer: usize,
     ) -> Self {
         Billing {
+            journal,
             live,
             books,
             backlog,
@@ -154,44 +158,61 @@ impl Billing {
         cost: Amount,
         usage: UsageRecord,
     ) -> Result<Settled, BillingError> {
-        for _ in 0..ATTEMPTS {
-            let actor = self.account(account_id).await?;
-            let (commit_tx, commit_rx) = ractor::concurrency::oneshot();
-            let request = SettleRequest {
-                request_id: usage.request_id.clone(),
-                key_id: key_id.map(str::to_owned),
-                cost,
-                usage: usage.clone(),
-                commit: commit_tx.into(),
-            };
-            let sent = attempt(&actor, |port| AccountMsg::Settle(request, port)).await;
-            let settled = match sent {
-                Attempt::Done(s) => s,
-                Attempt::Retry => {
-                    self.live
-                        .remove_if(account_id, |_, a| a.get_id() == actor.get_id());
-                    tokio::time::sleep(RETRY_PAUSE).await;
-                    continue;
-                }
-            };
-            match commit_rx.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(CommitError::Rejected(reason))) => {
-                    tracing::error!(request_id = %usage.request_id, %reason, "charge rejected by the store");
-                    return Err(BillingError::Unavailable("ledger (record rejected)"));
-                }
-                // The writer died before journaling the record, or could not sync it: commit it
-                // to the store directly (idempotent).
-                _ => {
-                    self.commit(settled.record.clone()).await?;
-                }
-            }
-            if let Some(book) = self.books.get(account_id) {
-                book.confirm(&usage.request_id);
-            }
-            return Ok(settled);
+        let request_id = usage.request_id.clone();
+        let request = SettleRequest {
+            request_id: request_id.clone(),
+            key_id: key_id.map(str::to_owned),
+            cost,
+            usage,
+        };
+        let settled = self
+            .ask(account_id, |port| AccountMsg::Settle(request.clone(), port))
+            .await?;
+        self.write_down(&settled.record).await?;
+        if let Some(book) = self.books.get(account_id) {
+            book.confirm(&request_id);
         }
-        Err(BillingError::Unavailable("account actor"))
+        Ok(settled)
+    }
+
+    /// Makes a settled charge durable: appended to the journal by this task when the writer
+    /// has posted it (then the writer is told to ship it, and nobody waits for the writer);
+    /// otherwise journaled by the writer (`fsync` mode), or, if the writer cannot, committed to
+    /// the store directly. Every path is idempotent.
+    async fn write_down(&self, record: &Record) -> Result<(), BillingError> {
+        match self.journal.append(record) {
+            Some(Ok(segment)) => {
+                // If the writer is gone, its successor finds the record in the journal.
+                let _ = self
+                    .ledger
+                    .get()
+                    .tell(LedgerMsg::Journaled(record.clone(), segment));
+                return Ok(());
+            }
+            Some(Err(e)) => {
+                metrics::counter!("tollgate_journal_write_failures_total").increment(1);
+                tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
+                self.commit(record.clone()).await?;
+                return Ok(());
+            }
+            None => {}
+        }
+        let reply = self
+            .ledger
+            .get()
+            .ask(
+                |port| LedgerMsg::Append(record.clone(), port),
+                Some(Duration::from_secs(30)),
+            )
+            .await;
+        match reply {
+            Ok(CallResult::Success(Ok(_))) => Ok(()),
+            Ok(CallResult::Success(Err(CommitError::Rejected(_)))) => {
+                Err(BillingError::Unavailable("ledger (record rejected)"))
+            }
+            // The writer died before journaling the record, or could not sync it.
+            _ => self.commit(record.clone()).await.map(|_| ()),
+        }
     }
 
     /// Commits a record to the store (not just the journal), retrying across ledger writer

@@ -1,8 +1,11 @@
 //! The ledger writer: the one actor that writes money down.
 //!
-//! Two ways in (see `docs/guarantees.md`, section 3):
-//! - [`LedgerMsg::Append`], for charges: the record is written to the node's journal and the
-//!   sender is answered at once. It reaches the store later, in a batch.
+//! Three ways in (see `docs/guarantees.md`, section 3):
+//! - [`LedgerMsg::Journaled`], for charges: the settlement has appended the record to the
+//!   journal itself (through the [`JournalSlot`] the writer posts) and tells the writer to ship
+//!   it. Nobody waits for the writer.
+//! - [`LedgerMsg::Append`], for charges when that is not possible (`fsync` mode, or the writer
+//!   restarting): the writer journals the record and answers.
 //! - [`LedgerMsg::Commit`], for credits and adjustments: the sender is answered once the store
 //!   has committed the record, with whether the entry was new.
 //!
@@ -11,14 +14,14 @@
 //! `max_batch` records): under load batches grow by themselves, and a lone request waits for
 //! no timer. A segment of the journal is deleted once the store holds all its records.
 
-use crate::journal::{Journal, JournalSync};
+use crate::journal::{Journal, JournalSlot, JournalSync};
 use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Why a record was not committed.
@@ -38,6 +41,8 @@ pub type CommitReply = RpcReplyPort<Result<bool, CommitError>>;
 // Nearly every message is an Append: boxing its record would add an allocation per record.
 #[allow(clippy::large_enum_variant)]
 pub enum LedgerMsg {
+    /// The record is in the journal already, in this segment: ship it.
+    Journaled(Record, u64),
     /// Journal the record; answer once it is in the journal.
     Append(Record, CommitReply),
     /// Commit the record to the store; answer once it is committed there.
@@ -68,6 +73,8 @@ pub struct LedgerArgs {
     pub drain_timeout: Duration,
     /// Records written but not yet in the store, shared with whoever applies backpressure.
     pub backlog: Arc<AtomicUsize>,
+    /// Where the open journal is posted for settlements to append to.
+    pub slot: JournalSlot,
 }
 
 /// One record on its way to the store.
@@ -91,7 +98,8 @@ pub struct Shipment {
 
 pub struct LedgerState {
     store: Store,
-    journal: Journal,
+    journal: Arc<Mutex<Journal>>,
+    slot: JournalSlot,
     sync: JournalSync,
     max_batch: usize,
     ship_interval: Duration,
@@ -123,7 +131,14 @@ impl Actor for LedgerWriter {
         myself: ActorRef<LedgerMsg>,
         args: LedgerArgs,
     ) -> Result<LedgerState, ActorProcessingErr> {
+        // A previous incarnation's journal must be closed (its lock released) before this one
+        // can open it; a settlement still appending holds it for microseconds.
+        args.slot.clear();
         let (journal, replayed) = Journal::open(&args.journal_dir, args.segment_bytes)?;
+        let journal = Arc::new(Mutex::new(journal));
+        if args.journal_sync == JournalSync::Write {
+            args.slot.post(journal.clone());
+        }
         if !replayed.is_empty() {
             tracing::info!(
                 records = replayed.len(),
@@ -145,6 +160,7 @@ impl Actor for LedgerWriter {
         let mut state = LedgerState {
             store: args.store,
             journal,
+            slot: args.slot,
             sync: args.journal_sync,
             max_batch: args.max_batch.max(1),
             ship_interval: args.ship_interval,
@@ -174,6 +190,10 @@ impl Actor for LedgerWriter {
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            LedgerMsg::Journaled(record, segment) => {
+                state.enqueue(record, Some(segment), None);
+                state.schedule_ship(&myself);
+            }
             LedgerMsg::Append(record, reply) => state.append(&myself, record, reply),
             LedgerMsg::Commit(record, reply) => {
                 state.enqueue(record, None, Some(reply));
@@ -194,8 +214,14 @@ impl Actor for LedgerWriter {
             LedgerMsg::Shipped(shipment) => {
                 state.in_flight = None;
                 state.shipped(shipment);
-                if !state.queue.is_empty() {
+                let urgent = state.queue.len() >= state.max_batch
+                    || !state.barriers.is_empty()
+                    || state.queue.iter().any(|q| q.reply.is_some());
+                if urgent {
+                    // A full batch, or someone waiting for the store: no pause.
                     state.start_shipment(&myself);
+                } else if !state.queue.is_empty() {
+                    state.schedule_ship(&myself);
                 }
             }
             LedgerMsg::Sync => {
@@ -213,6 +239,9 @@ impl Actor for LedgerWriter {
         _myself: ActorRef<LedgerMsg>,
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
+        // Settlements from now on go through the writer's mailbox, which is closed: they fall
+        // back to committing their records to the store.
+        state.slot.clear();
         state.sync_journal();
         let deadline = tokio::time::Instant::now() + state.drain_timeout;
         loop {
@@ -232,11 +261,12 @@ impl Actor for LedgerWriter {
         if let Some(task) = state.in_flight.take() {
             task.abort();
         }
-        let left = state.journal.unshipped();
+        let journal = state.journal();
+        let left = journal.unshipped();
         if left > 0 {
             tracing::warn!(
                 records = left,
-                journal = %state.journal.dir().display(),
+                journal = %journal.dir().display(),
                 "the store did not take every journaled record before shutdown; the next start ships them"
             );
         }
@@ -245,8 +275,13 @@ impl Actor for LedgerWriter {
 }
 
 impl LedgerState {
+    fn journal(&self) -> MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn append(&mut self, myself: &ActorRef<LedgerMsg>, record: Record, reply: CommitReply) {
-        match self.journal.append(&record) {
+        let appended = self.journal().append(&record);
+        match appended {
             Ok(segment) => {
                 self.enqueue(record, Some(segment), None);
                 match self.sync {
@@ -277,7 +312,7 @@ impl LedgerState {
         if self.unsynced.is_empty() {
             return;
         }
-        let result = self.journal.sync();
+        let result = self.journal().sync();
         if let Err(e) = &result {
             metrics::counter!("tollgate_journal_write_failures_total").increment(1);
             tracing::error!(error = %e, "journal sync failed");
@@ -362,9 +397,11 @@ impl LedgerState {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
                 Some(b.saturating_sub(n as usize))
             });
+        let mut journal = self.journal();
         for (segment, count) in shipment.segments {
-            self.journal.shipped(segment, count);
+            journal.shipped(segment, count);
         }
+        drop(journal);
         let through = self.shipped_through;
         let mut i = 0;
         while i < self.barriers.len() {
@@ -381,7 +418,7 @@ impl LedgerState {
     fn publish(&self) {
         self.backlog_gauge
             .set(self.backlog.load(Ordering::Relaxed) as f64);
-        metrics::gauge!("tollgate_journal_segments").set(self.journal.segments() as f64);
+        metrics::gauge!("tollgate_journal_segments").set(self.journal().segments() as f64);
     }
 }
 

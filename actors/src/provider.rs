@@ -1,10 +1,14 @@
 //! Provider actors: one per configured upstream. Each owns its pooled HTTP client and its
 //! concurrency cap, and hands out [`Lease`]s; a request holds its lease (and so its slot under
 //! the cap) for as long as its upstream call lasts, streaming included.
+//!
+//! The actor builds a [`Leaser`] when it starts and posts it on its [`Desk`]: request handlers
+//! take leases there, without a message to the actor and back (two task wake-ups on the hot
+//! path). A restarted actor posts a fresh leaser; leases of the old one stay valid until dropped.
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -118,29 +122,37 @@ impl crate::metered::Kind for ProviderMsg {
     const KIND: &'static str = "provider";
 }
 
-pub struct ProviderState {
+/// Where a provider actor posts its current [`Leaser`].
+#[derive(Clone, Default)]
+pub struct Desk(Arc<RwLock<Option<Arc<Leaser>>>>);
+
+impl Desk {
+    /// A lease from the posted leaser; `None` before the actor's first start.
+    pub fn lease(&self) -> Option<Result<Lease, ProviderError>> {
+        let leaser = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(leaser.lease())
+    }
+
+    fn post(&self, leaser: Arc<Leaser>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(leaser);
+    }
+}
+
+/// Everything needed to grant a lease: the client, the cap, the counters.
+pub struct Leaser {
     spec: Arc<ProviderSpec>,
     client: reqwest::Client,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
+    refused_counter: metrics::Counter,
     health: Arc<Health>,
-    granted: u64,
-    refused: u64,
+    granted: AtomicU64,
+    refused: AtomicU64,
 }
 
-pub struct ProviderActor;
-
-impl Actor for ProviderActor {
-    type Msg = ProviderMsg;
-    type State = ProviderState;
-    type Arguments = ProviderSpec;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<ProviderMsg>,
-        spec: ProviderSpec,
-    ) -> Result<ProviderState, ActorProcessingErr> {
+impl Leaser {
+    fn new(spec: ProviderSpec) -> Result<Leaser, ProviderError> {
         let client = reqwest::Client::builder()
             .connect_timeout(spec.connect_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -150,16 +162,89 @@ impl Actor for ProviderActor {
             .map_err(|_| ProviderError::Client(spec.name.clone()))?;
         metrics::gauge!("tollgate_provider_max_concurrency", "provider" => spec.name.clone())
             .set(spec.max_concurrency as f64);
-        Ok(ProviderState {
+        Ok(Leaser {
             in_flight_gauge: metrics::gauge!("tollgate_provider_in_flight", "provider" => spec.name.clone()),
+            refused_counter: metrics::counter!("tollgate_provider_leases_refused_total", "provider" => spec.name.clone()),
             health: Arc::new(Health::default()),
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             client,
             in_flight: Arc::new(AtomicU64::new(0)),
-            granted: 0,
-            refused: 0,
+            granted: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
+    }
+
+    pub fn lease(&self) -> Result<Lease, ProviderError> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.granted.fetch_add(1, Ordering::Relaxed);
+                self.in_flight.fetch_add(1, Ordering::Relaxed);
+                self.in_flight_gauge.increment(1.0);
+                Ok(Lease {
+                    client: self.client.clone(),
+                    spec: self.spec.clone(),
+                    health: self.health.clone(),
+                    _permit: permit,
+                    _in_flight: InFlightGuard {
+                        count: self.in_flight.clone(),
+                        gauge: self.in_flight_gauge.clone(),
+                    },
+                })
+            }
+            Err(_) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                self.refused_counter.increment(1);
+                Err(ProviderError::Saturated {
+                    provider: self.spec.name.clone(),
+                    limit: self.spec.max_concurrency,
+                })
+            }
+        }
+    }
+
+    fn status(&self) -> ProviderStatus {
+        ProviderStatus {
+            name: self.spec.name.clone(),
+            kind: self.spec.kind.clone(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            max_concurrency: self.spec.max_concurrency,
+            leases_granted: self.granted.load(Ordering::Relaxed),
+            leases_refused: self.refused.load(Ordering::Relaxed),
+            health: self.health.state(),
+            consecutive_failures: self.health.consecutive_failures.load(Ordering::Relaxed),
+            calls_succeeded: self.health.successes.load(Ordering::Relaxed),
+            calls_failed: self.health.failures.load(Ordering::Relaxed),
+            last_failure_ms: Some(self.health.last_failure_ms.load(Ordering::Relaxed))
+                .filter(|t| *t > 0),
+        }
+    }
+}
+
+pub struct ProviderArgs {
+    pub spec: ProviderSpec,
+    pub desk: Desk,
+}
+
+pub struct ProviderState {
+    leaser: Arc<Leaser>,
+}
+
+pub struct ProviderActor;
+
+impl Actor for ProviderActor {
+    type Msg = ProviderMsg;
+    type State = ProviderState;
+    type Arguments = ProviderArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ProviderMsg>,
+        args: ProviderArgs,
+    ) -> Result<ProviderState, ActorProcessingErr> {
+        let leaser = Arc::new(Leaser::new(args.spec)?);
+        args.desk.post(leaser.clone());
+        Ok(ProviderState { leaser })
     }
 
     async fn handle(
@@ -170,49 +255,10 @@ impl Actor for ProviderActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ProviderMsg::Lease(reply) => {
-                let lease = match state.permits.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        state.granted += 1;
-                        state.in_flight.fetch_add(1, Ordering::Relaxed);
-                        state.in_flight_gauge.increment(1.0);
-                        Ok(Lease {
-                            client: state.client.clone(),
-                            spec: state.spec.clone(),
-                            health: state.health.clone(),
-                            _permit: permit,
-                            _in_flight: InFlightGuard {
-                                count: state.in_flight.clone(),
-                                gauge: state.in_flight_gauge.clone(),
-                            },
-                        })
-                    }
-                    Err(_) => {
-                        state.refused += 1;
-                        metrics::counter!("tollgate_provider_leases_refused_total", "provider" => state.spec.name.clone())
-                            .increment(1);
-                        Err(ProviderError::Saturated {
-                            provider: state.spec.name.clone(),
-                            limit: state.spec.max_concurrency,
-                        })
-                    }
-                };
-                let _ = reply.send(lease);
+                let _ = reply.send(state.leaser.lease());
             }
             ProviderMsg::Status(reply) => {
-                let _ = reply.send(ProviderStatus {
-                    name: state.spec.name.clone(),
-                    kind: state.spec.kind.clone(),
-                    in_flight: state.in_flight.load(Ordering::Relaxed),
-                    max_concurrency: state.spec.max_concurrency,
-                    leases_granted: state.granted,
-                    leases_refused: state.refused,
-                    health: state.health.state(),
-                    consecutive_failures: state.health.consecutive_failures.load(Ordering::Relaxed),
-                    calls_succeeded: state.health.successes.load(Ordering::Relaxed),
-                    calls_failed: state.health.failures.load(Ordering::Relaxed),
-                    last_failure_ms: Some(state.health.last_failure_ms.load(Ordering::Relaxed))
-                        .filter(|t| *t > 0),
-                });
+                let _ = reply.send(state.leaser.status());
             }
         }
         Ok(())

@@ -205,6 +205,9 @@ impl Store {
                 let url = sqlite_url_with_create(url).map_err(StoreError::Directory)?;
                 AnyPoolOptions::new()
                     .max_connections(4)
+                    // A round trip to the connection's worker thread per acquire, for a file
+                    // that does not go away.
+                    .test_before_acquire(false)
                     .after_connect(|conn, _meta| {
                         Box::pin(async move {
                             // WAL with FULL sync: a committed batch survives kill -9 and power loss.
@@ -408,7 +411,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) VALUES ",
             );
-            push_placeholders(&mut sql, chunk.len(), 7);
+            push_placeholders(&mut sql, self.backend, chunk.len(), 7);
             sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
             let mut q = sqlx::query(&sql);
             for e in chunk {
@@ -466,7 +469,7 @@ impl Store {
                  prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
                  usage_source, latency_ms, created_at) VALUES ",
             );
-            push_placeholders(&mut sql, chunk.len(), 15);
+            push_placeholders(&mut sql, self.backend, chunk.len(), 15);
             sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
             let mut q = sqlx::query(&sql);
             for u in chunk {
@@ -511,12 +514,8 @@ impl Store {
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut found = std::collections::HashSet::new();
         for chunk in entry_ids.chunks(500) {
-            let mut sql = String::from("SELECT entry_id FROM ledger WHERE entry_id IN (");
-            for i in 1..=chunk.len() {
-                sql.push_str(if i == 1 { "$" } else { ", $" });
-                sql.push_str(&i.to_string());
-            }
-            sql.push(')');
+            let mut sql = String::from("SELECT entry_id FROM ledger WHERE entry_id IN ");
+            push_placeholders(&mut sql, self.backend, 1, chunk.len());
             let mut q = sqlx::query(&sql);
             for id in chunk {
                 q = q.bind(id.as_str());
@@ -598,14 +597,27 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
 }
 
 /// Appends `($1, $2, …), (…)` for `rows` rows of `cols` parameters each.
-fn push_placeholders(sql: &mut String, rows: usize, cols: usize) {
+/// `(p, p, …), (p, p, …)`: `rows` groups of `cols` parameters, numbered in order.
+///
+/// SQLite gets anonymous `?`s: looking up a numbered parameter's name is a linear scan of the
+/// statement's names, so binding n numbered parameters costs O(n²), which a 500-row insert
+/// makes the gateway's largest cost. Postgres needs `$1`, `$2`, ….
+fn push_placeholders(sql: &mut String, backend: Backend, rows: usize, cols: usize) {
     use std::fmt::Write;
     let mut n = 0;
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
         for col in 0..cols {
             n += 1;
-            let _ = write!(sql, "{}${n}", if col == 0 { "" } else { ", " });
+            if col > 0 {
+                sql.push_str(", ");
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(sql, "${n}");
+                }
+            }
         }
         sql.push(')');
     }

@@ -15,11 +15,13 @@ use crate::billing::Billing;
 use crate::directory::{
     AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
-use crate::journal::JournalSync;
+use crate::journal::{JournalSlot, JournalSync};
 use crate::ledger::{LedgerArgs, LedgerMsg, LedgerWriter};
 use crate::metered::Mailbox;
 use crate::metered::{record_restart, Metered};
-use crate::provider::{ProviderActor, ProviderMsg, ProviderSpec, ProviderStatus};
+use crate::provider::{
+    Desk, ProviderActor, ProviderArgs, ProviderMsg, ProviderSpec, ProviderStatus,
+};
 use crate::restart::{RestartHistory, RestartPolicy};
 use crate::slot::Slot;
 use crate::store::Store;
@@ -120,10 +122,13 @@ pub struct RootState {
     cfg: SystemConfig,
     /// The ledger's records not yet in the store; outlives each incarnation of the writer.
     backlog: Arc<AtomicUsize>,
+    /// Where each incarnation of the writer posts its journal.
+    journal: JournalSlot,
     ledger: Slot<LedgerMsg>,
     directory: Slot<DirectoryMsg>,
     providers: HashMap<String, Slot<ProviderMsg>>,
     specs: HashMap<String, ProviderSpec>,
+    desks: HashMap<String, Desk>,
     live: LiveAccounts,
     books: Books,
     by_actor: HashMap<ActorId, ChildKind>,
@@ -138,6 +143,8 @@ pub struct RootArgs {
 }
 
 pub struct Handles {
+    journal: JournalSlot,
+    desks: HashMap<String, Desk>,
     books: Books,
     backlog: Arc<AtomicUsize>,
     ledger: Slot<LedgerMsg>,
@@ -166,7 +173,8 @@ impl Actor for Root {
         let cell = myself.get_cell();
 
         let backlog = Arc::new(AtomicUsize::new(0));
-        let ledger = spawn_ledger(&cfg, &backlog, cell.clone()).await?;
+        let journal = JournalSlot::default();
+        let ledger = spawn_ledger(&cfg, &backlog, &journal, cell.clone()).await?;
         by_actor.insert(ledger.get_id(), ChildKind::Ledger);
         started.insert(ChildKind::Ledger, Instant::now());
         let ledger = Slot::new(ledger);
@@ -181,14 +189,16 @@ impl Actor for Root {
 
         let mut providers = HashMap::new();
         let mut specs = HashMap::new();
+        let mut desks = HashMap::new();
         for spec in &cfg.providers {
-            let (p, _) = Actor::spawn_linked(
-                None,
-                Metered::new(ProviderActor),
-                spec.clone(),
-                cell.clone(),
-            )
-            .await?;
+            let desk = Desk::default();
+            let args = ProviderArgs {
+                spec: spec.clone(),
+                desk: desk.clone(),
+            };
+            let (p, _) =
+                Actor::spawn_linked(None, Metered::new(ProviderActor), args, cell.clone()).await?;
+            desks.insert(spec.name.clone(), desk);
             let kind = ChildKind::Provider(spec.name.clone());
             by_actor.insert(p.get_id(), kind.clone());
             started.insert(kind, Instant::now());
@@ -196,6 +206,8 @@ impl Actor for Root {
             specs.insert(spec.name.clone(), spec.clone());
         }
         let _ = args.handles.send(Handles {
+            journal: journal.clone(),
+            desks: desks.clone(),
             books: books.clone(),
             backlog: backlog.clone(),
             ledger: ledger.clone(),
@@ -206,10 +218,12 @@ impl Actor for Root {
         Ok(RootState {
             cfg,
             backlog,
+            journal,
             ledger,
             directory,
             providers,
             specs,
+            desks,
             live,
             books,
             by_actor,
@@ -326,7 +340,7 @@ impl RootState {
         let cell = myself.get_cell();
         let id = match &kind {
             ChildKind::Ledger => {
-                let ledger = spawn_ledger(&self.cfg, &self.backlog, cell).await?;
+                let ledger = spawn_ledger(&self.cfg, &self.backlog, &self.journal, cell).await?;
                 let id = ledger.get_id();
                 self.ledger.set(ledger);
                 id
@@ -340,13 +354,19 @@ impl RootState {
                 id
             }
             ChildKind::Provider(name) => {
-                let (Some(spec), Some(slot)) = (self.specs.get(name), self.providers.get(name))
-                else {
+                let (Some(spec), Some(slot), Some(desk)) = (
+                    self.specs.get(name),
+                    self.providers.get(name),
+                    self.desks.get(name),
+                ) else {
                     return Ok(());
                 };
+                let args = ProviderArgs {
+                    spec: spec.clone(),
+                    desk: desk.clone(),
+                };
                 let (p, _) =
-                    Actor::spawn_linked(None, Metered::new(ProviderActor), spec.clone(), cell)
-                        .await?;
+                    Actor::spawn_linked(None, Metered::new(ProviderActor), args, cell).await?;
                 let id = p.get_id();
                 slot.set(p);
                 id
@@ -363,6 +383,7 @@ impl RootState {
 async fn spawn_ledger(
     cfg: &SystemConfig,
     backlog: &Arc<AtomicUsize>,
+    journal: &JournalSlot,
     supervisor: ActorCell,
 ) -> Result<ActorRef<LedgerMsg>, SpawnErr> {
     let args = LedgerArgs {
@@ -374,6 +395,7 @@ async fn spawn_ledger(
         ship_interval: cfg.ledger.ship_interval,
         drain_timeout: cfg.ledger.drain_timeout,
         backlog: backlog.clone(),
+        slot: journal.clone(),
     };
     let (ledger, _) =
         Actor::spawn_linked(None, Metered::new(LedgerWriter), args, supervisor).await?;
@@ -401,6 +423,7 @@ pub struct ActorSystem {
     root: ActorRef<RootMsg>,
     pub billing: Billing,
     providers: Arc<HashMap<String, Slot<ProviderMsg>>>,
+    desks: Arc<HashMap<String, Desk>>,
     directory: Slot<DirectoryMsg>,
 }
 
@@ -419,10 +442,12 @@ impl ActorSystem {
                 handles.books,
                 handles.directory.clone(),
                 handles.ledger,
+                handles.journal,
                 handles.backlog,
                 max_buffer,
             ),
             providers: Arc::new(handles.providers),
+            desks: Arc::new(handles.desks),
             directory: handles.directory,
             root,
         })
@@ -430,6 +455,11 @@ impl ActorSystem {
 
     pub fn provider(&self, name: &str) -> Option<ActorRef<ProviderMsg>> {
         self.providers.get(name).map(Slot::get)
+    }
+
+    /// Where leases for a provider's calls are taken (see [`Desk`]).
+    pub fn desk(&self, name: &str) -> Option<&Desk> {
+        self.desks.get(name)
     }
 
     pub fn provider_names(&self) -> impl Iterator<Item = &String> {

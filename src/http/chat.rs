@@ -17,7 +17,6 @@ use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
-use ractor::rpc::CallResult;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -25,8 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
-use tollgate_actors::metered::Mailbox;
-use tollgate_actors::provider::{Lease, ProviderError, ProviderMsg};
+use tollgate_actors::provider::{Lease, ProviderError};
 use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
 use tollgate_actors::Amount;
 use warp::reply::Response;
@@ -150,7 +148,7 @@ impl Call {
             .increment(usage.completion_tokens);
         metrics::counter!("tollgate_billed_nanousdt_total", "model" => m, "provider" => p)
             .increment(u64::try_from(settled.charged.nanos()).unwrap_or(0));
-        tracing::info!(
+        tracing::debug!(
             request_id = %self.request_id,
             model = %self.model.id,
             status,
@@ -397,24 +395,21 @@ async fn proxy(
     Ok(resp)
 }
 
-/// A lease from the provider's actor; if the actor is restarting, waits for its successor
-/// (up to about a second) rather than failing the call.
+/// A lease from the provider's desk (no message to its actor); before the actor's first start
+/// has posted a leaser, waits for it (up to about a second) rather than failing the call.
 async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
+    let desk = app
+        .system
+        .desk(provider)
+        .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
     for _ in 0..50 {
-        let actor = app
-            .system
-            .provider(provider)
-            .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
-        match actor
-            .ask(ProviderMsg::Lease, Some(Duration::from_secs(5)))
-            .await
-        {
-            Ok(CallResult::Success(Ok(lease))) => return Ok(lease),
-            Ok(CallResult::Success(Err(e @ ProviderError::Saturated { .. }))) => {
+        match desk.lease() {
+            Some(Ok(lease)) => return Ok(lease),
+            Some(Err(e @ ProviderError::Saturated { .. })) => {
                 return Err(ApiError::RateLimited(e.to_string()))
             }
-            Ok(CallResult::Success(Err(e))) => return Err(ApiError::Unavailable(e.to_string())),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            Some(Err(e)) => return Err(ApiError::Unavailable(e.to_string())),
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
     Err(ApiError::Unavailable(format!("provider `{provider}`")))

@@ -156,6 +156,18 @@ async fn check_invariants(
 /// Charges answered from the journal alone: nothing is shipped to the store before the
 /// `kill -9`, so every charge the restarted gateway has must come from the journal it left.
 async fn kill9_before_shipping_replays_the_journal(backend: Backend) {
+    kill9_before_shipping(backend, "write").await;
+}
+both_stores!(kill9_before_shipping_replays_the_journal);
+
+/// The same with `journal_sync = "fsync"`, where the ledger writer journals each charge and
+/// syncs it before answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_before_shipping_replays_the_synced_journal() {
+    kill9_before_shipping(Backend::Sqlite, "fsync").await;
+}
+
+async fn kill9_before_shipping(backend: Backend, sync: &str) {
     let Some(db) = TestDb::new(backend).await else {
         return;
     };
@@ -165,7 +177,11 @@ async fn kill9_before_shipping_replays_the_journal(backend: Backend) {
     // An hour between shipments: in this test the store sees nothing until the restart.
     std::fs::write(
         &config,
-        normal.replacen("[ledger]\n", "[ledger]\nship_interval_ms = 3600000\n", 1),
+        normal.replacen(
+            "[ledger]\n",
+            &format!("[ledger]\nship_interval_ms = 3600000\njournal_sync = \"{sync}\"\n"),
+            1,
+        ),
     )
     .unwrap();
     let log = db.dir.path().join("tollgate.log");
@@ -213,4 +229,3 @@ async fn kill9_before_shipping_replays_the_journal(backend: Backend) {
     assert!(server.terminate().await.success());
     db.drop_db().await;
 }
-both_stores!(kill9_before_shipping_replays_the_journal);

@@ -277,7 +277,8 @@ async fn json_logs_carry_request_ids() {
     );
     std::fs::write(&config, toml).unwrap();
     let log = db.dir.path().join("tollgate.log");
-    let server = Server::spawn(&config, free_port(), &log, "info").await;
+    // One line per call is logged at debug (at info it would cost every call a write).
+    let server = Server::spawn(&config, free_port(), &log, "tollgate=debug").await;
     let http = reqwest::Client::new();
     let (_, key) = seed_account(&http, &server.base, "logs@example.com", "1").await;
     let resp = http

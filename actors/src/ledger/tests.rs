@@ -54,6 +54,7 @@ impl Setup {
             ship_interval: Duration::from_millis(20),
             drain_timeout: Duration::from_secs(5),
             backlog: self.backlog.clone(),
+            slot: JournalSlot::default(),
         };
         Actor::spawn(None, LedgerWriter, args).await.unwrap().0
     }
