@@ -98,9 +98,10 @@ pub struct LedgerConfig {
     /// Most records in one store transaction.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Pause before each shipment of journaled records to the store, to gather more of them.
-    /// 0: ship as soon as the previous shipment is done.
-    #[serde(default, alias = "flush_interval_ms")]
+    /// Pause before a shipment of journaled records to the store, to gather more of them into
+    /// one transaction (a barrier or a credit ships at once). 0: ship as soon as the previous
+    /// shipment is done.
+    #[serde(default = "default_ship_interval_ms", alias = "flush_interval_ms")]
     pub ship_interval_ms: u64,
     /// Records allowed to wait for the store (while it is slow or unreachable); beyond it new
     /// requests get 503.
@@ -145,7 +146,7 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             max_batch: default_max_batch(),
-            ship_interval_ms: 0,
+            ship_interval_ms: default_ship_interval_ms(),
             max_buffer: default_max_buffer(),
             journal_dir: None,
             journal_sync: JournalSync::default(),
@@ -203,6 +204,9 @@ fn default_max_batch() -> usize {
 }
 fn default_max_buffer() -> usize {
     100_000
+}
+fn default_ship_interval_ms() -> u64 {
+    10
 }
 fn default_segment_bytes() -> u64 {
     16 << 20

@@ -21,7 +21,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
 use tollgate_actors::provider::{Lease, ProviderError};
@@ -309,20 +308,20 @@ async fn proxy(
     }
 
     if stream {
-        // Small: a chunk handed over is at most two chunks from the socket.
-        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
         let idle = app.config.stream_idle_timeout(&call.model.provider);
-        app.relays.spawn(relay(
-            call,
-            lease,
-            upstream,
-            tx,
-            messages,
+        let relay = Relay {
+            call: Some(call),
+            lease: Some(lease),
+            events: Box::pin(upstream.bytes_stream().eventsource()),
+            usage: None,
+            content_chunks: 0,
             client_wants_usage,
+            messages,
             idle,
-        ));
+        };
+        let body = futures::stream::unfold(relay, Relay::next_frame);
         let mut resp = warp::reply::Reply::into_response(warp::reply::stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+            sync_wrapper::SyncStream::new(body),
         ));
         let h = resp.headers_mut();
         h.insert(
@@ -461,6 +460,7 @@ struct DeltaPeek<'a> {
     content: Option<std::borrow::Cow<'a, str>>,
 }
 
+#[derive(Clone, Copy)]
 enum StreamEnd {
     Done,
     ClientGone,
@@ -468,106 +468,142 @@ enum StreamEnd {
     UpstreamIdle,
 }
 
-/// Passes the upstream's events to the client one by one as they arrive, watching for usage.
-/// The terminating `data: [DONE]` is sent only after the charge is durable.
-async fn relay(
-    call: Call,
-    lease: Lease,
-    upstream: reqwest::Response,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
-    messages: Value,
+type Events = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<
+                    eventsource_stream::Event,
+                    eventsource_stream::EventStreamError<reqwest::Error>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// A streamed call's response body. The client's connection pulls it, so each upstream event
+/// is read, looked at and written by the connection's own task, with no task or channel in
+/// between. The terminating `data: [DONE]` is produced only after the charge is durable.
+///
+/// If the connection drops the body before its end (the client went away), [`Drop`] settles
+/// the call for what was delivered, in a task of its own.
+struct Relay {
+    /// `None` once the settlement has started.
+    call: Option<Call>,
+    lease: Option<Lease>,
+    events: Events,
+    usage: Option<Usage>,
+    content_chunks: u64,
     client_wants_usage: bool,
+    messages: Value,
     idle: Duration,
-) {
-    let mut events = upstream.bytes_stream().eventsource();
-    let mut usage: Option<Usage> = None;
-    let mut content_chunks: u64 = 0;
-    let end = loop {
-        let next = tokio::select! {
-            _ = tx.closed() => break StreamEnd::ClientGone,
-            next = tokio::time::timeout(idle, events.next()) => next,
+}
+
+type Frame = Result<Bytes, std::io::Error>;
+
+impl Relay {
+    /// The next frame for the client: an upstream event passed on, or the last frame after the
+    /// settlement; `None` after that.
+    async fn next_frame(mut self) -> Option<(Frame, Relay)> {
+        let call = self.call.as_ref()?;
+        let end = loop {
+            let event = match tokio::time::timeout(self.idle, self.events.next()).await {
+                Err(_) => break StreamEnd::UpstreamIdle,
+                // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
+                Ok(None) | Ok(Some(Err(_))) => break StreamEnd::UpstreamFailed,
+                Ok(Some(Ok(event))) => event,
+            };
+            if event.data == "[DONE]" {
+                break StreamEnd::Done;
+            }
+            let mut forward = true;
+            let mut has_content = false;
+            if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
+                if let Some(u) = peek.usage {
+                    self.usage = Some(u);
+                    forward = self.client_wants_usage || !peek.choices.is_empty();
+                }
+                has_content = peek.choices.iter().any(|c| {
+                    c.delta
+                        .as_ref()
+                        .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
+                });
+            }
+            if forward {
+                // Counted as delivered once handed to the client's connection.
+                if has_content && self.content_chunks == 0 {
+                    metrics::histogram!("tollgate_time_to_first_token_seconds",
+                        "model" => call.model.id.clone(), "provider" => call.model.provider.clone())
+                    .record(call.started.elapsed().as_secs_f64());
+                }
+                self.content_chunks += u64::from(has_content);
+                let frame = Bytes::from(format!("data: {}\n\n", event.data));
+                return Some((Ok(frame), self));
+            }
         };
-        let event = match next {
-            Err(_) => break StreamEnd::UpstreamIdle,
-            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
-            Ok(None) => break StreamEnd::UpstreamFailed,
-            Ok(Some(Err(_))) => break StreamEnd::UpstreamFailed,
-            Ok(Some(Ok(event))) => event,
+        let last = self.finish(end).await;
+        Some((Ok(last), self))
+    }
+
+    /// Ends the upstream call and settles. The settlement runs in a task of its own, so that a
+    /// client leaving at this very moment cannot cut it short.
+    async fn finish(&mut self, end: StreamEnd) -> Bytes {
+        let Some(settle) = self.settle_in_background(end) else {
+            return Bytes::new();
         };
-        if event.data == "[DONE]" {
-            break StreamEnd::Done;
+        match settle.await {
+            Ok(frame) => frame,
+            Err(_) => error_event("The charge could not be recorded.", "server_error"),
         }
-        let mut forward = true;
-        let mut has_content = false;
-        if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
-            if let Some(u) = peek.usage {
-                usage = Some(u);
-                forward = client_wants_usage || !peek.choices.is_empty();
-            }
-            has_content = peek.choices.iter().any(|c| {
-                c.delta
-                    .as_ref()
-                    .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
-            });
+    }
+
+    /// Stops the upstream call (dropping its body closes the connection), reports how it went,
+    /// and spawns the settlement; its task yields the frame the client gets last.
+    fn settle_in_background(&mut self, end: StreamEnd) -> Option<tokio::task::JoinHandle<Bytes>> {
+        let call = self.call.take()?;
+        self.events = Box::pin(futures::stream::empty());
+        if let Some(lease) = self.lease.take() {
+            lease.report(!matches!(
+                end,
+                StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle
+            ));
         }
-        if forward {
-            let frame = Bytes::from(format!("data: {}\n\n", event.data));
-            if tx.send(Ok(frame)).await.is_err() {
-                break StreamEnd::ClientGone;
-            }
-            // Delivered: handed to the client's connection.
-            if has_content && content_chunks == 0 {
-                metrics::histogram!("tollgate_time_to_first_token_seconds",
-                    "model" => call.model.id.clone(), "provider" => call.model.provider.clone())
-                .record(call.started.elapsed().as_secs_f64());
-            }
-            content_chunks += u64::from(has_content);
-        }
-    };
-    // Stop the upstream call now (dropping the body closes its connection), then settle.
-    drop(events);
-    lease.report(!matches!(
-        end,
-        StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle
-    ));
-    drop(lease);
-    let (usage, source) = match usage {
-        Some(u) => (u, UsageSource::Upstream),
-        // What was delivered: the prompt, and one token per content chunk sent on.
-        None => (
-            Usage {
-                prompt_tokens: tokens::prompt_tokens(&messages),
-                completion_tokens: content_chunks,
-                prompt_tokens_details: None,
-            },
-            UsageSource::Estimated,
-        ),
-    };
-    let status = match end {
-        StreamEnd::Done => 200,
-        StreamEnd::ClientGone => CLIENT_CLOSED,
-        StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle => 502,
-    };
-    // A stream the upstream broke off is still charged for what the client received.
-    let settled = call.settle(usage, source, status, true).await;
-    match (end, settled) {
-        (StreamEnd::Done, Ok(_)) => {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-        }
-        (StreamEnd::ClientGone, _) => {}
-        (_, Err(e)) => {
-            let _ = tx
-                .send(Ok(error_event(&e.to_string(), "server_error")))
-                .await;
-        }
-        (StreamEnd::UpstreamFailed, Ok(_)) | (StreamEnd::UpstreamIdle, Ok(_)) => {
-            let _ = tx
-                .send(Ok(error_event(
+        let (usage, source) = match self.usage {
+            Some(u) => (u, UsageSource::Upstream),
+            // What was delivered: the prompt, and one token per content chunk sent on.
+            None => (
+                Usage {
+                    prompt_tokens: tokens::prompt_tokens(&self.messages),
+                    completion_tokens: self.content_chunks,
+                    prompt_tokens_details: None,
+                },
+                UsageSource::Estimated,
+            ),
+        };
+        let status = match end {
+            StreamEnd::Done => 200,
+            StreamEnd::ClientGone => CLIENT_CLOSED,
+            StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle => 502,
+        };
+        let relays = call.app.relays.clone();
+        Some(relays.spawn(async move {
+            // A stream the upstream broke off is still charged for what the client received.
+            let settled = call.settle(usage, source, status, true).await;
+            match (end, settled) {
+                (StreamEnd::Done, Ok(_)) => Bytes::from_static(b"data: [DONE]\n\n"),
+                (StreamEnd::ClientGone, _) => Bytes::new(),
+                (_, Err(e)) => error_event(&e.to_string(), "server_error"),
+                (StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle, Ok(_)) => error_event(
                     "The upstream provider broke off the stream.",
                     "upstream_error",
-                )))
-                .await;
-        }
+                ),
+            }
+        }))
+    }
+}
+
+impl Drop for Relay {
+    /// The connection dropped the body before its end: the client went away.
+    fn drop(&mut self) {
+        let _ = self.settle_in_background(StreamEnd::ClientGone);
     }
 }
 
