@@ -267,6 +267,8 @@ pub struct Model {
     pub input_per_mtok: String,
     pub output_per_mtok: String,
     pub max_output_tokens: u64,
+    /// Its metric handles; set when the gateway starts (after the metrics recorder exists).
+    pub meters: Option<std::sync::Arc<crate::telemetry::ModelMeters>>,
 }
 
 impl Config {
@@ -332,6 +334,7 @@ impl Config {
                 input_per_mtok: m.input_per_mtok.clone(),
                 output_per_mtok: m.output_per_mtok.clone(),
                 max_output_tokens: m.max_output_tokens,
+                meters: None,
             };
             if out.insert(m.id.clone(), model).is_some() {
                 return Err(ConfigError::Duplicate {

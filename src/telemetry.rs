@@ -4,6 +4,8 @@
 //! No label ever carries user content or key material: `model` is a configured model id or
 //! `unknown`, `route` is the route's template.
 
+use dashmap::DashMap;
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -36,6 +38,59 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
             }
         })
         .as_ref()
+}
+
+/// A model's metric handles, resolved once at start: looking a labelled metric up by name on
+/// every call (allocating its labels, hashing, locking the registry) costs more than the
+/// update itself.
+#[derive(Clone)]
+pub struct ModelMeters {
+    pub input_tokens: Counter,
+    pub output_tokens: Counter,
+    pub billed_nanos: Counter,
+    pub time_to_first_token: Histogram,
+    pub upstream_response: Histogram,
+    /// `tollgate_http_requests_total` and `_duration_seconds` of the chat route, by status.
+    requests: DashMap<u16, (Counter, Histogram)>,
+    model: String,
+    provider: String,
+}
+
+impl ModelMeters {
+    pub fn new(model: &str, provider: &str) -> ModelMeters {
+        let (m, p) = (model.to_owned(), provider.to_owned());
+        ModelMeters {
+            input_tokens: metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "input"),
+            output_tokens: metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "output"),
+            billed_nanos: metrics::counter!("tollgate_billed_nanousdt_total", "model" => m.clone(), "provider" => p.clone()),
+            time_to_first_token: metrics::histogram!("tollgate_time_to_first_token_seconds", "model" => m.clone(), "provider" => p.clone()),
+            upstream_response: metrics::histogram!("tollgate_upstream_response_seconds", "provider" => p.clone()),
+            requests: DashMap::new(),
+            model: m,
+            provider: p,
+        }
+    }
+
+    /// The request counter and duration histogram of a chat call that ended with `status`.
+    pub fn request(&self, route: &'static str, status: u16) -> (Counter, Histogram) {
+        if let Some(h) = self.requests.get(&status) {
+            return h.clone();
+        }
+        let s = status.to_string();
+        let handles = (
+            metrics::counter!("tollgate_http_requests_total", "route" => route, "status" => s.clone(),
+                "model" => self.model.clone(), "provider" => self.provider.clone()),
+            metrics::histogram!("tollgate_http_request_duration_seconds", "route" => route, "status" => s),
+        );
+        self.requests.insert(status, handles.clone());
+        handles
+    }
+}
+
+impl std::fmt::Debug for ModelMeters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ModelMeters")
+    }
 }
 
 pub fn render() -> String {

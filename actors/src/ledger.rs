@@ -111,7 +111,10 @@ pub struct LedgerState {
     /// Every record up to this sequence number is in the store.
     shipped_through: u64,
     in_flight: Option<tokio::task::JoinHandle<Shipment>>,
+    /// A `Ship` is on its way, by timer or by message.
     ship_scheduled: bool,
+    /// A `Ship` message (not a timer) is in the mailbox.
+    ship_told: bool,
     barriers: Vec<(u64, RpcReplyPort<()>)>,
     /// `fsync` mode: appends written but not yet synced.
     unsynced: Vec<CommitReply>,
@@ -156,6 +159,16 @@ impl Actor for LedgerWriter {
                 queued_at: now,
             })
             .collect();
+        // Counters of rare events exist from the start, at zero, so that dashboards and alerts
+        // see a series rather than nothing.
+        for name in [
+            "tollgate_ledger_commit_failures_total",
+            "tollgate_ledger_rejected_records_total",
+            "tollgate_journal_write_failures_total",
+            "tollgate_journal_damaged_records_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         args.backlog.store(queue.len(), Ordering::Relaxed);
         let mut state = LedgerState {
             store: args.store,
@@ -171,6 +184,7 @@ impl Actor for LedgerWriter {
             shipped_through: 0,
             in_flight: None,
             ship_scheduled: false,
+            ship_told: false,
             barriers: Vec::new(),
             unsynced: Vec::new(),
             sync_scheduled: false,
@@ -209,6 +223,7 @@ impl Actor for LedgerWriter {
             }
             LedgerMsg::Ship => {
                 state.ship_scheduled = false;
+                state.ship_told = false;
                 state.start_shipment(&myself);
             }
             LedgerMsg::Shipped(shipment) => {
@@ -340,7 +355,15 @@ impl LedgerState {
     }
 
     fn schedule_ship(&mut self, myself: &ActorRef<LedgerMsg>) {
-        if self.ship_scheduled || self.in_flight.is_some() {
+        if self.in_flight.is_some() {
+            return;
+        }
+        if self.queue.len() >= self.max_batch {
+            // A full batch waits for no timer.
+            self.ship_now(myself);
+            return;
+        }
+        if self.ship_scheduled {
             return;
         }
         self.ship_scheduled = true;
@@ -355,9 +378,10 @@ impl LedgerState {
     fn ship_now(&mut self, myself: &ActorRef<LedgerMsg>) {
         if self.ship_interval.is_zero() {
             self.schedule_ship(myself);
-        } else if self.in_flight.is_none() {
+        } else if self.in_flight.is_none() && !self.ship_told {
             // A timer may also be pending; its `Ship` then finds nothing to do.
             self.ship_scheduled = true;
+            self.ship_told = true;
             let _ = myself.tell(LedgerMsg::Ship);
         }
     }

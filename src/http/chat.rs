@@ -91,7 +91,7 @@ struct Call {
     app: Arc<App>,
     request_id: String,
     key: Arc<KeyInfo>,
-    model: Model,
+    model: Arc<Model>,
     stream: bool,
     started: Instant,
 }
@@ -140,13 +140,13 @@ impl Call {
                 tracing::error!(request_id = %self.request_id, error = %e, "settlement failed");
                 ApiError::from(e)
             })?;
-        let (m, p) = (self.model.id.clone(), self.model.provider.clone());
-        metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "input")
-            .increment(usage.prompt_tokens);
-        metrics::counter!("tollgate_tokens_total", "model" => m.clone(), "provider" => p.clone(), "direction" => "output")
-            .increment(usage.completion_tokens);
-        metrics::counter!("tollgate_billed_nanousdt_total", "model" => m, "provider" => p)
-            .increment(u64::try_from(settled.charged.nanos()).unwrap_or(0));
+        if let Some(meters) = &self.model.meters {
+            meters.input_tokens.increment(usage.prompt_tokens);
+            meters.output_tokens.increment(usage.completion_tokens);
+            meters
+                .billed_nanos
+                .increment(u64::try_from(settled.charged.nanos()).unwrap_or(0));
+        }
         tracing::debug!(
             request_id = %self.request_id,
             model = %self.model.id,
@@ -195,11 +195,10 @@ async fn proxy(
         .cloned()
         .ok_or(ApiError::ModelNotFound(model_id.clone()))?;
     *labels = Some(CallLabels {
-        model: model.id.clone(),
-        provider: model.provider.clone(),
+        model: model.clone(),
     });
     if !key.allows_model(&model.id) {
-        return Err(ApiError::ModelNotAllowed(model.id));
+        return Err(ApiError::ModelNotAllowed(model.id.clone()));
     }
 
     let per_choice = max_completion
@@ -253,7 +252,9 @@ async fn proxy(
         "model".to_owned(),
         Value::String(model.upstream_model.clone()),
     );
-    let messages = request.get("messages").cloned().unwrap_or(Value::Null);
+    // Kept (a reference count, not a copy) for counting the prompt's tokens in the rare case
+    // that the upstream reports no usage.
+    let prompt = body.clone();
 
     let lease = match lease(&app, &model.provider).await {
         Ok(l) => l,
@@ -299,8 +300,11 @@ async fn proxy(
         Ok(Ok(r)) => r,
     };
     let status = upstream.status();
-    metrics::histogram!("tollgate_upstream_response_seconds", "provider" => call.model.provider.clone())
-        .record(call.started.elapsed().as_secs_f64());
+    if let Some(meters) = &call.model.meters {
+        meters
+            .upstream_response
+            .record(call.started.elapsed().as_secs_f64());
+    }
     if !status.is_success() {
         // The upstream failing is its health's business; a client's bad request is not.
         lease.report(!(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS));
@@ -316,7 +320,7 @@ async fn proxy(
             usage: None,
             content_chunks: 0,
             client_wants_usage,
-            messages,
+            prompt,
             idle,
         };
         let body = futures::stream::unfold(relay, Relay::next_frame);
@@ -368,7 +372,7 @@ async fn proxy(
         Some(u) => (u, UsageSource::Upstream),
         None => (
             Usage {
-                prompt_tokens: tokens::prompt_tokens(&messages),
+                prompt_tokens: prompt_tokens(&body),
                 completion_tokens: parsed
                     .choices
                     .iter()
@@ -493,7 +497,8 @@ struct Relay {
     usage: Option<Usage>,
     content_chunks: u64,
     client_wants_usage: bool,
-    messages: Value,
+    /// The client's request body, for [`prompt_tokens`].
+    prompt: Bytes,
     idle: Duration,
 }
 
@@ -530,9 +535,11 @@ impl Relay {
             if forward {
                 // Counted as delivered once handed to the client's connection.
                 if has_content && self.content_chunks == 0 {
-                    metrics::histogram!("tollgate_time_to_first_token_seconds",
-                        "model" => call.model.id.clone(), "provider" => call.model.provider.clone())
-                    .record(call.started.elapsed().as_secs_f64());
+                    if let Some(meters) = &call.model.meters {
+                        meters
+                            .time_to_first_token
+                            .record(call.started.elapsed().as_secs_f64());
+                    }
                 }
                 self.content_chunks += u64::from(has_content);
                 let frame = Bytes::from(format!("data: {}\n\n", event.data));
@@ -571,7 +578,7 @@ impl Relay {
             // What was delivered: the prompt, and one token per content chunk sent on.
             None => (
                 Usage {
-                    prompt_tokens: tokens::prompt_tokens(&self.messages),
+                    prompt_tokens: prompt_tokens(&self.prompt),
                     completion_tokens: self.content_chunks,
                     prompt_tokens_details: None,
                 },
@@ -605,6 +612,19 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.settle_in_background(StreamEnd::ClientGone);
     }
+}
+
+/// Tollgate's count of a request's prompt tokens (its `messages`), for calls the upstream
+/// reported no usage for.
+fn prompt_tokens(body: &[u8]) -> u64 {
+    #[derive(Deserialize)]
+    struct Messages {
+        #[serde(default)]
+        messages: Value,
+    }
+    serde_json::from_slice::<Messages>(body)
+        .map(|m| tokens::prompt_tokens(&m.messages))
+        .unwrap_or(0)
 }
 
 fn error_event(message: &str, code: &str) -> Bytes {

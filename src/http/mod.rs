@@ -22,7 +22,7 @@ use warp::{Buf, Filter};
 /// Everything a handler can reach.
 pub struct App {
     pub config: Config,
-    pub catalog: HashMap<String, Model>,
+    pub catalog: HashMap<String, Arc<Model>>,
     pub keys: KeyRing,
     pub system: ActorSystem,
     pub store: Store,
@@ -39,6 +39,16 @@ impl App {
         system: ActorSystem,
         store: Store,
     ) -> App {
+        let catalog = catalog
+            .into_iter()
+            .map(|(id, mut model)| {
+                model.meters = Some(Arc::new(crate::telemetry::ModelMeters::new(
+                    &model.id,
+                    &model.provider,
+                )));
+                (id, Arc::new(model))
+            })
+            .collect();
         App {
             admin_token: tollgate_actors::keys::hash_key(&config.admin_token),
             config,
@@ -93,24 +103,34 @@ where
     let started = std::time::Instant::now();
     let route_name = route_label(&request.method, &request.path);
     let resp = route(app, request, body).await;
-    let status = resp.status().as_u16().to_string();
-    let (model, provider) = match resp.extensions().get::<CallLabels>() {
-        Some(l) => (l.model.clone(), l.provider.clone()),
-        None => (String::new(), String::new()),
-    };
-    metrics::counter!("tollgate_http_requests_total", "route" => route_name, "status" => status.clone(),
-        "model" => model, "provider" => provider)
-    .increment(1);
-    metrics::histogram!("tollgate_http_request_duration_seconds", "route" => route_name, "status" => status)
-        .record(started.elapsed().as_secs_f64());
+    let status = resp.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64();
+    match resp
+        .extensions()
+        .get::<CallLabels>()
+        .and_then(|l| l.model.meters.as_ref())
+    {
+        Some(meters) => {
+            let (count, duration) = meters.request(route_name, status);
+            count.increment(1);
+            duration.record(elapsed);
+        }
+        None => {
+            let status = status.to_string();
+            metrics::counter!("tollgate_http_requests_total", "route" => route_name, "status" => status.clone(),
+                "model" => "", "provider" => "")
+            .increment(1);
+            metrics::histogram!("tollgate_http_request_duration_seconds", "route" => route_name, "status" => status)
+                .record(elapsed);
+        }
+    }
     resp
 }
 
-/// Which model and provider served a call, for the request metrics. Only configured names.
+/// Which model served a call, for the request metrics.
 #[derive(Clone, Debug)]
 pub struct CallLabels {
-    pub model: String,
-    pub provider: String,
+    pub model: Arc<Model>,
 }
 
 /// The route's template, never the raw path (which can carry ids).
@@ -267,7 +287,7 @@ async fn authenticate(
 
 async fn list_models(app: &App, req: &Request) -> Result<Response, ApiError> {
     let key = authenticate(app, &req.headers).await?;
-    let mut models: Vec<&Model> = app
+    let mut models: Vec<&Arc<Model>> = app
         .catalog
         .values()
         .filter(|m| key.allows_model(&m.id))

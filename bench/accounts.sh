@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Memory with many active accounts: N accounts (default 100,000), each with an API key and a
+# balance, all of them calling at least once, so that every account has its actor in memory
+# and every key is in the key ring. Prints the gateway's RSS before and after, and how many
+# account actors are live. See BENCHMARKS.md, "Active accounts".
+#
+#   bench/accounts.sh [--accounts N]
+#
+# Accounts are seeded straight into the SQLite store (through the admin API they would take
+# minutes), with the same shapes the gateway writes: a credit in the ledger for each balance,
+# keys stored as SHA-256 hex. Then wrk calls /v1/chat/completions, each request with the next
+# key, until every key has been used.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+N=100000
+while (($#)); do
+  case $1 in
+    --accounts) N=$2; shift 2 ;;
+    *) echo "usage: bench/accounts.sh [--accounts N]" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[accounts %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+for tool in wrk curl jq sqlite3 python3; do
+  command -v "$tool" >/dev/null || die "$tool is required (bench/run.sh installs it)"
+done
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+TOLLGATE=$ROOT/target/release/tollgate
+ADMIN=bench-admin-token-0123456789
+MOCK_PORT=21390
+GW_PORT=21391
+
+"$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16 >"$TMP/mock.log" 2>&1 &
+PIDS+=($!)
+
+cat >"$TMP/gw.toml" <<EOF
+listen = "127.0.0.1:$GW_PORT"
+database_url = "sqlite://$TMP/tollgate.db"
+admin_token = "$ADMIN"
+
+[ledger]
+journal_dir = "$TMP/journal"
+
+[accounts]
+idle_secs = 3600
+
+[[providers]]
+name = "mock"
+kind = "openai-compatible"
+base_url = "http://127.0.0.1:$MOCK_PORT/v1"
+max_concurrency = 30000
+
+[[models]]
+id = "gpt-4o-mini"
+provider = "mock"
+upstream_model = "gpt-4o-mini"
+input_per_mtok = "0.15"
+output_per_mtok = "0.60"
+max_output_tokens = 4096
+EOF
+
+start_gateway() {
+  env -u DATABASE_URL -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_LISTEN -u RUST_LOG \
+    "$TOLLGATE" serve --config "$TMP/gw.toml" >>"$TMP/gw.log" 2>&1 &
+  GW_PID=$!
+  PIDS+=("$GW_PID")
+  for _ in $(seq 1 600); do
+    curl -sf -o /dev/null "http://127.0.0.1:$GW_PORT/healthz" && return 0
+    kill -0 "$GW_PID" 2>/dev/null || { tail -n 20 "$TMP/gw.log" >&2; die "gateway exited"; }
+    sleep 0.1
+  done
+  die "gateway did not become healthy"
+}
+rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+metric() { # name → value from /metrics (0 if absent)
+  curl -sf -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$GW_PORT/metrics" \
+    | awk -v m="$1" '$1 == m { v = $2 } END { print v + 0 }'
+}
+
+log "creating the schema"
+start_gateway
+kill -TERM "$GW_PID"; wait "$GW_PID" || true
+
+log "seeding $N accounts, credits and keys"
+python3 - "$N" "$TMP" <<'EOF'
+import hashlib, os, sys
+n, tmp = int(sys.argv[1]), sys.argv[2]
+now = 1_700_000_000_000
+with open(f"{tmp}/seed.sql", "w") as sql, open(f"{tmp}/keys.txt", "w") as keys:
+    sql.write("BEGIN;\n")
+    for i in range(n):
+        acct, key_id = f"acct_{i:024x}", f"key_{i:024x}"
+        key = "sk-tg-" + os.urandom(32).hex()
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        sql.write(f"INSERT INTO accounts (id, email, balance, created_at) VALUES ('{acct}', 'a{i}@example.com', 1000000000, {now});\n")
+        sql.write(f"INSERT INTO ledger (entry_id, account_id, kind, amount, reason, created_at) VALUES ('seed_{i}', '{acct}', 'credit', 1000000000, 'benchmark funding', {now});\n")
+        sql.write(f"INSERT INTO api_keys (id, account_id, name, key_hash, prefix, created_at) VALUES ('{key_id}', '{acct}', 'bench', '{digest}', '{key[:12]}', {now});\n")
+        keys.write(key + "\n")
+    sql.write("COMMIT;\n")
+EOF
+sqlite3 "$TMP/tollgate.db" <"$TMP/seed.sql"
+
+cat >"$TMP/keys.lua" <<EOF
+local keys = {}
+for line in io.lines("$TMP/keys.txt") do keys[#keys + 1] = line end
+local body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}'
+local i = 0
+-- Each thread takes every other key, so that two threads cover all of them once per lap.
+function setup(thread) thread:set("offset", i); i = i + 1 end
+function init(args) n = offset end
+function request()
+  n = n + 2
+  local key = keys[(n % #keys) + 1]
+  return wrk.format("POST", "/v1/chat/completions",
+    { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key }, body)
+end
+EOF
+
+log "starting the gateway on the seeded store"
+start_gateway
+sleep 1
+IDLE=$(rss_mb "$GW_PID")
+
+# Calls until every account has loaded (one lap of the keys), in 10 s slices.
+log "calling with every key"
+for _ in $(seq 1 60); do
+  wrk -t2 -c64 -d10s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >>"$TMP/wrk.txt"
+  loaded=$(metric tollgate_accounts_loaded_total)
+  log "accounts loaded: $loaded"
+  ((loaded >= N)) && break
+done
+sleep 2
+LOADED=$(metric tollgate_accounts_loaded_total)
+PASSIVATED=$(metric tollgate_accounts_passivated_total)
+ACTIVE=$(rss_mb "$GW_PID")
+NON2XX=$(awk '/Non-2xx/ { s += $NF } END { print s + 0 }' "$TMP/wrk.txt")
+REQS=$(awk '/requests in/ { s += $1 } END { print s + 0 }' "$TMP/wrk.txt")
+
+printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s\n' \
+  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE"
