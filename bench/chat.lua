@@ -11,6 +11,14 @@ wrk.headers["Authorization"] = "Bearer " .. key
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
   .. '"content":"Say hello to the benchmark please"}],"max_tokens":16}'
 
+-- With TG_DELAY_MS set, each connection pauses that long between requests (paced runs).
+local pause = tonumber(os.getenv("TG_DELAY_MS") or "")
+if pause then
+  function delay()
+    return pause
+  end
+end
+
 local threads = {}
 
 function setup(thread)

@@ -13,7 +13,8 @@
 #
 # Knobs (environment): BENCH_ROUNDS, BENCH_LAT_SECS, BENCH_THR_SECS, BENCH_THR_CONNS,
 # BENCH_STREAMS (sequential streams per round), BENCH_HELD (concurrent held streams),
-# BENCH_KEEP_TMP=1 (keep the temp dir with configs and logs), BENCH_SKIP_BUILD=1.
+# BENCH_PACE_MS (pause per connection in the paced run), BENCH_KEEP_TMP=1 (keep the temp
+# dir with configs and logs), BENCH_SKIP_BUILD=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,6 +40,7 @@ else
 fi
 THR_CONNS=${BENCH_THR_CONNS:-64}
 THR_THREADS=2
+PACE_MS=${BENCH_PACE_MS:-3}
 ADMIN=bench-admin-token
 TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
 
@@ -100,14 +102,16 @@ summarize() { # raw-file → summary on stdout
   printf '  (start→upstream headers: from the request'"'"'s arrival to the mock'"'"'s response headers,\n'
   printf '   i.e. auth + reservation + provider lease + the mock'"'"'s own time)\n'
   printf '\nGateway RSS (MB)\n'
-  printf '  %-18s %8s %16s %16s %14s\n' target idle 'steady (thr run)' 'peak (thr run)' 'after thr run'
+  printf '  %-18s %8s %16s %16s %14s %22s\n' target idle 'steady (thr run)' 'peak (thr run)' 'after thr run' \
+    'steady (paced run)'
   for t in tollgate-sqlite tollgate-postgres; do
     idle=$(awk -v t="$t" '$1 == "rss" && $0 ~ ("target=" t " ") && /phase=idle/ { sub(/.*kb=/, ""); print }' "$RAW")
     after=$(awk -v t="$t" '$1 == "rss" && $0 ~ ("target=" t " ") && /phase=after/ { sub(/.*kb=/, ""); v = $0 } END { print v }' "$RAW")
-    printf '  %-18s %8s %16s %16s %14s\n' "$t" "$(calc "$idle / 1024" 1)" \
+    printf '  %-18s %8s %16s %16s %14s %22s\n' "$t" "$(calc "$idle / 1024" 1)" \
       "$(calc "$(med thr "$t" rss_steady_kb) / 1024" 1)" "$(calc "$(med thr "$t" rss_peak_kb) / 1024" 1)" \
-      "$(calc "$after / 1024" 1)"
+      "$(calc "$after / 1024" 1)" "$(calc "$(med paced "$t" rss_steady_kb) / 1024" 1) @$(calc "$(med paced "$t" rps)")/s"
   done
+  printf '  (paced run: 16 connections, each pausing %s ms between requests, to hold about 5k req/s)\n' "$PACE_MS"
   printf '\nStreaming, %s sequential streams per round (mock: 32 chunks, 5 ms apart)\n' "$STREAMS"
   printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' target 'TTFT p50' 'TTFT p99' 'gap p50' 'gap p99' \
     '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
@@ -159,7 +163,7 @@ summarize() { # raw-file → summary on stdout
     R[$t]=$(calc "$(med thr "$t" rps) / $ng" 2)
     T50[$t]=$(calc "$(med stream "$t" ttft_p50_us) - $s_t50"); T99[$t]=$(calc "$(med stream "$t" ttft_p99_us) - $s_t99")
     G50[$t]=$(calc "$(med stream "$t" gap_p50_us) - $s_g50"); G99[$t]=$(calc "$(med stream "$t" gap_p99_us) - $s_g99")
-    ST[$t]=$(calc "$(med thr "$t" rss_steady_kb) / 1024" 1); RPS[$t]=$(calc "$(med thr "$t" rps)")
+    ST[$t]=$(calc "$(med paced "$t" rss_steady_kb) / 1024" 1); RPS[$t]=$(calc "$(med paced "$t" rps)")
   done
   local s=tollgate-sqlite p=tollgate-postgres
   row 'added p99 @c=1 (us)' "$(cell "${A99[$s]}" "${A99[$s]} <= 100")" "$(cell "${A99[$p]}" "${A99[$p]} <= 100")" '≤ 100'
@@ -185,7 +189,7 @@ summarize() { # raw-file → summary on stdout
 
 if [[ -n $SUMMARIZE ]]; then
   raw=$(mktemp)
-  grep -E '^(settings|warm|lat|thr|rss|stream|held|durable) ' "$SUMMARIZE" >"$raw" \
+  grep -E '^(settings|warm|lat|thr|paced|rss|stream|held|durable) ' "$SUMMARIZE" >"$raw" \
     || { rm -f "$raw"; die "no raw lines in $SUMMARIZE"; }
   summarize "$raw"
   rm -f "$raw"
@@ -564,6 +568,18 @@ for r in $(seq 1 "$ROUNDS"); do
     sleep 1
   done
 done
+
+# Memory at the rate the target names (5k req/s): wrk cannot set a rate, so each connection
+# pauses between requests (bench/chat.lua's `delay`).
+log "paced (about 5k req/s): $ROUNDS round(s) × 2 gateways × ${THR_SECS}s"
+export TG_DELAY_MS=$PACE_MS
+for r in $(seq 1 "$ROUNDS"); do
+  for t in tollgate-sqlite tollgate-postgres; do
+    run_wrk paced "$r" "$t" -- -t2 -c16 -d"${THR_SECS}s"
+    sleep 1
+  done
+done
+unset TG_DELAY_MS
 
 # ---------------------------------------------------------------------------------------------
 # 4. Streaming: TTFT and inter-chunk gaps (mock: 32 chunks, 5 ms apart)

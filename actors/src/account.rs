@@ -225,15 +225,19 @@ impl Actor for AccountActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<AccountMsg>,
+        _myself: ActorRef<AccountMsg>,
         args: AccountArgs,
     ) -> Result<AccountState, ActorProcessingErr> {
-        // Everything sent to the ledger before now (by this account's previous incarnation)
-        // must be durable before the balance is read, or the read would miss it.
+        // Everything of this account's sent to the ledger before now (by its previous
+        // incarnation, or a journal replayed at start) must be in the store before the balance
+        // is read, or the read would miss it. Other accounts' records do not hold this up.
         let barrier = args
             .ledger
             .get()
-            .ask(LedgerMsg::Barrier, Some(Duration::from_secs(30)))
+            .ask(
+                |port| LedgerMsg::BarrierFor(args.account_id.clone(), port),
+                Some(Duration::from_secs(30)),
+            )
             .await?;
         if !barrier.is_success() {
             return Err("the ledger writer is restarting".into());
@@ -265,11 +269,6 @@ impl Actor for AccountActor {
                     }
                 }
             }
-        }
-        if !args.idle_after.is_zero() {
-            myself.send_interval(args.idle_after / 2 + Duration::from_millis(1), || {
-                AccountMsg::IdleCheck
-            });
         }
         Ok(AccountState {
             account_id: args.account_id,

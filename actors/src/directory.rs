@@ -11,6 +11,7 @@ use crate::account::{
 };
 use crate::billing::BillingError;
 use crate::ledger::LedgerMsg;
+use crate::metered::Mailbox;
 use crate::metered::{record_restart, Metered};
 use crate::restart::{RestartHistory, RestartPolicy};
 use crate::slot::Slot;
@@ -37,6 +38,9 @@ pub enum DirectoryMsg {
     /// Operators and fault-injection tests: kill an account's actor as a crash would.
     Kill(String, RpcReplyPort<bool>),
     Children(RpcReplyPort<Vec<ChildInfo>>),
+    /// Asks every account actor whether it has been idle long enough to stop. One timer for
+    /// all of them rather than one each: at 100,000 accounts that is 100,000 fewer tasks.
+    IdleSweep,
 }
 
 impl crate::metered::Kind for DirectoryMsg {
@@ -83,11 +87,16 @@ impl Actor for AccountDirectory {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<DirectoryMsg>,
+        myself: ActorRef<DirectoryMsg>,
         args: DirectoryArgs,
     ) -> Result<DirectoryState, ActorProcessingErr> {
         // A previous directory's actors are gone with it; requests must come back here.
         args.live.clear();
+        if !args.idle_after.is_zero() {
+            myself.send_interval(args.idle_after / 2 + Duration::from_millis(1), || {
+                DirectoryMsg::IdleSweep
+            });
+        }
         Ok(DirectoryState {
             args,
             children: HashMap::new(),
@@ -116,6 +125,11 @@ impl Actor for AccountDirectory {
                     if let Err(e) = state.get_or_start(&myself, &account_id).await {
                         tracing::warn!(account = %account_id, error = %e, "account actor restart failed");
                     }
+                }
+            }
+            DirectoryMsg::IdleSweep => {
+                for actor in state.children.values().filter_map(|c| c.actor.as_ref()) {
+                    let _ = actor.tell(AccountMsg::IdleCheck);
                 }
             }
             DirectoryMsg::Kill(account_id, reply) => {

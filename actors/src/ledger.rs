@@ -18,7 +18,7 @@ use crate::journal::{Journal, JournalSlot, JournalSync};
 use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +49,8 @@ pub enum LedgerMsg {
     Commit(Record, CommitReply),
     /// Answered once every record sent before it is in the store.
     Barrier(RpcReplyPort<()>),
+    /// Answered once every record of this account sent before it is in the store.
+    BarrierFor(String, RpcReplyPort<()>),
     /// Start a shipment if none is running.
     Ship,
     /// A shipment finished.
@@ -94,6 +96,8 @@ pub struct Shipment {
     through: u64,
     /// Per journal segment, how many of its records are now in the store.
     segments: BTreeMap<u64, u64>,
+    /// The accounts whose records it shipped.
+    accounts: Vec<String>,
 }
 
 pub struct LedgerState {
@@ -116,6 +120,8 @@ pub struct LedgerState {
     /// A `Ship` message (not a timer) is in the mailbox.
     ship_told: bool,
     barriers: Vec<(u64, RpcReplyPort<()>)>,
+    /// Per account with records not yet in the store: the sequence number of its last one.
+    last_queued: HashMap<String, u64>,
     /// `fsync` mode: appends written but not yet synced.
     unsynced: Vec<CommitReply>,
     sync_scheduled: bool,
@@ -170,6 +176,11 @@ impl Actor for LedgerWriter {
             metrics::counter!(name).increment(0);
         }
         args.backlog.store(queue.len(), Ordering::Relaxed);
+        let last_queued = queue
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| Some((record_account(&q.record)?.to_owned(), i as u64 + 1)))
+            .collect();
         let mut state = LedgerState {
             store: args.store,
             journal,
@@ -186,6 +197,7 @@ impl Actor for LedgerWriter {
             ship_scheduled: false,
             ship_told: false,
             barriers: Vec::new(),
+            last_queued,
             unsynced: Vec::new(),
             sync_scheduled: false,
             backlog_gauge: metrics::gauge!("tollgate_ledger_queue_depth"),
@@ -214,12 +226,12 @@ impl Actor for LedgerWriter {
                 state.ship_now(&myself);
             }
             LedgerMsg::Barrier(reply) => {
-                if state.shipped_through >= state.queued {
-                    let _ = reply.send(());
-                } else {
-                    state.barriers.push((state.queued, reply));
-                    state.ship_now(&myself);
-                }
+                let through = state.queued;
+                state.barrier(&myself, through, reply);
+            }
+            LedgerMsg::BarrierFor(account, reply) => {
+                let through = state.last_queued.get(&account).copied().unwrap_or(0);
+                state.barrier(&myself, through, reply);
             }
             LedgerMsg::Ship => {
                 state.ship_scheduled = false;
@@ -342,14 +354,31 @@ impl LedgerState {
         }
     }
 
+    fn barrier(&mut self, myself: &ActorRef<LedgerMsg>, through: u64, reply: RpcReplyPort<()>) {
+        if self.shipped_through >= through {
+            let _ = reply.send(());
+        } else {
+            self.barriers.push((through, reply));
+            self.ship_now(myself);
+        }
+    }
+
     fn enqueue(&mut self, record: Record, segment: Option<u64>, reply: Option<CommitReply>) {
+        self.queued += 1;
+        if let Some(account) = record_account(&record) {
+            match self.last_queued.get_mut(account) {
+                Some(seq) => *seq = self.queued,
+                None => {
+                    self.last_queued.insert(account.to_owned(), self.queued);
+                }
+            }
+        }
         self.queue.push_back(Queued {
             record,
             segment,
             reply,
             queued_at: Instant::now(),
         });
-        self.queued += 1;
         let backlog = self.backlog.fetch_add(1, Ordering::Relaxed) + 1;
         self.backlog_gauge.set(backlog as f64);
     }
@@ -421,6 +450,15 @@ impl LedgerState {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
                 Some(b.saturating_sub(n as usize))
             });
+        for account in &shipment.accounts {
+            if self
+                .last_queued
+                .get(account)
+                .is_some_and(|s| *s <= shipment.through)
+            {
+                self.last_queued.remove(account);
+            }
+        }
         let mut journal = self.journal();
         for (segment, count) in shipment.segments {
             journal.shipped(segment, count);
@@ -482,6 +520,13 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
         "ledger batch committed"
     );
     let mut segments = BTreeMap::new();
+    let mut accounts: Vec<String> = batch
+        .items
+        .iter()
+        .filter_map(|q| record_account(&q.record).map(str::to_owned))
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
     for (queued, result) in batch.items.into_iter().zip(outcome) {
         if let Some(segment) = queued.segment {
             *segments.entry(segment).or_default() += 1;
@@ -498,6 +543,7 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
     let shipment = Shipment {
         through: batch.through,
         segments,
+        accounts,
     };
     // The writer owns the journal's bookkeeping; if it is gone, its successor ships the
     // journal again from the start.
@@ -529,6 +575,15 @@ async fn commit_one_by_one(store: &Store, records: &[Record]) -> Vec<Result<bool
         out.push(result);
     }
     out
+}
+
+/// The account a record moves money of (or records usage for).
+fn record_account(record: &Record) -> Option<&str> {
+    record
+        .ledger
+        .as_ref()
+        .map(|e| e.account_id.as_str())
+        .or_else(|| record.usage.as_ref().map(|u| u.account_id.as_str()))
 }
 
 fn log_commit_failure(e: &StoreError, batch: usize, retry_in: Duration) {

@@ -181,3 +181,46 @@ async fn a_new_writer_ships_what_the_journal_holds() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// An account's barrier waits for that account's records only: starting one account's actor
+/// is not held up by every other account's backlog.
+#[tokio::test]
+async fn an_account_barrier_waits_for_that_account_only() {
+    let s = setup().await;
+    s.store.create_account("b", "b@example.com").await.unwrap();
+    let args = LedgerArgs {
+        store: s.store.clone(),
+        journal_dir: s.journal_dir(),
+        journal_sync: JournalSync::Write,
+        segment_bytes: 1 << 20,
+        max_batch: 64,
+        // Nothing ships on its own during this test.
+        ship_interval: Duration::from_secs(3600),
+        drain_timeout: Duration::from_secs(5),
+        backlog: s.backlog.clone(),
+        slot: JournalSlot::default(),
+    };
+    let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
+    let rx = send(&ledger, |port| {
+        LedgerMsg::Append(entry("a1", "a", EntryKind::Credit, 5), port)
+    });
+    assert!(matches!(rx.await.unwrap(), Ok(true)));
+
+    // b has nothing queued: answered at once, with a's record still unshipped.
+    let done = ledger
+        .call(|port| LedgerMsg::BarrierFor("b".to_owned(), port), None)
+        .await
+        .unwrap();
+    assert!(matches!(done, CallResult::Success(())));
+    assert_eq!(s.balance().await, Amount(0));
+    assert_eq!(s.backlog.load(Ordering::Relaxed), 1);
+
+    // a's barrier ships a's record, whatever the pause.
+    let done = ledger
+        .call(|port| LedgerMsg::BarrierFor("a".to_owned(), port), None)
+        .await
+        .unwrap();
+    assert!(matches!(done, CallResult::Success(())));
+    assert_eq!(s.balance().await, Amount(5));
+    ledger.stop(None);
+}
