@@ -413,7 +413,9 @@ impl Store {
             );
             push_placeholders(&mut sql, self.backend, chunk.len(), 7);
             sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
-            let mut q = sqlx::query(&sql);
+            // Not kept prepared: the row count changes from batch to batch, and every size
+            // kept would hold a large compiled statement per connection.
+            let mut q = sqlx::query(&sql).persistent(false);
             for e in chunk {
                 q = q
                     .bind(e.entry_id.as_str())
@@ -471,7 +473,9 @@ impl Store {
             );
             push_placeholders(&mut sql, self.backend, chunk.len(), 15);
             sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
-            let mut q = sqlx::query(&sql);
+            // Not kept prepared: the row count changes from batch to batch, and every size
+            // kept would hold a large compiled statement per connection.
+            let mut q = sqlx::query(&sql).persistent(false);
             for u in chunk {
                 q = q
                     .bind(u.request_id.as_str())
@@ -516,7 +520,9 @@ impl Store {
         for chunk in entry_ids.chunks(500) {
             let mut sql = String::from("SELECT entry_id FROM ledger WHERE entry_id IN ");
             push_placeholders(&mut sql, self.backend, 1, chunk.len());
-            let mut q = sqlx::query(&sql);
+            // Not kept prepared: the row count changes from batch to batch, and every size
+            // kept would hold a large compiled statement per connection.
+            let mut q = sqlx::query(&sql).persistent(false);
             for id in chunk {
                 q = q.bind(id.as_str());
             }
