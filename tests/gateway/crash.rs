@@ -63,16 +63,7 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
         for w in workers {
             let _ = w.await;
         }
-        let restarted = Server::spawn(&config, port, &log, "info").await;
-        // The account's actor starts only once the journal the killed process left is in the
-        // store, so this answers after the replay.
-        let resp = restarted
-            .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200);
-        server = Some(restarted);
+        server = Some(restart_after_kill(&config, port, &log, &http, &account).await);
         let pool = db.pool().await;
         let so_far = completed.lock().unwrap().clone();
         check_invariants(&pool, &account, &so_far).await;
@@ -103,6 +94,26 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     db.drop_db().await;
 }
 both_stores!(kill9_under_load_loses_no_charge);
+
+/// Starts the gateway again after a `kill -9` and waits until the journal the killed process
+/// left is in the store: the account's actor starts only after that, so reading the account
+/// answers after the replay.
+async fn restart_after_kill(
+    config: &std::path::Path,
+    port: u16,
+    log: &std::path::Path,
+    http: &reqwest::Client,
+    account: &str,
+) -> Server {
+    let server = Server::spawn(config, port, log, "info").await;
+    let resp = server
+        .admin(http, Method::GET, &format!("/admin/accounts/{account}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    server
+}
 
 /// After a restart: every completed response has its charge and usage record, none twice, and
 /// balance = credits - charges.
@@ -215,13 +226,7 @@ async fn kill9_before_shipping(backend: Backend, sync: &str) {
     server.kill9().await;
 
     std::fs::write(&config, normal).unwrap();
-    let server = Server::spawn(&config, port, &log, "info").await;
-    let resp = server
-        .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let server = restart_after_kill(&config, port, &log, &http, &account).await;
     let pool = db.pool().await;
     let l = check_invariants(&pool, &account, &completed).await;
     assert_eq!(l.charge_count, 20);
