@@ -242,6 +242,23 @@ impl Actor for AccountActor {
         if !barrier.is_success() {
             return Err("the ledger writer is restarting".into());
         }
+        // Charges the previous incarnation applied that its handlers had not yet confirmed
+        // journaled: which of them the store has. Asked before the balance is read, so that a
+        // shipment landing between the two reads can only make the balance lower (a charge
+        // counted twice until the next load), never higher.
+        let unconfirmed: Vec<(String, Charge)> = args
+            .book
+            .lock()
+            .settling
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        let durable = if unconfirmed.is_empty() {
+            Default::default()
+        } else {
+            let ids: Vec<String> = unconfirmed.iter().map(|(id, _)| id.clone()).collect();
+            args.store.committed_entries(&ids).await?
+        };
         let snapshot = args
             .store
             .account_snapshot(&args.account_id)
@@ -253,23 +270,19 @@ impl Actor for AccountActor {
             .into_iter()
             .map(|(k, v)| (k, v.nanos()))
             .collect();
-        // Charges the previous incarnation applied whose records a dead ledger writer lost:
-        // their senders are resending them. Count them now, as the store will.
-        let unconfirmed: Vec<String> = args.book.lock().settling.keys().cloned().collect();
-        if !unconfirmed.is_empty() {
-            let durable = args.store.committed_entries(&unconfirmed).await?;
-            let mut book = args.book.lock();
-            for id in unconfirmed {
-                if durable.contains(&id) {
-                    book.settling.remove(&id);
-                } else if let Some(c) = book.settling.get(&id) {
-                    balance -= c.amount;
-                    if let Some(k) = &c.key_id {
-                        *key_spent.entry(k.clone()).or_default() += c.amount;
-                    }
+        // The rest are on their way to the store: count them now, as the store will.
+        let mut book = args.book.lock();
+        for (id, charge) in unconfirmed {
+            if durable.contains(&id) {
+                book.settling.remove(&id);
+            } else {
+                balance -= charge.amount;
+                if let Some(k) = &charge.key_id {
+                    *key_spent.entry(k.clone()).or_default() += charge.amount;
                 }
             }
         }
+        drop(book);
         Ok(AccountState {
             account_id: args.account_id,
             balance,

@@ -250,12 +250,20 @@ impl Billing {
         self.ask(account_id, AccountMsg::Balance).await
     }
 
-    /// Waits until every record sent to the ledger writer so far is in the store.
+    /// Waits until every record journaled or sent to the ledger writer so far is in the store.
+    /// A writer that dies meanwhile leaves its records in the journal, and its successor ships
+    /// them all before it answers, so the barrier is sent again to the successor.
     pub async fn flush(&self) -> Result<(), BillingError> {
-        match self.ledger.get().ask(LedgerMsg::Barrier, None).await {
-            Ok(CallResult::Success(())) => Ok(()),
-            _ => Err(BillingError::Unavailable("ledger writer")),
+        let deadline = tokio::time::Instant::now() + COMMIT_PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(CallResult::Success(())) =
+                self.ledger.get().ask(LedgerMsg::Barrier, None).await
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
         }
+        Err(BillingError::Unavailable("ledger writer"))
     }
 
     /// Kills an account's actor as a crash would (operators, fault injection).

@@ -232,6 +232,11 @@ impl Journal {
         self.active.unshipped + self.sealed.values().sum::<u64>()
     }
 
+    /// The segment appends go to now.
+    pub fn active_segment(&self) -> u64 {
+        self.active.seq
+    }
+
     /// Number of segment files on disk.
     pub fn segments(&self) -> usize {
         self.sealed.len() + 1

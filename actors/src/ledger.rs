@@ -14,7 +14,7 @@
 //! `max_batch` records): under load batches grow by themselves, and a lone request waits for
 //! no timer. A segment of the journal is deleted once the store holds all its records.
 
-use crate::journal::{Journal, JournalSlot, JournalSync};
+use crate::journal::{Journal, JournalError, JournalSlot, JournalSync, Replayed};
 use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -103,6 +103,8 @@ pub struct Shipment {
 pub struct LedgerState {
     store: Store,
     journal: Arc<Mutex<Journal>>,
+    /// The first segment this incarnation writes; older ones it replayed at start.
+    first_segment: u64,
     slot: JournalSlot,
     sync: JournalSync,
     max_batch: usize,
@@ -143,7 +145,8 @@ impl Actor for LedgerWriter {
         // A previous incarnation's journal must be closed (its lock released) before this one
         // can open it; a settlement still appending holds it for microseconds.
         args.slot.clear();
-        let (journal, replayed) = Journal::open(&args.journal_dir, args.segment_bytes)?;
+        let (journal, replayed) = open_journal(&args).await?;
+        let first_segment = journal.active_segment();
         let journal = Arc::new(Mutex::new(journal));
         if args.journal_sync == JournalSync::Write {
             args.slot.post(journal.clone());
@@ -184,6 +187,7 @@ impl Actor for LedgerWriter {
         let mut state = LedgerState {
             store: args.store,
             journal,
+            first_segment,
             slot: args.slot,
             sync: args.journal_sync,
             max_batch: args.max_batch.max(1),
@@ -216,6 +220,10 @@ impl Actor for LedgerWriter {
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
+            // A record in a segment older than this incarnation's journal was appended through
+            // its predecessor's handle, so it was in the files this one replayed at start:
+            // it is queued already.
+            LedgerMsg::Journaled(_, segment) if segment < state.first_segment => {}
             LedgerMsg::Journaled(record, segment) => {
                 state.enqueue(record, Some(segment), None);
                 state.schedule_ship(&myself);
@@ -575,6 +583,20 @@ async fn commit_one_by_one(store: &Store, records: &[Record]) -> Vec<Result<bool
         out.push(result);
     }
     out
+}
+
+/// Opens the journal, waiting a little for the previous incarnation's handle to close: a
+/// settlement that took it just before it was withdrawn holds it for microseconds.
+async fn open_journal(args: &LedgerArgs) -> Result<(Journal, Vec<Replayed>), JournalError> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match Journal::open(&args.journal_dir, args.segment_bytes) {
+            Err(JournalError::Locked(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The account a record moves money of (or records usage for).

@@ -242,7 +242,21 @@ impl Actor for Root {
         match msg {
             RootMsg::Restart(kind) => {
                 if !state.shutting_down {
-                    state.restart(&myself, kind).await?;
+                    // A successor that cannot start is one more failure of that child: it is
+                    // retried after the backoff, within the same restart intensity.
+                    if let Err(e) = state.restart(&myself, kind.clone()).await {
+                        tracing::warn!(child = %kind.name(), error = %e, "supervised actor could not restart");
+                        let history = state.history.entry(kind.clone()).or_default();
+                        match history.next_delay(&state.cfg.policy) {
+                            Some(delay) => {
+                                myself.send_after(delay, move || RootMsg::Restart(kind));
+                            }
+                            None => {
+                                tracing::error!(child = %kind.name(), "restart intensity exceeded; stopping the actor system");
+                                return Err(e);
+                            }
+                        }
+                    }
                 }
             }
             RootMsg::Kill(kind, reply) => {
