@@ -9,7 +9,7 @@ use crate::account::{
     AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
 };
 use crate::directory::{Books, DirectoryMsg, LiveAccounts};
-use crate::journal::JournalSlot;
+use crate::ledger::JournalSlot;
 use crate::ledger::{CommitError, LedgerMsg};
 use crate::metered::Mailbox;
 use crate::money::Amount;
@@ -181,14 +181,7 @@ impl Billing {
     /// the store directly. Every path is idempotent.
     async fn write_down(&self, record: &Record) -> Result<(), BillingError> {
         match self.journal.append(record) {
-            Some(Ok(segment)) => {
-                // If the writer is gone, its successor finds the record in the journal.
-                let _ = self
-                    .ledger
-                    .get()
-                    .tell(LedgerMsg::Journaled(record.clone(), segment));
-                return Ok(());
-            }
+            Some(Ok(())) => return Ok(()),
             Some(Err(e)) => {
                 metrics::counter!("tollgate_journal_write_failures_total").increment(1);
                 tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");

@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,29 +51,6 @@ pub enum JournalError {
 pub struct Replayed {
     pub segment: u64,
     pub record: Record,
-}
-
-/// Where the ledger writer posts its open journal, so that a settlement can append its record
-/// itself instead of sending it to the writer and waiting for the answer (two task wake-ups on
-/// every call). Empty while the writer is restarting: appends then go through the writer.
-#[derive(Clone, Default)]
-pub struct JournalSlot(Arc<RwLock<Option<Arc<Mutex<Journal>>>>>);
-
-impl JournalSlot {
-    /// Appends `record` if a journal is posted; returns its segment.
-    pub fn append(&self, record: &Record) -> Option<Result<u64, JournalError>> {
-        let journal = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
-        let mut journal = journal.lock().unwrap_or_else(|p| p.into_inner());
-        Some(journal.append(record))
-    }
-
-    pub fn post(&self, journal: Arc<Mutex<Journal>>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(journal);
-    }
-
-    pub fn clear(&self) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = None;
-    }
 }
 
 pub struct Journal {

@@ -14,15 +14,57 @@
 //! `max_batch` records): under load batches grow by themselves, and a lone request waits for
 //! no timer. A segment of the journal is deleted once the store holds all its records.
 
-use crate::journal::{Journal, JournalError, JournalSlot, JournalSync, Replayed};
+use crate::journal::{Journal, JournalError, JournalSync, Replayed};
 use crate::metered::Mailbox;
 use crate::store::{Record, Store, StoreError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
+
+/// Where the ledger writer posts its open journal, together with itself, so that a settlement
+/// can append its record and tell that very writer to ship it, instead of sending the record
+/// and waiting for the answer (two task wake-ups on every call). Posted as a pair because the
+/// record must go to the writer whose journal holds it: a successor learns of a predecessor's
+/// records by replaying the files, not by messages. Empty while the writer is restarting:
+/// appends then go through the writer's mailbox.
+#[derive(Clone, Default)]
+pub struct JournalSlot(Arc<RwLock<Option<Posted>>>);
+
+#[derive(Clone)]
+struct Posted {
+    journal: Arc<Mutex<Journal>>,
+    writer: ActorRef<LedgerMsg>,
+}
+
+impl JournalSlot {
+    /// Appends `record` if a journal is posted, and tells its writer to ship it.
+    pub fn append(&self, record: &Record) -> Option<Result<(), JournalError>> {
+        let posted = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let segment = {
+            let mut journal = posted.journal.lock().unwrap_or_else(|p| p.into_inner());
+            match journal.append(record) {
+                Ok(segment) => segment,
+                Err(e) => return Some(Err(e)),
+            }
+        };
+        // If this writer is gone, its successor finds the record in the journal at start.
+        let _ = posted
+            .writer
+            .tell(LedgerMsg::Journaled(record.clone(), segment));
+        Some(Ok(()))
+    }
+
+    fn post(&self, journal: Arc<Mutex<Journal>>, writer: ActorRef<LedgerMsg>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Posted { journal, writer });
+    }
+
+    fn clear(&self) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
 
 /// Why a record was not committed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -149,7 +191,7 @@ impl Actor for LedgerWriter {
         let first_segment = journal.active_segment();
         let journal = Arc::new(Mutex::new(journal));
         if args.journal_sync == JournalSync::Write {
-            args.slot.post(journal.clone());
+            args.slot.post(journal.clone(), myself.clone());
         }
         if !replayed.is_empty() {
             tracing::info!(

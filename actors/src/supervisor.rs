@@ -15,8 +15,8 @@ use crate::billing::Billing;
 use crate::directory::{
     AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
-use crate::journal::{JournalSlot, JournalSync};
-use crate::ledger::{LedgerArgs, LedgerMsg, LedgerWriter};
+use crate::journal::JournalSync;
+use crate::ledger::{JournalSlot, LedgerArgs, LedgerMsg, LedgerWriter};
 use crate::metered::Mailbox;
 use crate::metered::{record_restart, Metered};
 use crate::provider::{
