@@ -224,3 +224,42 @@ async fn an_account_barrier_waits_for_that_account_only() {
     assert_eq!(s.balance().await, Amount(5));
     ledger.stop(None);
 }
+
+/// A record appended through the posted journal reaches the store through the writer that
+/// posted it, with no message from the appender to any other writer.
+#[tokio::test]
+async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
+    let s = setup().await;
+    let slot = JournalSlot::default();
+    assert!(
+        slot.append(&entry("early", "a", EntryKind::Credit, 1))
+            .is_none(),
+        "nothing posted before a writer starts"
+    );
+    let args = LedgerArgs {
+        store: s.store.clone(),
+        journal_dir: s.journal_dir(),
+        journal_sync: JournalSync::Write,
+        segment_bytes: 1 << 20,
+        max_batch: 64,
+        ship_interval: Duration::from_millis(20),
+        drain_timeout: Duration::from_secs(5),
+        backlog: s.backlog.clone(),
+        slot: slot.clone(),
+    };
+    let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
+    for i in 0..3 {
+        assert!(matches!(
+            slot.append(&entry(&format!("c{i}"), "a", EntryKind::Credit, 10)),
+            Some(Ok(()))
+        ));
+    }
+    barrier(&ledger).await;
+    assert_eq!(s.balance().await, Amount(30));
+    ledger.stop_and_wait(None, None).await.unwrap();
+    assert!(
+        slot.append(&entry("late", "a", EntryKind::Credit, 1))
+            .is_none(),
+        "a stopped writer withdraws its journal"
+    );
+}
