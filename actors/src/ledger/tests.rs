@@ -44,8 +44,8 @@ impl Setup {
         self.dir.path().join("journal")
     }
 
-    async fn writer(&self) -> ActorRef<LedgerMsg> {
-        let args = LedgerArgs {
+    fn args(&self) -> LedgerArgs {
+        LedgerArgs {
             store: self.store.clone(),
             journal_dir: self.journal_dir(),
             journal_sync: JournalSync::Write,
@@ -55,8 +55,14 @@ impl Setup {
             drain_timeout: Duration::from_secs(5),
             backlog: self.backlog.clone(),
             slot: JournalSlot::default(),
-        };
-        Actor::spawn(None, LedgerWriter, args).await.unwrap().0
+        }
+    }
+
+    async fn writer(&self) -> ActorRef<LedgerMsg> {
+        Actor::spawn(None, LedgerWriter, self.args())
+            .await
+            .unwrap()
+            .0
     }
 
     async fn balance(&self) -> Amount {
@@ -189,16 +195,9 @@ async fn an_account_barrier_waits_for_that_account_only() {
     let s = setup().await;
     s.store.create_account("b", "b@example.com").await.unwrap();
     let args = LedgerArgs {
-        store: s.store.clone(),
-        journal_dir: s.journal_dir(),
-        journal_sync: JournalSync::Write,
-        segment_bytes: 1 << 20,
-        max_batch: 64,
         // Nothing ships on its own during this test.
         ship_interval: Duration::from_secs(3600),
-        drain_timeout: Duration::from_secs(5),
-        backlog: s.backlog.clone(),
-        slot: JournalSlot::default(),
+        ..s.args()
     };
     let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
     let rx = send(&ledger, |port| {
@@ -237,15 +236,8 @@ async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
         "nothing posted before a writer starts"
     );
     let args = LedgerArgs {
-        store: s.store.clone(),
-        journal_dir: s.journal_dir(),
-        journal_sync: JournalSync::Write,
-        segment_bytes: 1 << 20,
-        max_batch: 64,
-        ship_interval: Duration::from_millis(20),
-        drain_timeout: Duration::from_secs(5),
-        backlog: s.backlog.clone(),
         slot: slot.clone(),
+        ..s.args()
     };
     let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
     for i in 0..3 {
