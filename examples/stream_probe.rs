@@ -221,23 +221,14 @@ async fn sequential(args: Args) -> anyhow::Result<()> {
     }
     ttft.sort_unstable();
     gaps.sort_unstable();
+    let (t50, t99) = (pct(&ttft, 50.0), pct(&ttft, 99.0));
+    let (g50, g99, n) = (pct(&gaps, 50.0), pct(&gaps, 99.0), gaps.len());
+    let label = &args.label;
     println!(
-        "{}: {ok} streams ok, {errors} failed; TTFT p50 {} µs p99 {} µs; inter-chunk gap p50 {} µs p99 {} µs ({} gaps)",
-        args.label,
-        pct(&ttft, 50.0),
-        pct(&ttft, 99.0),
-        pct(&gaps, 50.0),
-        pct(&gaps, 99.0),
-        gaps.len()
+        "{label}: {ok} streams ok, {errors} failed; TTFT p50 {t50} µs p99 {t99} µs; inter-chunk gap p50 {g50} µs p99 {g99} µs ({n} gaps)"
     );
     println!(
-        "PROBE mode=seq label={} ok={ok} errors={errors} content_chunks={chunks} ttft_p50_us={} ttft_p99_us={} gap_p50_us={} gap_p99_us={} gaps={}",
-        args.label,
-        pct(&ttft, 50.0),
-        pct(&ttft, 99.0),
-        pct(&gaps, 50.0),
-        pct(&gaps, 99.0),
-        gaps.len()
+        "PROBE mode=seq label={label} ok={ok} errors={errors} content_chunks={chunks} ttft_p50_us={t50} ttft_p99_us={t99} gap_p50_us={g50} gap_p99_us={g99} gaps={n}"
     );
     Ok(())
 }

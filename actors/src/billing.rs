@@ -183,8 +183,7 @@ impl Billing {
         match self.journal.append(record) {
             Some(Ok(())) => return Ok(()),
             Some(Err(e)) => {
-                metrics::counter!("tollgate_journal_write_failures_total").increment(1);
-                tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
+                crate::ledger::journal_write_failed(&e);
                 self.commit(record.clone()).await?;
                 return Ok(());
             }
@@ -268,6 +267,11 @@ impl Billing {
                 .await,
             Ok(CallResult::Success(true))
         )
+    }
+
+    /// Records journaled or queued and not yet in the store.
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
     }
 
     pub fn live_accounts(&self) -> usize {

@@ -163,6 +163,9 @@ pub struct LedgerState {
     ship_scheduled: bool,
     /// A `Ship` message (not a timer) is in the mailbox.
     ship_told: bool,
+    /// Someone waits for the store (a barrier, a credit) or a batch is full: the shipment
+    /// after the running one starts without the pause.
+    urgent: bool,
     barriers: Vec<(u64, RpcReplyPort<()>)>,
     /// Per account with records not yet in the store: the sequence number of its last one.
     last_queued: HashMap<String, u64>,
@@ -242,6 +245,7 @@ impl Actor for LedgerWriter {
             in_flight: None,
             ship_scheduled: false,
             ship_told: false,
+            urgent: false,
             barriers: Vec::new(),
             last_queued,
             unsynced: Vec::new(),
@@ -291,11 +295,7 @@ impl Actor for LedgerWriter {
             LedgerMsg::Shipped(shipment) => {
                 state.in_flight = None;
                 state.shipped(shipment);
-                let urgent = state.queue.len() >= state.max_batch
-                    || !state.barriers.is_empty()
-                    || state.queue.iter().any(|q| q.reply.is_some());
-                if urgent {
-                    // A full batch, or someone waiting for the store: no pause.
+                if state.urgent || state.queue.len() >= state.max_batch {
                     state.start_shipment(&myself);
                 } else if !state.queue.is_empty() {
                     state.schedule_ship(&myself);
@@ -377,8 +377,7 @@ impl LedgerState {
             // No journal to be had (disk full, say): the charge takes the slow road and is
             // answered once the store has it.
             Err(e) => {
-                metrics::counter!("tollgate_journal_write_failures_total").increment(1);
-                tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
+                journal_write_failed(&e);
                 self.enqueue(record, None, Some(reply));
             }
         }
@@ -455,9 +454,11 @@ impl LedgerState {
 
     /// Someone waits for the store: ship without the pause `ship_interval` asks for.
     fn ship_now(&mut self, myself: &ActorRef<LedgerMsg>) {
-        if self.ship_interval.is_zero() {
+        if self.in_flight.is_some() {
+            self.urgent = true;
+        } else if self.ship_interval.is_zero() {
             self.schedule_ship(myself);
-        } else if self.in_flight.is_none() && !self.ship_told {
+        } else if !self.ship_told {
             // A timer may also be pending; its `Ship` then finds nothing to do.
             self.ship_scheduled = true;
             self.ship_told = true;
@@ -467,20 +468,29 @@ impl LedgerState {
 
     fn take_batch(&mut self) -> Batch {
         let n = self.queue.len().min(self.max_batch);
-        let items: Vec<Queued> = self.queue.drain(..n).collect();
-        // Shipments run one at a time, so this batch starts right after `shipped_through`.
-        let through = self.shipped_through + items.len() as u64;
-        Batch { items, through }
+        let mut batch = Batch {
+            records: Vec::with_capacity(n),
+            waiting: Vec::with_capacity(n),
+            queued_at: self.queue.front().map(|q| q.queued_at),
+            // Shipments run one at a time, so this batch starts right after `shipped_through`.
+            through: self.shipped_through + n as u64,
+        };
+        for q in self.queue.drain(..n) {
+            batch.records.push(q.record);
+            batch.waiting.push((q.segment, q.reply));
+        }
+        batch
     }
 
     fn start_shipment(&mut self, myself: &ActorRef<LedgerMsg>) {
         if self.in_flight.is_some() || self.queue.is_empty() {
             return;
         }
+        self.urgent = false;
         let batch = self.take_batch();
-        if let Some(oldest) = batch.items.first() {
+        if let Some(oldest) = batch.queued_at {
             metrics::histogram!("tollgate_ledger_record_wait_seconds")
-                .record(oldest.queued_at.elapsed().as_secs_f64());
+                .record(oldest.elapsed().as_secs_f64());
         }
         self.in_flight = Some(tokio::spawn(ship(
             self.store.clone(),
@@ -535,7 +545,11 @@ impl LedgerState {
 }
 
 struct Batch {
-    items: Vec<Queued>,
+    records: Vec<Record>,
+    /// Per record, in the same order: its journal segment and who waits for its commit.
+    waiting: Vec<(Option<u64>, Option<CommitReply>)>,
+    /// When the oldest record was queued.
+    queued_at: Option<Instant>,
     through: u64,
 }
 
@@ -543,8 +557,8 @@ struct Batch {
 /// tells the writer (if any). Records the store refuses are set aside (see below).
 async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -> Shipment {
     let started = Instant::now();
-    metrics::histogram!("tollgate_ledger_batch_size").record(batch.items.len() as f64);
-    let records: Vec<Record> = batch.items.iter().map(|q| q.record.clone()).collect();
+    let records = batch.records;
+    metrics::histogram!("tollgate_ledger_batch_size").record(records.len() as f64);
     let mut backoff = Duration::from_millis(10);
     let outcome: Vec<Result<bool, CommitError>> = loop {
         match store.commit_batch(&records).await {
@@ -570,26 +584,30 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
         "ledger batch committed"
     );
     let mut segments = BTreeMap::new();
-    let mut accounts: Vec<String> = batch
-        .items
-        .iter()
-        .filter_map(|q| record_account(&q.record).map(str::to_owned))
-        .collect();
-    accounts.sort_unstable();
-    accounts.dedup();
-    for (queued, result) in batch.items.into_iter().zip(outcome) {
-        if let Some(segment) = queued.segment {
+    let mut accounts: Vec<String> = Vec::new();
+    for ((record, (segment, reply)), result) in records.into_iter().zip(batch.waiting).zip(outcome)
+    {
+        if let Some(segment) = segment {
             *segments.entry(segment).or_default() += 1;
             if let Err(CommitError::Rejected(reason)) = &result {
                 // Its client was answered when it was journaled. Nothing can be done now but
                 // keep it where an operator finds it (`docs/guarantees.md` 3.7).
-                tracing::error!(%reason, record = ?queued.record, "the store rejected a journaled charge");
+                tracing::error!(%reason, record = ?record, "the store rejected a journaled charge");
             }
         }
-        if let Some(reply) = queued.reply {
+        if let Some(reply) = reply {
             let _ = reply.send(result);
         }
+        if let Some(account) = record
+            .ledger
+            .map(|e| e.account_id)
+            .or(record.usage.map(|u| u.account_id))
+        {
+            accounts.push(account);
+        }
     }
+    accounts.sort_unstable();
+    accounts.dedup();
     let shipment = Shipment {
         through: batch.through,
         segments,
@@ -639,6 +657,13 @@ async fn open_journal(args: &LedgerArgs) -> Result<(Journal, Vec<Replayed>), Jou
             other => return other,
         }
     }
+}
+
+/// A journal write failed: the charge goes to the store directly instead, answered once it is
+/// committed there (`docs/guarantees.md` 3.8).
+pub(crate) fn journal_write_failed(e: &JournalError) {
+    metrics::counter!("tollgate_journal_write_failures_total").increment(1);
+    tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
 }
 
 /// The account a record moves money of (or records usage for).

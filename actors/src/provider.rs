@@ -114,7 +114,6 @@ pub struct ProviderStatus {
 }
 
 pub enum ProviderMsg {
-    Lease(RpcReplyPort<Result<Lease, ProviderError>>),
     Status(RpcReplyPort<ProviderStatus>),
 }
 
@@ -254,9 +253,6 @@ impl Actor for ProviderActor {
         state: &mut ProviderState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ProviderMsg::Lease(reply) => {
-                let _ = reply.send(state.leaser.lease());
-            }
             ProviderMsg::Status(reply) => {
                 let _ = reply.send(state.leaser.status());
             }

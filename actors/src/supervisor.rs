@@ -467,10 +467,6 @@ impl ActorSystem {
         })
     }
 
-    pub fn provider(&self, name: &str) -> Option<ActorRef<ProviderMsg>> {
-        self.providers.get(name).map(Slot::get)
-    }
-
     /// Where leases for a provider's calls are taken (see [`Desk`]).
     pub fn desk(&self, name: &str) -> Option<&Desk> {
         self.desks.get(name)
