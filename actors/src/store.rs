@@ -1,7 +1,8 @@
 //! The durable store: SQLite (the embedded default) or Postgres, chosen by the URL.
 //!
 //! Only actors and the admin paths talk to it; the request hot path never does. Queries are
-//! written once in the SQL both databases accept (`$N` parameters, `ON CONFLICT`, `RETURNING`).
+//! written once in the SQL both databases accept (`$N` parameters, `ON CONFLICT`, `RETURNING`),
+//! except the ledger's batch statements, which unpack a JSON parameter in each one's dialect.
 
 use crate::money::Amount;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -396,7 +397,14 @@ impl Store {
 
     /// Commits a batch in one transaction. Returns, per record, whether it was new (`true`) or
     /// had been committed before (`false`; nothing is applied twice).
+    ///
+    /// Each table gets one statement whatever the batch size: the rows travel as one JSON array
+    /// parameter that the database unpacks itself (see [`BatchSql`]). The statements' text never
+    /// changes, so each is prepared once per connection; a `VALUES` list with a parameter per
+    /// field had to be parsed and planned anew for every batch size, which cost more than the
+    /// inserts themselves.
     pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
+        let sql = BatchSql::of(self.backend);
         let mut tx = self.pool.begin().await?;
 
         // The same entry twice in one batch (a resend racing its original) counts once.
@@ -407,26 +415,26 @@ impl Store {
             .filter(|e| seen.insert(e.entry_id.as_str()))
             .collect();
         let mut inserted_entries = std::collections::HashSet::new();
-        for chunk in entries.chunks(500) {
-            let mut sql = String::from(
-                "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) VALUES ",
-            );
-            push_placeholders(&mut sql, self.backend, chunk.len(), 7);
-            sql.push_str(" ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id");
-            // Not kept prepared: the row count changes from batch to batch, and every size
-            // kept would hold a large compiled statement per connection.
-            let mut q = sqlx::query(&sql).persistent(false);
-            for e in chunk {
-                q = q
-                    .bind(e.entry_id.as_str())
-                    .bind(e.account_id.as_str())
-                    .bind(e.kind.as_str())
-                    .bind(e.amount.nanos())
-                    .bind(e.key_id.as_deref())
-                    .bind(e.reason.as_deref())
-                    .bind(e.created_at);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
+        if !entries.is_empty() {
+            let rows: Vec<_> = entries
+                .iter()
+                .map(|e| {
+                    (
+                        &e.entry_id,
+                        &e.account_id,
+                        e.kind.as_str(),
+                        e.amount.nanos(),
+                        &e.key_id,
+                        &e.reason,
+                        e.created_at,
+                    )
+                })
+                .collect();
+            for row in sqlx::query(sql.insert_ledger)
+                .bind(json_rows(&rows)?)
+                .fetch_all(&mut *tx)
+                .await?
+            {
                 inserted_entries.insert(row.try_get::<String, _>("entry_id")?);
             }
         }
@@ -443,17 +451,17 @@ impl Store {
                 *key_spent.entry(key).or_default() -= e.amount.nanos();
             }
         }
-        for (account, delta) in account_delta {
-            sqlx::query("UPDATE accounts SET balance = balance + $1 WHERE id = $2")
-                .bind(delta)
-                .bind(account)
+        if !account_delta.is_empty() {
+            let rows: Vec<_> = account_delta.into_iter().collect();
+            sqlx::query(sql.add_to_balances)
+                .bind(json_rows(&rows)?)
                 .execute(&mut *tx)
                 .await?;
         }
-        for (key, spent) in key_spent {
-            sqlx::query("UPDATE api_keys SET spent = spent + $1 WHERE id = $2")
-                .bind(spent)
-                .bind(key)
+        if !key_spent.is_empty() {
+            let rows: Vec<_> = key_spent.into_iter().collect();
+            sqlx::query(sql.add_to_key_spent)
+                .bind(json_rows(&rows)?)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -465,36 +473,34 @@ impl Store {
             .filter(|u| seen.insert(u.request_id.as_str()))
             .collect();
         let mut inserted_usage = std::collections::HashSet::new();
-        for chunk in usages.chunks(200) {
-            let mut sql = String::from(
-                "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
-                 prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
-                 usage_source, latency_ms, created_at) VALUES ",
-            );
-            push_placeholders(&mut sql, self.backend, chunk.len(), 15);
-            sql.push_str(" ON CONFLICT (request_id) DO NOTHING RETURNING request_id");
-            // Not kept prepared: the row count changes from batch to batch, and every size
-            // kept would hold a large compiled statement per connection.
-            let mut q = sqlx::query(&sql).persistent(false);
-            for u in chunk {
-                q = q
-                    .bind(u.request_id.as_str())
-                    .bind(u.account_id.as_str())
-                    .bind(u.key_id.as_deref())
-                    .bind(u.model.as_str())
-                    .bind(u.provider.as_str())
-                    .bind(u64_to_i64(u.prompt_tokens))
-                    .bind(u64_to_i64(u.completion_tokens))
-                    .bind(u64_to_i64(u.cached_tokens))
-                    .bind(u.cost.nanos())
-                    .bind(u.uncollected.nanos())
-                    .bind(i64::from(u.status))
-                    .bind(i64::from(u.stream))
-                    .bind(u.usage_source.as_str())
-                    .bind(u64_to_i64(u.latency_ms))
-                    .bind(u.created_at);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
+        if !usages.is_empty() {
+            let rows: Vec<_> = usages
+                .iter()
+                .map(|u| {
+                    (
+                        &u.request_id,
+                        &u.account_id,
+                        &u.key_id,
+                        &u.model,
+                        &u.provider,
+                        u64_to_i64(u.prompt_tokens),
+                        u64_to_i64(u.completion_tokens),
+                        u64_to_i64(u.cached_tokens),
+                        u.cost.nanos(),
+                        u.uncollected.nanos(),
+                        i64::from(u.status),
+                        i64::from(u.stream),
+                        u.usage_source.as_str(),
+                        u64_to_i64(u.latency_ms),
+                        u.created_at,
+                    )
+                })
+                .collect();
+            for row in sqlx::query(sql.insert_usage)
+                .bind(json_rows(&rows)?)
+                .fetch_all(&mut *tx)
+                .await?
+            {
                 inserted_usage.insert(row.try_get::<String, _>("request_id")?);
             }
         }
@@ -517,18 +523,15 @@ impl Store {
         entry_ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         let mut found = std::collections::HashSet::new();
-        for chunk in entry_ids.chunks(500) {
-            let mut sql = String::from("SELECT entry_id FROM ledger WHERE entry_id IN ");
-            push_placeholders(&mut sql, self.backend, 1, chunk.len());
-            // Not kept prepared: the row count changes from batch to batch, and every size
-            // kept would hold a large compiled statement per connection.
-            let mut q = sqlx::query(&sql).persistent(false);
-            for id in chunk {
-                q = q.bind(id.as_str());
-            }
-            for row in q.fetch_all(&self.pool).await? {
-                found.insert(row.try_get::<String, _>("entry_id")?);
-            }
+        if entry_ids.is_empty() {
+            return Ok(found);
+        }
+        for row in sqlx::query(BatchSql::of(self.backend).committed_entries)
+            .bind(json_rows(entry_ids)?)
+            .fetch_all(&self.pool)
+            .await?
+        {
+            found.insert(row.try_get::<String, _>("entry_id")?);
         }
         Ok(found)
     }
@@ -602,32 +605,76 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
     })
 }
 
-/// Appends `($1, $2, …), (…)` for `rows` rows of `cols` parameters each.
-/// `(p, p, …), (p, p, …)`: `rows` groups of `cols` parameters, numbered in order.
-///
-/// SQLite gets anonymous `?`s: looking up a numbered parameter's name is a linear scan of the
-/// statement's names, so binding n numbered parameters costs O(n²), which a 500-row insert
-/// makes the gateway's largest cost. Postgres needs `$1`, `$2`, ….
-fn push_placeholders(sql: &mut String, backend: Backend, rows: usize, cols: usize) {
-    use std::fmt::Write;
-    let mut n = 0;
-    for row in 0..rows {
-        sql.push_str(if row == 0 { "(" } else { ", (" });
-        for col in 0..cols {
-            n += 1;
-            if col > 0 {
-                sql.push_str(", ");
-            }
-            match backend {
-                Backend::Sqlite => sql.push('?'),
-                Backend::Postgres => {
-                    let _ = write!(sql, "${n}");
-                }
-            }
+/// A batch's rows as one JSON array of arrays, for [`BatchSql`]'s statements. Integers stay
+/// exact (JSON integers within `i64`; both databases read them as 64-bit integers).
+fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, StoreError> {
+    serde_json::to_string(rows).map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))
+}
+
+/// The batch statements, each taking the rows as one JSON array of arrays ([`json_rows`]).
+/// The two dialects differ only in how they unpack it: SQLite's `json_each` and `->>` (the
+/// `WHERE true` is SQLite's rule for `INSERT … SELECT … ON CONFLICT`), Postgres's
+/// `json_array_elements` and a cast for each integer.
+struct BatchSql {
+    insert_ledger: &'static str,
+    add_to_balances: &'static str,
+    add_to_key_spent: &'static str,
+    insert_usage: &'static str,
+    committed_entries: &'static str,
+}
+
+impl BatchSql {
+    fn of(backend: Backend) -> &'static BatchSql {
+        match backend {
+            Backend::Sqlite => &SQLITE_BATCH,
+            Backend::Postgres => &POSTGRES_BATCH,
         }
-        sql.push(')');
     }
 }
+
+static SQLITE_BATCH: BatchSql = BatchSql {
+    insert_ledger:
+        "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) \
+        SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, \
+        r.value ->> 5, r.value ->> 6 FROM json_each(?) AS r WHERE true \
+        ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id",
+    add_to_balances: "UPDATE accounts SET balance = balance + (r.value ->> 1) \
+        FROM json_each(?) AS r WHERE accounts.id = (r.value ->> 0)",
+    add_to_key_spent: "UPDATE api_keys SET spent = spent + (r.value ->> 1) \
+        FROM json_each(?) AS r WHERE api_keys.id = (r.value ->> 0)",
+    insert_usage: "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
+        prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+        usage_source, latency_ms, created_at) \
+        SELECT r.value ->> 0, r.value ->> 1, r.value ->> 2, r.value ->> 3, r.value ->> 4, \
+        r.value ->> 5, r.value ->> 6, r.value ->> 7, r.value ->> 8, r.value ->> 9, \
+        r.value ->> 10, r.value ->> 11, r.value ->> 12, r.value ->> 13, r.value ->> 14 \
+        FROM json_each(?) AS r WHERE true \
+        ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+    committed_entries:
+        "SELECT entry_id FROM ledger WHERE entry_id IN (SELECT value FROM json_each(?))",
+};
+
+static POSTGRES_BATCH: BatchSql = BatchSql {
+    insert_ledger:
+        "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) \
+        SELECT r ->> 0, r ->> 1, r ->> 2, (r ->> 3)::bigint, r ->> 4, r ->> 5, (r ->> 6)::bigint \
+        FROM jsonb_array_elements($1::jsonb) AS r \
+        ON CONFLICT (entry_id) DO NOTHING RETURNING entry_id",
+    add_to_balances: "UPDATE accounts SET balance = balance + (r ->> 1)::bigint \
+        FROM jsonb_array_elements($1::jsonb) AS r WHERE accounts.id = r ->> 0",
+    add_to_key_spent: "UPDATE api_keys SET spent = spent + (r ->> 1)::bigint \
+        FROM jsonb_array_elements($1::jsonb) AS r WHERE api_keys.id = r ->> 0",
+    insert_usage: "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
+        prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+        usage_source, latency_ms, created_at) \
+        SELECT r ->> 0, r ->> 1, r ->> 2, r ->> 3, r ->> 4, (r ->> 5)::bigint, (r ->> 6)::bigint, \
+        (r ->> 7)::bigint, (r ->> 8)::bigint, (r ->> 9)::bigint, (r ->> 10)::bigint, \
+        (r ->> 11)::bigint, r ->> 12, (r ->> 13)::bigint, (r ->> 14)::bigint \
+        FROM jsonb_array_elements($1::jsonb) AS r \
+        ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+    committed_entries: "SELECT entry_id FROM ledger WHERE entry_id IN \
+        (SELECT jsonb_array_elements_text($1::jsonb))",
+};
 
 /// For `sqlite://path`, makes sure the file's directory exists and asks SQLite to create it.
 fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {

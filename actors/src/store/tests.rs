@@ -1,4 +1,4 @@
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use super::*;
 
@@ -8,6 +8,47 @@ async fn sqlite() -> (Store, tempfile::TempDir) {
         .await
         .unwrap();
     (store, dir)
+}
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A fresh Postgres database, dropped by [`drop_postgres`]. `None` (saying why) when Postgres is
+/// unreachable outside CI; under `CI=true` that fails the test instead.
+async fn postgres() -> Option<(Store, String)> {
+    sqlx::any::install_default_drivers();
+    let admin = match AnyPool::connect(PG_ADMIN_URL).await {
+        Ok(p) => p,
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "PostgreSQL is required under CI=true but {PG_ADMIN_URL} is unreachable: {e}"
+                );
+            }
+            eprintln!(
+                "SKIPPED: PostgreSQL not reachable at {PG_ADMIN_URL} ({e}); this test needs it"
+            );
+            return None;
+        }
+    };
+    let name = format!("tollgate_store_{}", uuid::Uuid::now_v7().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
+        .await
+        .unwrap();
+    Some((store, name))
+}
+
+async fn drop_postgres(store: Store, name: String) {
+    store.close().await;
+    let admin = AnyPool::connect(PG_ADMIN_URL).await.unwrap();
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&admin)
+        .await;
+    admin.close().await;
 }
 
 fn charge(id: &str, account: &str, nanos: i64) -> Record {
@@ -28,6 +69,10 @@ fn charge(id: &str, account: &str, nanos: i64) -> Record {
 #[tokio::test]
 async fn an_entry_counts_once_however_often_it_is_written() {
     let (store, _dir) = sqlite().await;
+    an_entry_counts_once(&store).await;
+}
+
+async fn an_entry_counts_once(store: &Store) {
     store.create_account("a", "a@example.com").await.unwrap();
     let credit = Record {
         ledger: Some(LedgerEntry {
@@ -85,4 +130,138 @@ async fn duplicate_email_is_its_own_error() {
         store.create_account("b", "a@example.com").await,
         Err(StoreError::DuplicateEmail(_))
     ));
+}
+
+/// Every field of a batch lands as written, on both stores: integers beyond 2^53 (where a
+/// float would round), text that JSON must escape, absent optionals, several accounts and keys.
+async fn a_batch_round_trips_exactly(store: &Store) {
+    let big: i64 = (1 << 53) + 1;
+    for (id, email) in [("a", "a@example.com"), ("b", "b@example.com")] {
+        store.create_account(id, email).await.unwrap();
+    }
+    store
+        .insert_key(&KeyRow {
+            id: "k1".to_owned(),
+            account_id: "a".to_owned(),
+            name: "k".to_owned(),
+            key_hash: "h1".to_owned(),
+            prefix: "sk-tg-1".to_owned(),
+            spend_cap: None,
+            spent: Amount(0),
+            expires_at: None,
+            allowed_models: None,
+            created_at: now_ms(),
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+    let reason = "top-up \"quoted\", back\\slash, new\nline, ünïcode ✓, 'single'";
+    let credit = |id: &str, account: &str, amount: i64| Record {
+        ledger: Some(LedgerEntry {
+            entry_id: id.to_owned(),
+            account_id: account.to_owned(),
+            kind: EntryKind::Credit,
+            amount: Amount(amount),
+            key_id: None,
+            reason: Some(reason.to_owned()),
+            created_at: 1_700_000_000_123,
+        }),
+        usage: None,
+    };
+    let usage = UsageRecord {
+        request_id: "req-1".to_owned(),
+        account_id: "a".to_owned(),
+        key_id: Some("k1".to_owned()),
+        model: "gpt-4o-mini".to_owned(),
+        provider: "mock \"quoted\"".to_owned(),
+        prompt_tokens: big as u64,
+        completion_tokens: 16,
+        cached_tokens: 0,
+        cost: Amount(big - 2),
+        uncollected: Amount(3),
+        status: 200,
+        stream: true,
+        usage_source: UsageSource::Estimated,
+        latency_ms: 12,
+        created_at: 1_700_000_000_456,
+    };
+    let mut paid = charge("req-1", "a", big - 2);
+    paid.ledger.as_mut().unwrap().key_id = Some("k1".to_owned());
+    paid.usage = Some(usage.clone());
+    let failed = UsageRecord {
+        request_id: "req-2".to_owned(),
+        account_id: "b".to_owned(),
+        key_id: None,
+        status: 502,
+        stream: false,
+        cost: Amount(0),
+        uncollected: Amount(0),
+        usage_source: UsageSource::Upstream,
+        ..usage.clone()
+    };
+    let flags = store
+        .commit_batch(&[
+            credit("c-a", "a", 3 * big),
+            credit("c-b", "b", big),
+            paid,
+            Record {
+                ledger: None,
+                usage: Some(failed.clone()),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(flags, vec![true, true, true, true]);
+
+    assert_eq!(
+        store.account("a").await.unwrap().unwrap().balance,
+        Amount(3 * big - (big - 2))
+    );
+    assert_eq!(
+        store.account("b").await.unwrap().unwrap().balance,
+        Amount(big)
+    );
+    assert_eq!(
+        store.key("k1").await.unwrap().unwrap().spent,
+        Amount(big - 2)
+    );
+    assert_eq!(store.usage("a", 10).await.unwrap(), vec![usage]);
+    assert_eq!(store.usage("b", 10).await.unwrap(), vec![failed]);
+    let reasons: Vec<(String, Option<String>, i64)> = sqlx::query_as(
+        "SELECT entry_id, reason, created_at FROM ledger WHERE kind = 'credit' ORDER BY entry_id",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        reasons,
+        vec![
+            ("c-a".to_owned(), Some(reason.to_owned()), 1_700_000_000_123),
+            ("c-b".to_owned(), Some(reason.to_owned()), 1_700_000_000_123),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_batch_round_trips_exactly_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    a_batch_round_trips_exactly(&store).await;
+}
+
+#[tokio::test]
+async fn a_batch_round_trips_exactly_on_postgres() {
+    let Some((store, name)) = postgres().await else {
+        return;
+    };
+    a_batch_round_trips_exactly(&store).await;
+    drop_postgres(store, name).await;
+}
+
+#[tokio::test]
+async fn an_entry_counts_once_on_postgres() {
+    let Some((store, name)) = postgres().await else {
+        return;
+    };
+    an_entry_counts_once(&store).await;
+    drop_postgres(store, name).await;
 }
