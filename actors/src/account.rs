@@ -89,7 +89,8 @@ pub enum AccountMsg {
         ReserveRequest,
         RpcReplyPort<Result<Reservation, BillingError>>,
     ),
-    Settle(SettleRequest, RpcReplyPort<Settled>),
+    /// Boxed, as the largest request: an actor's task is sized for its largest message.
+    Settle(Box<SettleRequest>, RpcReplyPort<Settled>),
     Release(String),
     Credit(
         CreditRequest,
@@ -308,14 +309,17 @@ impl Actor for AccountActor {
                 let _ = reply.send(state.reserve(req));
             }
             AccountMsg::Settle(req, reply) => {
-                let settled = state.settle(req);
+                let settled = state.settle(*req);
                 let _ = reply.send(settled);
             }
             AccountMsg::Release(request_id) => {
                 state.book.lock().take(&request_id);
             }
             AccountMsg::Credit(req, reply) => {
-                let result = state.credit(req).await;
+                // Boxed: this message's future (it waits for a commit) is by far the largest,
+                // and every account actor's task is sized for its largest message. Credits
+                // are rare; at 100,000 live accounts the box saves about 100 MB.
+                let result = Box::pin(state.credit(req)).await;
                 let _ = reply.send(result);
             }
             AccountMsg::Balance(reply) => {

@@ -166,7 +166,9 @@ impl Billing {
             usage,
         };
         let settled = self
-            .ask(account_id, |port| AccountMsg::Settle(request.clone(), port))
+            .ask(account_id, |port| {
+                AccountMsg::Settle(Box::new(request.clone()), port)
+            })
             .await?;
         self.write_down(&settled.record).await?;
         if let Some(book) = self.books.get(account_id) {
