@@ -137,7 +137,7 @@ impl Billing {
             return Err(BillingError::LedgerBufferFull(backlog));
         }
         self.ask(account_id, |port| {
-            AccountMsg::Reserve(request.clone(), port)
+            AccountMsg::Reserve(Box::new(request.clone()), port)
         })
         .await?
     }

