@@ -36,6 +36,8 @@ pub enum ProviderError {
 pub struct Lease {
     pub client: reqwest::Client,
     pub spec: Arc<ProviderSpec>,
+    /// `{base_url}/chat/completions`, parsed once when the provider starts.
+    pub completions_url: reqwest::Url,
     health: Arc<Health>,
     _permit: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
@@ -141,6 +143,7 @@ impl Desk {
 pub struct Leaser {
     spec: Arc<ProviderSpec>,
     client: reqwest::Client,
+    completions_url: reqwest::Url,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
@@ -159,6 +162,8 @@ impl Leaser {
             .tcp_nodelay(true)
             .build()
             .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+        let completions_url = reqwest::Url::parse(&format!("{}/chat/completions", spec.base_url))
+            .map_err(|_| ProviderError::Client(spec.name.clone()))?;
         metrics::gauge!("tollgate_provider_max_concurrency", "provider" => spec.name.clone())
             .set(spec.max_concurrency as f64);
         Ok(Leaser {
@@ -168,6 +173,7 @@ impl Leaser {
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             client,
+            completions_url,
             in_flight: Arc::new(AtomicU64::new(0)),
             granted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -183,6 +189,7 @@ impl Leaser {
                 Ok(Lease {
                     client: self.client.clone(),
                     spec: self.spec.clone(),
+                    completions_url: self.completions_url.clone(),
                     health: self.health.clone(),
                     _permit: permit,
                     _in_flight: InFlightGuard {

@@ -617,9 +617,10 @@ fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, StoreError> {
 }
 
 /// The batch statements, each taking the rows as one JSON array of arrays ([`json_rows`]).
-/// The two dialects differ only in how they unpack it: SQLite's `json_each` and `->>` (the
-/// `WHERE true` is SQLite's rule for `INSERT … SELECT … ON CONFLICT`), Postgres's
-/// `json_array_elements` and a cast for each integer.
+/// The two dialects differ only in how they unpack it. SQLite: `json_each` and `->>` (`WHERE
+/// true` is SQLite's rule for `INSERT … SELECT … ON CONFLICT`; the bundled SQLite has no
+/// `jsonb_each`). Postgres: `jsonb_array_elements`, `->>`
+/// and a cast for each integer (with `json`, each `->>` would parse the row's text again).
 struct BatchSql {
     insert_ledger: &'static str,
     add_to_balances: &'static str,

@@ -275,7 +275,7 @@ async fn proxy(
     let upstream_body = serde_json::to_vec(&request).map_err(|_| ApiError::Internal)?;
     let mut builder = lease
         .client
-        .post(format!("{}/chat/completions", lease.spec.base_url))
+        .post(lease.completions_url.clone())
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(upstream_body);
     if let Some(k) = &lease.spec.api_key {
