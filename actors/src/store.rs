@@ -435,13 +435,8 @@ impl Store {
                     )
                 })
                 .collect();
-            for row in sqlx::query(sql.insert_ledger)
-                .bind(json_rows(&rows)?)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                inserted_entries.insert(row.try_get::<String, _>("entry_id")?);
-            }
+            inserted_entries =
+                insert_returning(&mut tx, sql.insert_ledger, &rows, "entry_id").await?;
         }
 
         // Balances and per-key spend move only by entries that are new.
@@ -501,13 +496,8 @@ impl Store {
                     )
                 })
                 .collect();
-            for row in sqlx::query(sql.insert_usage)
-                .bind(json_rows(&rows)?)
-                .fetch_all(&mut *tx)
-                .await?
-            {
-                inserted_usage.insert(row.try_get::<String, _>("request_id")?);
-            }
+            inserted_usage =
+                insert_returning(&mut tx, sql.insert_usage, &rows, "request_id").await?;
         }
         tx.commit().await?;
 
@@ -608,6 +598,24 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
         created_at: r.try_get("created_at")?,
         revoked_at: r.try_get("revoked_at")?,
     })
+}
+
+/// Runs one of [`BatchSql`]'s inserts; returns the keys (`column`) of the rows it added.
+async fn insert_returning<T: serde::Serialize>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    sql: &str,
+    rows: &[T],
+    column: &str,
+) -> Result<std::collections::HashSet<String>, StoreError> {
+    let mut added = std::collections::HashSet::new();
+    for row in sqlx::query(sql)
+        .bind(json_rows(rows)?)
+        .fetch_all(&mut **tx)
+        .await?
+    {
+        added.insert(row.try_get::<String, _>(column)?);
+    }
+    Ok(added)
 }
 
 /// A batch's rows as one JSON array of arrays, for [`BatchSql`]'s statements. Integers stay

@@ -42,6 +42,15 @@ async fn postgres() -> Option<(Store, String)> {
     Some((store, name))
 }
 
+/// Runs `test` on a fresh Postgres database and drops it after.
+async fn on_postgres(test: impl AsyncFnOnce(&Store)) {
+    let Some((store, name)) = postgres().await else {
+        return;
+    };
+    test(&store).await;
+    drop_postgres(store, name).await;
+}
+
 async fn drop_postgres(store: Store, name: String) {
     store.close().await;
     let admin = AnyPool::connect(PG_ADMIN_URL).await.unwrap();
@@ -250,18 +259,10 @@ async fn a_batch_round_trips_exactly_on_sqlite() {
 
 #[tokio::test]
 async fn a_batch_round_trips_exactly_on_postgres() {
-    let Some((store, name)) = postgres().await else {
-        return;
-    };
-    a_batch_round_trips_exactly(&store).await;
-    drop_postgres(store, name).await;
+    on_postgres(a_batch_round_trips_exactly).await;
 }
 
 #[tokio::test]
 async fn an_entry_counts_once_on_postgres() {
-    let Some((store, name)) = postgres().await else {
-        return;
-    };
-    an_entry_counts_once(&store).await;
-    drop_postgres(store, name).await;
+    on_postgres(an_entry_counts_once).await;
 }
