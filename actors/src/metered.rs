@@ -29,26 +29,32 @@ pub trait Kind {
     const KIND: &'static str;
 }
 
-static DEPTHS: LazyLock<DashMap<ActorId, Arc<AtomicI64>>> = LazyLock::new(DashMap::new);
+static DEPTHS: LazyLock<DashMap<ActorId, Arc<Depth>>> = LazyLock::new(DashMap::new);
+
+/// One actor's mailbox depth, and its kind's gauge (resolved once, not per message).
+struct Depth {
+    count: AtomicI64,
+    gauge: metrics::Gauge,
+}
 
 /// Messages waiting in an actor's mailbox (0 for an actor that is gone).
 pub fn mailbox_depth(actor: ActorId) -> i64 {
     DEPTHS
         .get(&actor)
-        .map_or(0, |d| d.load(Ordering::Relaxed).max(0))
+        .map_or(0, |d| d.count.load(Ordering::Relaxed).max(0))
 }
 
-fn enqueued<M: Kind>(actor: ActorId) {
+fn enqueued(actor: ActorId) {
     if let Some(d) = DEPTHS.get(&actor) {
-        d.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => M::KIND).increment(1.0);
+        d.count.fetch_add(1, Ordering::Relaxed);
+        d.gauge.increment(1.0);
     }
 }
 
-fn not_enqueued<M: Kind>(actor: ActorId) {
+fn not_enqueued(actor: ActorId) {
     if let Some(d) = DEPTHS.get(&actor) {
-        d.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => M::KIND).decrement(1.0);
+        d.count.fetch_sub(1, Ordering::Relaxed);
+        d.gauge.decrement(1.0);
     }
 }
 
@@ -68,10 +74,10 @@ pub trait Mailbox<M> {
 impl<M: ractor::Message + Kind> Mailbox<M> for ActorRef<M> {
     fn tell(&self, msg: M) -> Result<(), MessagingErr<M>> {
         let id = self.get_id();
-        enqueued::<M>(id);
+        enqueued(id);
         let sent = self.send_message(msg);
         if sent.is_err() {
-            not_enqueued::<M>(id);
+            not_enqueued(id);
         }
         sent
     }
@@ -121,15 +127,19 @@ pub struct MeteredState<S> {
     inner: S,
     kind: &'static str,
     id: ActorId,
-    depth: Arc<AtomicI64>,
+    depth: Arc<Depth>,
+    /// The kind's handles, resolved when the actor starts rather than looked up by name on
+    /// every message.
+    messages: metrics::Counter,
+    handler_seconds: metrics::Histogram,
 }
 
 impl<S> Drop for MeteredState<S> {
     fn drop(&mut self) {
         metrics::gauge!("tollgate_actors_live", "kind" => self.kind).decrement(1.0);
         DEPTHS.remove(&self.id);
-        let left = self.depth.swap(0, Ordering::Relaxed).max(0);
-        metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => self.kind).decrement(left as f64);
+        let left = self.depth.count.swap(0, Ordering::Relaxed).max(0);
+        self.depth.gauge.decrement(left as f64);
     }
 }
 
@@ -151,7 +161,11 @@ where
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let id = myself.get_id();
-        let depth = Arc::new(AtomicI64::new(0));
+        let kind = A::Msg::KIND;
+        let depth = Arc::new(Depth {
+            count: AtomicI64::new(0),
+            gauge: metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => kind),
+        });
         DEPTHS.insert(id, depth.clone());
         let inner = match self.inner.pre_start(myself, args).await {
             Ok(s) => s,
@@ -163,9 +177,11 @@ where
         metrics::gauge!("tollgate_actors_live", "kind" => A::Msg::KIND).increment(1.0);
         Ok(MeteredState {
             inner,
-            kind: A::Msg::KIND,
+            kind,
             id,
             depth,
+            messages: metrics::counter!("tollgate_actor_messages_total", "kind" => kind),
+            handler_seconds: metrics::histogram!("tollgate_actor_handler_seconds", "kind" => kind),
         })
     }
 
@@ -194,17 +210,19 @@ where
         // Out of the mailbox; a timer's message was never counted in, so never below zero.
         if state
             .depth
+            .count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |d| {
                 (d > 0).then(|| d - 1)
             })
             .is_ok()
         {
-            metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => state.kind).decrement(1.0);
+            state.depth.gauge.decrement(1.0);
         }
         let started = Instant::now();
         let result = self.inner.handle(myself, message, &mut state.inner).await;
-        metrics::counter!("tollgate_actor_messages_total", "kind" => state.kind).increment(1);
-        metrics::histogram!("tollgate_actor_handler_seconds", "kind" => state.kind)
+        state.messages.increment(1);
+        state
+            .handler_seconds
             .record(started.elapsed().as_secs_f64());
         if result.is_err() {
             metrics::counter!("tollgate_actor_failures_total", "kind" => state.kind).increment(1);
