@@ -164,8 +164,8 @@ impl ReservationBook {
 }
 
 /// An idle account's book holds no table memory: a map that empties gives its table back
-/// (the next request allocates a small one again). With 100,000 live accounts, mostly idle,
-/// that is about 60 MB.
+/// (the next request allocates a small one again). A few hundred bytes an account, which
+/// counts at 100,000 live accounts (BENCHMARKS.md, "Active accounts").
 fn release_if_empty<K, V>(map: &mut HashMap<K, V>) {
     if map.is_empty() && map.capacity() > 0 {
         *map = HashMap::new();
@@ -332,7 +332,7 @@ impl Actor for AccountActor {
             AccountMsg::Credit(req, reply) => {
                 // Boxed: this message's future (it waits for a commit) is by far the largest,
                 // and every account actor's task is sized for its largest message. Credits
-                // are rare; at 100,000 live accounts the box saves about 100 MB.
+                // are rare; the box halves the handler future every live account carries.
                 let result = Box::pin(state.credit(req)).await;
                 let _ = reply.send(result);
             }
