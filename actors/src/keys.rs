@@ -90,8 +90,9 @@ impl KeyRing {
             unknown: DashMap::new(),
             store,
         };
-        let store = ring.store.clone();
-        store.each_active_key(|row| ring.remember(&row)).await?;
+        ring.store
+            .each_active_key(|row| ring.remember(&row))
+            .await?;
         Ok(ring)
     }
 

@@ -583,8 +583,14 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
         micros = started.elapsed().as_micros() as u64,
         "ledger batch committed"
     );
+    let accounts: Vec<String> = records
+        .iter()
+        .filter_map(record_account)
+        .collect::<std::collections::BTreeSet<&str>>()
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
     let mut segments = BTreeMap::new();
-    let mut accounts: Vec<String> = Vec::new();
     for ((record, (segment, reply)), result) in records.into_iter().zip(batch.waiting).zip(outcome)
     {
         if let Some(segment) = segment {
@@ -598,16 +604,7 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
         if let Some(reply) = reply {
             let _ = reply.send(result);
         }
-        if let Some(account) = record
-            .ledger
-            .map(|e| e.account_id)
-            .or(record.usage.map(|u| u.account_id))
-        {
-            accounts.push(account);
-        }
     }
-    accounts.sort_unstable();
-    accounts.dedup();
     let shipment = Shipment {
         through: batch.through,
         segments,

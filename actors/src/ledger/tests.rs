@@ -205,21 +205,20 @@ async fn an_account_barrier_waits_for_that_account_only() {
     });
     assert!(matches!(rx.await.unwrap(), Ok(true)));
 
+    let barrier_for = async |account: &str| {
+        let done = ledger
+            .call(|port| LedgerMsg::BarrierFor(account.to_owned(), port), None)
+            .await
+            .unwrap();
+        assert!(matches!(done, CallResult::Success(())));
+    };
     // b has nothing queued: answered at once, with a's record still unshipped.
-    let done = ledger
-        .call(|port| LedgerMsg::BarrierFor("b".to_owned(), port), None)
-        .await
-        .unwrap();
-    assert!(matches!(done, CallResult::Success(())));
+    barrier_for("b").await;
     assert_eq!(s.balance().await, Amount(0));
     assert_eq!(s.backlog.load(Ordering::Relaxed), 1);
 
     // a's barrier ships a's record, whatever the pause.
-    let done = ledger
-        .call(|port| LedgerMsg::BarrierFor("a".to_owned(), port), None)
-        .await
-        .unwrap();
-    assert!(matches!(done, CallResult::Success(())));
+    barrier_for("a").await;
     assert_eq!(s.balance().await, Amount(5));
     ledger.stop(None);
 }
