@@ -116,15 +116,33 @@ cat >"$TMP/keys.lua" <<EOF
 local keys = {}
 for line in io.lines("$TMP/keys.txt") do keys[#keys + 1] = line end
 local body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}'
-local i = 0
+local threads, i = {}, 0
 -- Each thread takes every other key, so that two threads cover all of them once per lap.
-function setup(thread) thread:set("offset", i); i = i + 1 end
-function init(args) n = offset end
+function setup(thread)
+  thread:set("offset", i); i = i + 1
+  table.insert(threads, thread)
+end
+function init(args) n = offset; non2xx = 0; last = "" end
 function request()
   n = n + 2
   local key = keys[(n % #keys) + 1]
   return wrk.format("POST", "/v1/chat/completions",
     { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key }, body)
+end
+function response(status, headers, body)
+  if status < 200 or status > 299 then
+    non2xx = non2xx + 1
+    last = status .. " " .. body
+  end
+end
+function done(summary, latency, requests)
+  local bad, last = 0, ""
+  for _, t in ipairs(threads) do
+    bad = bad + (t:get("non2xx") or 0)
+    if (t:get("last") or "") ~= "" then last = t:get("last") end
+  end
+  io.write(string.format("WRK requests=%d non2xx=%d\n", summary.requests, bad))
+  if last ~= "" then io.write("WRK last_error=" .. last .. "\n") end
 end
 EOF
 
@@ -133,20 +151,30 @@ start_gateway
 sleep 1
 IDLE=$(rss_mb "$GW_PID")
 
-# Calls until every account has loaded (one lap of the keys), in 10 s slices.
+# One wrk run until every account has loaded (one lap of the keys): a run started again
+# would start the keys over. wrk prints its summary when interrupted.
 log "calling with every key"
-for _ in $(seq 1 60); do
-  wrk -t2 -c64 -d10s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >>"$TMP/wrk.txt"
+wrk -t2 -c64 -d600s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk.txt" &
+WRK_PID=$!
+PIDS+=("$WRK_PID")
+loaded=0
+for _ in $(seq 1 300); do
+  sleep 2
   loaded=$(metric tollgate_accounts_loaded_total)
-  log "accounts loaded: $loaded"
   ((loaded >= N)) && break
+  kill -0 "$WRK_PID" 2>/dev/null || break
 done
+kill -INT "$WRK_PID" 2>/dev/null || true
+wait "$WRK_PID" || true
+log "accounts loaded: $loaded"
+((loaded >= N)) || die "only $loaded of $N accounts loaded"
 sleep 2
 LOADED=$(metric tollgate_accounts_loaded_total)
 PASSIVATED=$(metric tollgate_accounts_passivated_total)
 ACTIVE=$(rss_mb "$GW_PID")
-NON2XX=$(awk '/Non-2xx/ { s += $NF } END { print s + 0 }' "$TMP/wrk.txt")
-REQS=$(awk '/requests in/ { s += $1 } END { print s + 0 }' "$TMP/wrk.txt")
+REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
+NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
+grep '^WRK last_error=' "$TMP/wrk.txt" >&2 || true
 
 printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s\n' \
   "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE"
