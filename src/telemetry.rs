@@ -30,7 +30,10 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
                 )
             });
             match builder.and_then(|b| b.install_recorder()) {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    spawn_upkeep(h.clone());
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics recorder not installed");
                     None
@@ -39,6 +42,24 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
         })
         .as_ref()
 }
+
+/// Histogram samples wait in a queue until something drains them into their buckets: a
+/// scrape does, and so does this upkeep, so that a gateway nobody scrapes does not grow by
+/// every sample it records. A thread of its own, not a task: the recorder is per process and
+/// outlives any one runtime (the tests start many).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_EVERY);
+            handle.run_upkeep();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "metrics upkeep thread not started; histograms drain only when scraped");
+    }
+}
+
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A model's metric handles, resolved once at start: looking a labelled metric up by name on
 /// every call (allocating its labels, hashing, locking the registry) costs more than the
