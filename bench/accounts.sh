@@ -2,7 +2,8 @@
 # Memory with many active accounts: N accounts (default 100,000), each with an API key and a
 # balance, all of them calling at least once, so that every account has its actor in memory
 # and every key is in the key ring. Prints the gateway's RSS before and after, and how many
-# account actors are live. See BENCHMARKS.md, "Active accounts".
+# account actors are live; then the RSS after 60 s more of the same load. See BENCHMARKS.md,
+# "Active accounts".
 #
 #   bench/accounts.sh [--accounts N]
 #
@@ -176,5 +177,14 @@ REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 grep '^WRK last_error=' "$TMP/wrk.txt" >&2 || true
 
-printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s\n' \
-  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE"
+# Then 60 s more of the same load: the RSS should stay where it is.
+log "60 s more load on the loaded accounts"
+wrk -t2 -c64 -d60s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk-more.txt"
+sleep 2
+LATER=$(rss_mb "$GW_PID")
+MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
+MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
+grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
+
+printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s\n' \
+  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER"
