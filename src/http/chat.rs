@@ -19,7 +19,10 @@ use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
@@ -38,28 +41,60 @@ pub fn new_request_id() -> String {
 pub async fn completions(app: Arc<App>, req: &Request, body: Bytes) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
-    // A task of its own: a client that hangs up cancels this handler, but a call that
-    // reserved money must still reach its settlement (or release).
+    // A client that hangs up drops this handler, but a call that reserved money must still
+    // reach its settlement (or release): then the call goes on in a task of its own.
     let call = {
         let (app, headers, request_id) = (app.clone(), req.headers.clone(), request_id.clone());
-        app.clone().relays.spawn(async move {
+        let tracked = app.relays.clone().track_future(async move {
             let mut labels = None;
             let result = proxy(app, &headers, body, &request_id, started, &mut labels).await;
             (labels, result)
-        })
+        });
+        RunToEnd(Some(Box::pin(tracked)))
     };
-    let mut resp = match call.await {
-        Ok((labels, result)) => {
-            let mut resp = result.unwrap_or_else(ApiError::into_response);
-            if let Some(l) = labels {
-                resp.extensions_mut().insert(l);
+    let (labels, result) = call.await;
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if let Some(l) = labels {
+        resp.extensions_mut().insert(l);
+    }
+    with_request_id(resp, &request_id)
+}
+
+/// A future that runs to its end even if whoever awaits it goes away: it is polled in place
+/// (no task, no hand-off between threads), and if it is dropped unfinished, what is left of
+/// it is spawned.
+struct RunToEnd<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
+where
+    F::Output: Send;
+
+impl<F: Future + Send + 'static> Future for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Some(fut) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(fut.as_mut().poll(cx));
+        self.0 = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for RunToEnd<F>
+where
+    F::Output: Send,
+{
+    fn drop(&mut self) {
+        if let Some(rest) = self.0.take() {
+            // Outside a runtime (it is shutting down) there is nothing left to run it on.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(rest);
             }
-            resp
         }
-        Err(_) => ApiError::Internal.into_response(),
-    };
-    resp = with_request_id(resp, &request_id);
-    resp
+    }
 }
 
 #[derive(Deserialize, Default, Clone, Copy)]

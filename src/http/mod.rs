@@ -27,7 +27,8 @@ pub struct App {
     pub system: ActorSystem,
     pub store: Store,
     admin_token: [u8; 32],
-    /// Stream relays still settling after their client went away; shutdown waits for them.
+    /// Calls in flight, and stream relays still settling after their client went away:
+    /// shutdown waits for them.
     pub relays: TaskTracker,
 }
 

@@ -4,6 +4,8 @@
 use crate::both_stores;
 use crate::common::*;
 use serde_json::{json, Value};
+use std::time::Duration;
+use tollgate::mock::MockOptions;
 use tollgate_actors::Amount;
 
 async fn exact_billing_non_streamed(backend: Backend) {
@@ -61,6 +63,64 @@ async fn exact_billing_non_streamed(backend: Backend) {
     h.stop().await;
 }
 both_stores!(exact_billing_non_streamed);
+
+/// A client that hangs up while the upstream works on its call does not get the call for free:
+/// the call runs to its end and is charged what the upstream reports (docs/billing.md).
+async fn hanging_up_before_the_answer_is_still_charged(backend: Backend) {
+    let mock = MockOptions {
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let Some(h) = Harness::start_with(backend, mock, |_| {}).await else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "are you there"}], "max_tokens": 5});
+    let call = h.chat(&key, &body);
+    // Gone long before the upstream answers: dropping the request closes its connection.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), call)
+            .await
+            .is_err(),
+        "the mock answers after 400 ms"
+    );
+    assert!(h.usage(&account).await.is_empty(), "not settled yet");
+
+    let mut usage = Vec::new();
+    for _ in 0..100 {
+        usage = h.usage(&account).await;
+        if !usage.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(usage.len(), 1, "settled after the client left");
+    let u = &usage[0];
+    assert_eq!(u["status"], 200);
+    assert_eq!(u["usage_source"], "upstream");
+    assert_eq!(u["completion_tokens"], 5);
+    let cost: Amount = u["cost"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        cost,
+        expected_cost(
+            150_000_000,
+            600_000_000,
+            u["prompt_tokens"].as_u64().unwrap(),
+            5
+        )
+    );
+    assert_eq!(
+        h.balance(&account).await,
+        Amount(1_000_000_000 - cost.nanos())
+    );
+    let pool = h.pool().await;
+    let l = ledger(&pool, &account).await;
+    assert_eq!(l.ledger_sum, l.balance);
+    assert_eq!(l.charges, cost.nanos());
+    pool.close().await;
+    h.stop().await;
+}
+both_stores!(hanging_up_before_the_answer_is_still_charged);
 
 async fn exact_billing_streamed(backend: Backend) {
     let Some(h) = Harness::start(backend).await else {
