@@ -8,6 +8,11 @@ local model = os.getenv("TG_MODEL") or "gpt-4o-mini"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. key
+-- TG_HEADERS: extra headers, "Name: value" pairs separated by "|" (peer gateways route by them).
+for pair in string.gmatch(os.getenv("TG_HEADERS") or "", "[^|]+") do
+  local name, value = string.match(pair, "^%s*([^:]+):%s*(.-)%s*$")
+  if name then wrk.headers[name] = value end
+end
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
   .. '"content":"Say hello to the benchmark please"}],"max_tokens":16}'
 

@@ -4,6 +4,7 @@
 #   bench/run.sh            full run (3 interleaved rounds, 5 s per wrk run; ~8 minutes)
 #   bench/run.sh --quick    smoke check (1 round, short runs, 500 held streams; ~2.5 minutes)
 #   bench/run.sh --summarize bench/results/latest.txt   redo the summary from saved raw lines
+#   bench/run.sh --peers    also LiteLLM (PyPI) and Portkey's gateway (npm) on the same mock
 #
 # Targets: the mock upstream directly, nginx in front of it, Tollgate on SQLite, Tollgate on
 # Postgres (a fresh database at 127.0.0.1:5432, dropped at exit). Every request to a gateway is
@@ -14,18 +15,21 @@
 # Knobs (environment): BENCH_ROUNDS, BENCH_LAT_SECS, BENCH_THR_SECS, BENCH_THR_CONNS,
 # BENCH_STREAMS (sequential streams per round), BENCH_HELD (concurrent held streams),
 # BENCH_PACE_MS (pause per connection in the paced run), BENCH_KEEP_TMP=1 (keep the temp
-# dir with configs and logs), BENCH_SKIP_BUILD=1.
+# dir with configs and logs), BENCH_SKIP_BUILD=1, BENCH_PEER_DIR (where --peers installs the peer
+# gateways; default ~/.cache/tollgate-bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 QUICK=0
+PEERS=0
 SUMMARIZE=""
 while (( $# )); do
   case "$1" in
     --quick) QUICK=1 ;;
+    --peers) PEERS=1 ;;
     --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -43,6 +47,9 @@ THR_THREADS=2
 PACE_MS=${BENCH_PACE_MS:-3}
 ADMIN=bench-admin-token
 TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
+# Peer gateways for --peers, pinned so that a rerun measures the same thing.
+LITELLM_VERSION=1.108.7
+PORTKEY_VERSION=1.15.2
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -66,6 +73,11 @@ verdict() { awk "BEGIN { print (($1) ? \"met\" : \"MISSED\") }"; }
 summarize() { # raw-file → summary on stdout
   local RAW=$1
   eval "$(awk '$1 == "settings" { for (i = 2; i <= NF; i++) { split($i, a, "="); printf "local %s=%s\n", toupper(a[1]), a[2] } }' "$RAW")"
+  # The targets this run had (older results files do not say: the four without peers).
+  local -a TARGETS=(direct nginx tollgate-sqlite tollgate-postgres) PEER_LIST=()
+  if [[ -n ${TARGET_LIST:-} ]]; then IFS=, read -ra TARGETS <<<"$TARGET_LIST"; fi
+  local t
+  for t in "${TARGETS[@]}"; do [[ $t == litellm || $t == portkey ]] && PEER_LIST+=("$t"); done
   printf '\nTollgate benchmark summary — %s rounds, medians across rounds (µs unless noted)\n' "$ROUNDS"
   printf '\nLatency at concurrency 1 (wrk -t1 -c1 -d%ss), non-streamed, max_tokens 16\n' "$LAT_SECS"
   printf '  %-18s %8s %8s %10s %10s %10s\n' target p50 p99 'added p50' 'added p99' 'cpu/req'
@@ -117,7 +129,11 @@ summarize() { # raw-file → summary on stdout
     '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
   s_t50=$(med stream direct ttft_p50_us); s_t99=$(med stream direct ttft_p99_us)
   s_g50=$(med stream direct gap_p50_us); s_g99=$(med stream direct gap_p99_us)
-  for t in direct tollgate-sqlite tollgate-postgres; do
+  for t in direct tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+    if [[ $t != direct ]] && ! grep -q "^stream .*target=$t .*ok=[1-9]" "$RAW"; then
+      printf '  %-24s %s\n' "$t" "no stream completed: $(grep -m1 "^stream-failed .*target=$t " "$RAW" | sed 's/.*error=//')"
+      continue
+    fi
     t50=$(med stream "$t" ttft_p50_us); t99=$(med stream "$t" ttft_p99_us)
     g50=$(med stream "$t" gap_p50_us); g99=$(med stream "$t" gap_p99_us)
     if [[ $t == direct ]]; then x=(- - - -); else
@@ -189,7 +205,7 @@ summarize() { # raw-file → summary on stdout
 
 if [[ -n $SUMMARIZE ]]; then
   raw=$(mktemp)
-  grep -E '^(settings|warm|lat|thr|paced|rss|stream|held|durable) ' "$SUMMARIZE" >"$raw" \
+  grep -E '^(settings|warm|lat|thr|paced|rss|stream|stream-failed|held|durable) ' "$SUMMARIZE" >"$raw" \
     || { rm -f "$raw"; die "no raw lines in $SUMMARIZE"; }
   summarize "$raw"
   rm -f "$raw"
@@ -212,6 +228,33 @@ if (( ${#need[@]} )); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+# Peer gateways, installed once into BENCH_PEER_DIR: LiteLLM's proxy in a Python venv, Portkey's
+# gateway with npm. Both need the registries the first time.
+PEER_DIR=${BENCH_PEER_DIR:-$HOME/.cache/tollgate-bench}
+LITELLM=$PEER_DIR/litellm-$LITELLM_VERSION/bin/litellm
+PORTKEY=$PEER_DIR/portkey-$PORTKEY_VERSION/node_modules/@portkey-ai/gateway/build/start-server.js
+if (( PEERS )); then
+  need=()
+  python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+  command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+  if (( ${#need[@]} )); then
+    log "installing from Debian: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  fi
+  if [[ ! -x $LITELLM ]]; then
+    log "installing LiteLLM $LITELLM_VERSION from PyPI into $PEER_DIR (a few minutes)"
+    python3 -m venv "$PEER_DIR/litellm-$LITELLM_VERSION"
+    "$PEER_DIR/litellm-$LITELLM_VERSION/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION" \
+      || die "pip install litellm[proxy]==$LITELLM_VERSION failed"
+  fi
+  if [[ ! -f $PORTKEY ]]; then
+    log "installing Portkey's gateway $PORTKEY_VERSION from npm into $PEER_DIR"
+    npm install -s --no-audit --no-fund --prefix "$PEER_DIR/portkey-$PORTKEY_VERSION" \
+      "@portkey-ai/gateway@$PORTKEY_VERSION" >/dev/null || die "npm install @portkey-ai/gateway failed"
+  fi
+fi
 
 if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
   log "cargo build --release"
@@ -451,17 +494,56 @@ KEY_SQLITE=$(seed "$GW_SQLITE_PORT")
 KEY_PG=$(seed "$GW_PG_PORT")
 [[ $KEY_SQLITE == sk-* && $KEY_PG == sk-* ]] || die "seeding: no API key"
 
-declare -A URL KEY PID
+declare -A URL KEY PID HDRS
 URL[floor]=http://127.0.0.1:$FLOOR_PORT;       KEY[floor]=none;           PID[floor]=$NGINX_WORKER_PID
 URL[direct]=http://127.0.0.1:$MOCK_PORT;       KEY[direct]=none;          PID[direct]=$MOCK_PID
 URL[nginx]=http://127.0.0.1:$NGINX_PORT;       KEY[nginx]=none;           PID[nginx]=$NGINX_WORKER_PID
 URL[tollgate-sqlite]=http://127.0.0.1:$GW_SQLITE_PORT;  KEY[tollgate-sqlite]=$KEY_SQLITE;   PID[tollgate-sqlite]=$GW_SQLITE_PID
 URL[tollgate-postgres]=http://127.0.0.1:$GW_PG_PORT;    KEY[tollgate-postgres]=$KEY_PG;     PID[tollgate-postgres]=$GW_PG_PID
 
+# Peers: each at its defaults, on the same mocks, one process (one worker) like nginx here.
+# Neither authenticates against a store, reserves, or records a charge: they are proxies with
+# their own request handling, which is what the comparison is about.
+wait_http() { # url pid name: up to 120 s (LiteLLM takes several seconds to import)
+  for _ in $(seq 1 1200); do
+    kill -0 "$2" 2>/dev/null || { tail -n 20 "$TMP/$3.log" >&2; die "$3 exited at start"; }
+    curl -s -o /dev/null "$1" && return 0
+    sleep 0.1
+  done
+  die "$3 did not answer at $1"
+}
+if (( PEERS )); then
+  alloc_port LITELLM_PORT; alloc_port PORTKEY_PORT
+  cat >"$TMP/litellm.yaml" <<EOF
+model_list:
+  - model_name: gpt-4o-mini
+    litellm_params: {model: openai/gpt-4o-mini, api_base: "http://127.0.0.1:$MOCK_PORT/v1", api_key: none}
+  - model_name: gpt-4o-mini-stream
+    litellm_params: {model: openai/gpt-4o-mini, api_base: "http://127.0.0.1:$STREAM_PORT/v1", api_key: none}
+EOF
+  # LiteLLM refuses to start without a master key; with one, it checks it on every call.
+  LITELLM_KEY=sk-bench-litellm-$RANDOM$RANDOM$RANDOM
+  spawn litellm env LITELLM_MASTER_KEY="$LITELLM_KEY" "$LITELLM" --config "$TMP/litellm.yaml" \
+    --host 127.0.0.1 --port "$LITELLM_PORT" --num_workers 1
+  LITELLM_PID=$LAST_PID
+  spawn portkey node "$PORTKEY" --port="$PORTKEY_PORT" --headless
+  PORTKEY_PID=$LAST_PID
+  wait_http "http://127.0.0.1:$LITELLM_PORT/health/liveliness" "$LITELLM_PID" litellm
+  wait_http "http://127.0.0.1:$PORTKEY_PORT/" "$PORTKEY_PID" portkey
+  URL[litellm]=http://127.0.0.1:$LITELLM_PORT; KEY[litellm]=$LITELLM_KEY; PID[litellm]=$LITELLM_PID
+  # Portkey routes by headers: the provider, and our mock as a custom host.
+  URL[portkey]=http://127.0.0.1:$PORTKEY_PORT; KEY[portkey]=none;         PID[portkey]=$PORTKEY_PID
+  HDRS[portkey]="x-portkey-provider: openai|x-portkey-custom-host: http://127.0.0.1:$MOCK_PORT/v1"
+  TARGETS+=(litellm portkey)
+fi
+
 # Quick sanity: each target answers 200 with usage.
 for t in "${TARGETS[@]}"; do
+  hdr=()
+  IFS='|' read -ra pairs <<<"${HDRS[$t]:-}"
+  for h in "${pairs[@]}"; do hdr+=(-H "$h"); done
   code=$(curl -s -o "$TMP/check.json" -w '%{http_code}' -X POST "${URL[$t]}/v1/chat/completions" \
-    -H "Authorization: Bearer ${KEY[$t]}" -H 'Content-Type: application/json' \
+    -H "Authorization: Bearer ${KEY[$t]}" -H 'Content-Type: application/json' "${hdr[@]}" \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":16}')
   [[ $code == 200 ]] && jq -e .usage.total_tokens "$TMP/check.json" >/dev/null \
     || die "$t answered $code: $(head -c 300 "$TMP/check.json")"
@@ -469,7 +551,8 @@ done
 
 RAW=$TMP/raw.txt
 echo "settings rounds=$ROUNDS lat_secs=$LAT_SECS thr_secs=$THR_SECS thr_threads=$THR_THREADS" \
-  "thr_conns=$THR_CONNS streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" >"$RAW"
+  "thr_conns=$THR_CONNS streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" \
+  "target_list=$(IFS=,; echo "${TARGETS[*]}")" >"$RAW"
 for t in tollgate-sqlite tollgate-postgres; do
   echo "rss target=$t phase=idle kb=$(rss_kb "${PID[$t]}")" >>"$RAW"
 done
@@ -508,7 +591,7 @@ run_wrk() { # kind round target -- wrk args…   (appends one line to $RAW)
   local sampler=$!
   PIDS+=("$sampler")
   local out
-  out=$(TG_KEY=${KEY[$t]} wrk "$@" -s "$ROOT/bench/chat.lua" "${URL[$t]}/v1/chat/completions") \
+  out=$(TG_KEY=${KEY[$t]} TG_HEADERS=${HDRS[$t]:-} wrk "$@" -s "$ROOT/bench/chat.lua" "${URL[$t]}/v1/chat/completions") \
     || die "wrk failed against $t: $out"
   touch "$stop"; wait "$sampler" 2>/dev/null || true; forget_pid "$sampler"
   local c1 m1; c1=$(cpu_ticks "$pid"); m1=$(cpu_ticks "$MOCK_PID")
@@ -586,20 +669,35 @@ done
 # ---------------------------------------------------------------------------------------------
 # 4. Streaming: TTFT and inter-chunk gaps (mock: 32 chunks, 5 ms apart)
 # ---------------------------------------------------------------------------------------------
-probe_seq() { # round target base key model n
-  local out
-  out=$("$PROBE" --base "$3" --key "$4" --model "$5" --requests "$6" --warmup 5 --label "$2" 2>&1) \
-    || die "stream probe failed against $2: $out"
+probe_seq() { # round target base key model n [--header "Name: value"]…
+  local out r=$1 t=$2 base=$3 key=$4 model=$5 n=$6
+  shift 6
+  if ! out=$("$PROBE" --base "$base" --key "$key" --model "$model" --requests "$n" --warmup 5 \
+    --label "$t" "$@" 2>&1); then
+    # A peer that cannot stream is a finding, not a reason to stop the run.
+    [[ $t == litellm || $t == portkey ]] || die "stream probe failed against $t: $out"
+    echo "stream-failed round=$r target=$t error=$(sed -n '1,4p' <<<"$out" | tr -s ' \n' ' ' | head -c 200)" >>"$RAW"
+    log "  $t could not stream: $(tr '\n' ' ' <<<"$out" | head -c 300)"
+    return 0
+  fi
+  set -- "$r" "$t"
   local line; line=$(grep '^PROBE ' <<<"$out") || die "no PROBE line: $out"
   echo "stream round=$1 target=$2 ${line#PROBE }" >>"$RAW"
 }
 
-log "streaming: $ROUNDS round(s) × 3 targets × $STREAMS sequential streams"
 STREAM_TARGETS=(direct tollgate-sqlite tollgate-postgres)
+if (( PEERS )); then STREAM_TARGETS+=(litellm portkey); fi
+log "streaming: $ROUNDS round(s) × ${#STREAM_TARGETS[@]} targets × $STREAMS sequential streams"
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${STREAM_TARGETS[@]}"; do
     if [[ $t == direct ]]; then
       probe_seq "$r" "$t" "http://127.0.0.1:$STREAM_PORT" none gpt-4o-mini "$STREAMS"
+    elif [[ $t == portkey ]]; then
+      probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini "$STREAMS" \
+        --header "x-portkey-provider: openai" \
+        --header "x-portkey-custom-host: http://127.0.0.1:$STREAM_PORT/v1"
+    elif [[ $t == litellm ]]; then
+      probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini-stream "$STREAMS"
     else
       probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini-stream "$STREAMS"
     fi

@@ -58,6 +58,9 @@ struct Args {
     /// A label echoed in the PROBE line.
     #[arg(long, default_value = "probe")]
     label: String,
+    /// An extra request header, `Name: value` (repeatable); peer gateways route by headers.
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 fn body(model: &str) -> String {
@@ -183,8 +186,19 @@ async fn one_stream(
     Ok(times)
 }
 
-fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+fn client(timeout: Duration, headers: &[String]) -> anyhow::Result<reqwest::Client> {
+    let mut extra = reqwest::header::HeaderMap::new();
+    for h in headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("--header {h:?}: expected `Name: value`"))?;
+        extra.insert(
+            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())?,
+            reqwest::header::HeaderValue::from_str(value.trim())?,
+        );
+    }
     Ok(reqwest::Client::builder()
+        .default_headers(extra)
         .timeout(timeout)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(usize::MAX)
@@ -192,7 +206,7 @@ fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
 }
 
 async fn sequential(args: Args) -> anyhow::Result<()> {
-    let client = client(Duration::from_secs(args.timeout_secs))?;
+    let client = client(Duration::from_secs(args.timeout_secs), &args.headers)?;
     let url = format!("{}/v1/chat/completions", args.base.trim_end_matches('/'));
     let body = body(&args.model);
     for _ in 0..args.warmup {
@@ -234,7 +248,7 @@ async fn sequential(args: Args) -> anyhow::Result<()> {
 }
 
 async fn concurrent(args: Args, n: usize) -> anyhow::Result<()> {
-    let client = client(Duration::from_secs(args.timeout_secs))?;
+    let client = client(Duration::from_secs(args.timeout_secs), &args.headers)?;
     let url = Arc::new(format!(
         "{}/v1/chat/completions",
         args.base.trim_end_matches('/')
