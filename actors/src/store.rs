@@ -435,8 +435,7 @@ impl Store {
                     )
                 })
                 .collect();
-            inserted_entries =
-                insert_returning(&mut tx, sql.insert_ledger, &rows, "entry_id").await?;
+            inserted_entries = keys_of(&mut *tx, sql.insert_ledger, &rows, "entry_id").await?;
         }
 
         // Balances and per-key spend move only by entries that are new.
@@ -496,8 +495,7 @@ impl Store {
                     )
                 })
                 .collect();
-            inserted_usage =
-                insert_returning(&mut tx, sql.insert_usage, &rows, "request_id").await?;
+            inserted_usage = keys_of(&mut *tx, sql.insert_usage, &rows, "request_id").await?;
         }
         tx.commit().await?;
 
@@ -517,18 +515,11 @@ impl Store {
         &self,
         entry_ids: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let mut found = std::collections::HashSet::new();
         if entry_ids.is_empty() {
-            return Ok(found);
+            return Ok(Default::default());
         }
-        for row in sqlx::query(BatchSql::of(self.backend).committed_entries)
-            .bind(json_rows(entry_ids)?)
-            .fetch_all(&self.pool)
-            .await?
-        {
-            found.insert(row.try_get::<String, _>("entry_id")?);
-        }
-        Ok(found)
+        let sql = BatchSql::of(self.backend).committed_entries;
+        keys_of(&self.pool, sql, entry_ids, "entry_id").await
     }
 
     pub async fn usage(
@@ -600,22 +591,23 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
     })
 }
 
-/// Runs one of [`BatchSql`]'s inserts; returns the keys (`column`) of the rows it added.
-async fn insert_returning<T: serde::Serialize>(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    sql: &str,
+/// Runs one of [`BatchSql`]'s statements on `rows`; returns the `column` of every row it
+/// returned (for an insert, the keys of the rows it added).
+async fn keys_of<'e, T: serde::Serialize>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    sql: &'e str,
     rows: &[T],
     column: &str,
 ) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut added = std::collections::HashSet::new();
+    let mut keys = std::collections::HashSet::new();
     for row in sqlx::query(sql)
         .bind(json_rows(rows)?)
-        .fetch_all(&mut **tx)
+        .fetch_all(executor)
         .await?
     {
-        added.insert(row.try_get::<String, _>(column)?);
+        keys.insert(row.try_get::<String, _>(column)?);
     }
-    Ok(added)
+    Ok(keys)
 }
 
 /// A batch's rows as one JSON array of arrays, for [`BatchSql`]'s statements. Integers stay

@@ -368,6 +368,33 @@ impl Harness {
             .expect("json");
         v["data"].as_array().cloned().unwrap_or_default()
     }
+
+    /// The account's usage records once the first has landed (a call settling in the
+    /// background, its client gone); empty if none has within 5 s.
+    pub async fn usage_once_settled(&self, account: &str) -> Vec<Value> {
+        for _ in 0..100 {
+            let usage = self.usage(account).await;
+            if !usage.is_empty() {
+                return usage;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Vec::new()
+    }
+
+    /// An account funded with 1 USDT was charged `cost`, once: in its balance, and in a
+    /// ledger that adds up to it.
+    pub async fn assert_charged_once_from_one_usdt(&self, account: &str, cost: Amount) {
+        assert_eq!(
+            self.balance(account).await,
+            Amount(1_000_000_000 - cost.nanos())
+        );
+        let pool = self.pool().await;
+        let l = ledger(&pool, account).await;
+        assert_eq!(l.ledger_sum, l.balance);
+        assert_eq!(l.charges, cost.nanos());
+        pool.close().await;
+    }
 }
 
 /// What the store says about an account, straight from SQL.

@@ -65,14 +65,7 @@ async fn client_disconnect_settles_what_was_delivered(backend: Backend) {
     drop(body); // hang up
 
     // The relay notices, stops the upstream call and settles.
-    let mut usage = Vec::new();
-    for _ in 0..100 {
-        usage = h.usage(&account).await;
-        if !usage.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let usage = h.usage_once_settled(&account).await;
     assert_eq!(usage.len(), 1, "settled after disconnect");
     let u = &usage[0];
     assert_eq!(u["request_id"], request_id.as_str());
@@ -85,15 +78,7 @@ async fn client_disconnect_settles_what_was_delivered(backend: Backend) {
     );
     let cost: Amount = u["cost"].as_str().unwrap().parse().unwrap();
     assert!(cost.nanos() > 0);
-    assert_eq!(
-        h.balance(&account).await,
-        Amount(1_000_000_000 - cost.nanos())
-    );
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
-    assert_eq!(l.ledger_sum, l.balance);
-    assert_eq!(l.charges, cost.nanos());
-    pool.close().await;
+    h.assert_charged_once_from_one_usdt(&account, cost).await;
     h.stop().await;
 }
 both_stores!(client_disconnect_settles_what_was_delivered);
