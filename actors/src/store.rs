@@ -2,7 +2,8 @@
 //!
 //! Only actors and the admin paths talk to it; the request hot path never does. Queries are
 //! written once in the SQL both databases accept (`$N` parameters, `ON CONFLICT`, `RETURNING`),
-//! except the ledger's batch statements, which unpack a JSON parameter in each one's dialect.
+//! except the ledger's batch statements, which unpack a JSON parameter in each one's dialect
+//! (and, on SQLite, a faster form for a batch whose records are all new).
 
 use crate::money::Amount;
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -403,15 +404,16 @@ impl Store {
     /// Commits a batch in one transaction. Returns, per record, whether it was new (`true`) or
     /// had been committed before (`false`; nothing is applied twice).
     ///
-    /// Each table gets one statement whatever the batch size: the rows travel as one JSON array
-    /// parameter that the database unpacks itself (see [`BatchSql`]). The statements' text never
-    /// changes, so each is prepared once per connection; a `VALUES` list with a parameter per
-    /// field had to be parsed and planned anew for every batch size, which cost more than the
-    /// inserts themselves.
+    /// On SQLite a batch is first tried as all new ([`Store::commit_new_batch`]): plain inserts
+    /// that return nothing. Only if one of its records turns out to be there already (a replay
+    /// after a crash) is it rolled back and committed again by the statements below, which
+    /// return the keys they inserted.
+    ///
+    /// Otherwise each table gets one statement whatever the batch size: the rows travel as one
+    /// JSON array parameter that the database unpacks itself (see [`BatchSql`]). The statements'
+    /// text never changes, so each is prepared once per connection (a `VALUES` list for the
+    /// batch's exact size would be parsed and planned anew for every size).
     pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
-        let sql = BatchSql::of(self.backend);
-        let mut tx = self.pool.begin().await?;
-
         // The same entry twice in one batch (a resend racing its original) counts once.
         let mut seen = std::collections::HashSet::new();
         let entries: Vec<&LedgerEntry> = records
@@ -419,6 +421,27 @@ impl Store {
             .filter_map(|r| r.ledger.as_ref())
             .filter(|e| seen.insert(e.entry_id.as_str()))
             .collect();
+        let mut seen = std::collections::HashSet::new();
+        let usages: Vec<&UsageRecord> = records
+            .iter()
+            .filter_map(|r| r.usage.as_ref())
+            .filter(|u| seen.insert(u.request_id.as_str()))
+            .collect();
+        if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &usages).await? {
+            let mut first_entry = std::collections::HashSet::new();
+            let mut first_usage = std::collections::HashSet::new();
+            return Ok(records
+                .iter()
+                .map(|r| match (&r.ledger, &r.usage) {
+                    (Some(e), _) => first_entry.insert(e.entry_id.as_str()),
+                    (None, Some(u)) => first_usage.insert(u.request_id.as_str()),
+                    (None, None) => false,
+                })
+                .collect());
+        }
+
+        let sql = BatchSql::of(self.backend);
+        let mut tx = self.pool.begin().await?;
         let mut inserted_entries = std::collections::HashSet::new();
         if !entries.is_empty() {
             let rows: Vec<_> = entries
@@ -439,38 +462,25 @@ impl Store {
         }
 
         // Balances and per-key spend move only by entries that are new.
-        let mut account_delta: std::collections::BTreeMap<&str, i64> = Default::default();
-        let mut key_spent: std::collections::BTreeMap<&str, i64> = Default::default();
-        for e in entries
-            .iter()
-            .filter(|e| inserted_entries.contains(&e.entry_id))
-        {
-            *account_delta.entry(e.account_id.as_str()).or_default() += e.amount.nanos();
-            if let (EntryKind::Charge, Some(key)) = (e.kind, e.key_id.as_deref()) {
-                *key_spent.entry(key).or_default() -= e.amount.nanos();
-            }
-        }
+        let (account_delta, key_spent) = deltas(
+            entries
+                .iter()
+                .copied()
+                .filter(|e| inserted_entries.contains(&e.entry_id)),
+        );
         if !account_delta.is_empty() {
-            let rows: Vec<_> = account_delta.into_iter().collect();
             sqlx::query(sql.add_to_balances)
-                .bind(json_rows(&rows)?)
+                .bind(json_rows(&account_delta)?)
                 .execute(&mut *tx)
                 .await?;
         }
         if !key_spent.is_empty() {
-            let rows: Vec<_> = key_spent.into_iter().collect();
             sqlx::query(sql.add_to_key_spent)
-                .bind(json_rows(&rows)?)
+                .bind(json_rows(&key_spent)?)
                 .execute(&mut *tx)
                 .await?;
         }
 
-        let mut seen = std::collections::HashSet::new();
-        let usages: Vec<&UsageRecord> = records
-            .iter()
-            .filter_map(|r| r.usage.as_ref())
-            .filter(|u| seen.insert(u.request_id.as_str()))
-            .collect();
         let mut inserted_usage = std::collections::HashSet::new();
         if !usages.is_empty() {
             let rows: Vec<_> = usages
@@ -508,6 +518,74 @@ impl Store {
                 (None, None) => false,
             })
             .collect())
+    }
+
+    /// SQLite: commits `entries` and `usages` (each free of duplicates) if none of them is in
+    /// the store yet, and says whether it did; otherwise rolls back and changes nothing.
+    ///
+    /// Inserts that return no rows, each row's fields bound as parameters: sqlx hands every
+    /// returned row from SQLite's thread to ours one message at a time, and unpacking JSON
+    /// rows in SQLite parsed each row once per column. The statements come in a few fixed
+    /// sizes ([`SqliteValues`]), so each is prepared once per connection.
+    async fn commit_new_batch(
+        &self,
+        entries: &[&LedgerEntry],
+        usages: &[&UsageRecord],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = execute_values(&mut tx, &SQLITE_INSERT_LEDGER, entries, |q, e| {
+            q.bind(e.entry_id.as_str())
+                .bind(e.account_id.as_str())
+                .bind(e.kind.as_str())
+                .bind(e.amount.nanos())
+                .bind(e.key_id.as_deref())
+                .bind(e.reason.as_deref())
+                .bind(e.created_at)
+        })
+        .await?;
+        if inserted != entries.len() as u64 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        let (account_delta, key_spent) = deltas(entries.iter().copied());
+        execute_values(
+            &mut tx,
+            &SQLITE_ADD_TO_BALANCES,
+            &account_delta,
+            |q, (id, d)| q.bind(*id).bind(*d),
+        )
+        .await?;
+        execute_values(
+            &mut tx,
+            &SQLITE_ADD_TO_KEY_SPENT,
+            &key_spent,
+            |q, (id, d)| q.bind(*id).bind(*d),
+        )
+        .await?;
+        let inserted = execute_values(&mut tx, &SQLITE_INSERT_USAGE, usages, |q, u| {
+            q.bind(u.request_id.as_str())
+                .bind(u.account_id.as_str())
+                .bind(u.key_id.as_deref())
+                .bind(u.model.as_str())
+                .bind(u.provider.as_str())
+                .bind(u64_to_i64(u.prompt_tokens))
+                .bind(u64_to_i64(u.completion_tokens))
+                .bind(u64_to_i64(u.cached_tokens))
+                .bind(u.cost.nanos())
+                .bind(u.uncollected.nanos())
+                .bind(i64::from(u.status))
+                .bind(i64::from(u.stream))
+                .bind(u.usage_source.as_str())
+                .bind(u64_to_i64(u.latency_ms))
+                .bind(u.created_at)
+        })
+        .await?;
+        if inserted != usages.len() as u64 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Which of these ledger entry ids are committed.
@@ -615,6 +693,115 @@ async fn keys_of<'e, T: serde::Serialize>(
 fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, StoreError> {
     serde_json::to_string(rows).map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))
 }
+
+/// What `entries` move: per account, the sum of their amounts; per key, what its charges
+/// spent (positive). Sorted by id, so that concurrent writers would take row locks in one order.
+fn deltas<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> (Deltas<'a>, Deltas<'a>) {
+    let mut account_delta: std::collections::BTreeMap<&str, i64> = Default::default();
+    let mut key_spent: std::collections::BTreeMap<&str, i64> = Default::default();
+    for e in entries {
+        *account_delta.entry(e.account_id.as_str()).or_default() += e.amount.nanos();
+        if let (EntryKind::Charge, Some(key)) = (e.kind, e.key_id.as_deref()) {
+            *key_spent.entry(key).or_default() -= e.amount.nanos();
+        }
+    }
+    (
+        account_delta.into_iter().collect(),
+        key_spent.into_iter().collect(),
+    )
+}
+
+/// Amounts by account or key id, in id order.
+type Deltas<'a> = Vec<(&'a str, i64)>;
+
+/// A SQLite statement that takes its rows as `(?, …)` groups, one per row, between `head` and
+/// `tail`. A batch goes in chunks whose sizes are powers of two up to [`Self::MAX_ROWS`], so
+/// there are only a few statement texts, each built once and prepared once per connection.
+struct SqliteValues {
+    head: &'static str,
+    tail: &'static str,
+    columns: usize,
+    texts: std::sync::OnceLock<Vec<String>>,
+}
+
+impl SqliteValues {
+    /// 128 rows of 15 fields: 1,920 parameters, far under SQLite's limit of 32,766.
+    const MAX_ROWS: usize = 128;
+
+    const fn new(head: &'static str, columns: usize, tail: &'static str) -> SqliteValues {
+        SqliteValues {
+            head,
+            tail,
+            columns,
+            texts: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The largest chunk of at most `rows` rows, and its statement.
+    fn chunk(&self, rows: usize) -> (usize, &str) {
+        let texts = self.texts.get_or_init(|| {
+            let group = format!("({})", vec!["?"; self.columns].join(", "));
+            std::iter::successors(Some(1usize), |n| Some(n * 2))
+                .take_while(|n| *n <= Self::MAX_ROWS)
+                .map(|n| {
+                    format!(
+                        "{} {}{}",
+                        self.head,
+                        vec![group.as_str(); n].join(", "),
+                        self.tail
+                    )
+                })
+                .collect()
+        });
+        let fit = rows.clamp(1, Self::MAX_ROWS).ilog2() as usize;
+        (1 << fit, texts[fit].as_str())
+    }
+}
+
+static SQLITE_INSERT_LEDGER: SqliteValues = SqliteValues::new(
+    "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) VALUES",
+    7,
+    " ON CONFLICT (entry_id) DO NOTHING",
+);
+static SQLITE_ADD_TO_BALANCES: SqliteValues = SqliteValues::new(
+    "UPDATE accounts SET balance = balance + v.column2 FROM (VALUES",
+    2,
+    ") AS v WHERE accounts.id = v.column1",
+);
+static SQLITE_ADD_TO_KEY_SPENT: SqliteValues = SqliteValues::new(
+    "UPDATE api_keys SET spent = spent + v.column2 FROM (VALUES",
+    2,
+    ") AS v WHERE api_keys.id = v.column1",
+);
+static SQLITE_INSERT_USAGE: SqliteValues = SqliteValues::new(
+    "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
+    prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+    usage_source, latency_ms, created_at) VALUES",
+    15,
+    " ON CONFLICT (request_id) DO NOTHING",
+);
+
+/// Runs `statement` on `rows` in chunks, each row's fields bound by `bind`; returns how many
+/// rows the statement changed.
+async fn execute_values<'q, T>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    statement: &'static SqliteValues,
+    rows: &'q [T],
+    bind: impl Fn(AnyQuery<'q>, &'q T) -> AnyQuery<'q>,
+) -> Result<u64, StoreError> {
+    let mut changed = 0;
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let (n, sql) = statement.chunk(rest.len());
+        let (chunk, tail) = rest.split_at(n);
+        let query = chunk.iter().fold(sqlx::query(sql), &bind);
+        changed += query.execute(&mut **tx).await?.rows_affected();
+        rest = tail;
+    }
+    Ok(changed)
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// The batch statements, each taking the rows as one JSON array of arrays ([`json_rows`]).
 /// The two dialects differ only in how they unpack it. SQLite: `json_each` and `->>` (`WHERE

@@ -266,3 +266,86 @@ async fn a_batch_round_trips_exactly_on_postgres() {
 async fn an_entry_counts_once_on_postgres() {
     on_postgres(an_entry_counts_once).await;
 }
+
+/// Batches larger than one statement's chunk, and of sizes that are no power of two, with an
+/// old record hidden among new ones: an old ledger entry, then an old usage record under a new
+/// entry. Every new record counts once and no old one again, whichever way the batch went in.
+async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
+    let accounts = ["a", "b", "c"];
+    for id in accounts {
+        store
+            .create_account(id, &format!("{id}@example.com"))
+            .await
+            .unwrap();
+    }
+    let mut expected = [0i64; 3];
+    let batch = |range: std::ops::Range<i64>, expected: &mut [i64; 3]| -> Vec<Record> {
+        range
+            .map(|i| {
+                let n = (i % 3) as usize;
+                expected[n] -= i;
+                let mut r = charge(&format!("r{i}"), accounts[n], i);
+                r.usage = Some(UsageRecord {
+                    request_id: format!("r{i}"),
+                    account_id: accounts[n].to_owned(),
+                    key_id: None,
+                    model: "m".to_owned(),
+                    provider: "p".to_owned(),
+                    prompt_tokens: 1,
+                    completion_tokens: 2,
+                    cached_tokens: 0,
+                    cost: Amount(i),
+                    uncollected: Amount(0),
+                    status: 200,
+                    stream: false,
+                    usage_source: UsageSource::Upstream,
+                    latency_ms: 1,
+                    created_at: now_ms(),
+                });
+                r
+            })
+            .collect()
+    };
+
+    let first = batch(0..1, &mut expected);
+    assert_eq!(store.commit_batch(&first).await.unwrap(), vec![true]);
+    // 299 new records with the first one again in the middle.
+    let mut second = batch(1..300, &mut expected);
+    second.insert(150, first[0].clone());
+    let flags = store.commit_batch(&second).await.unwrap();
+    assert_eq!(flags.iter().filter(|f| **f).count(), 299);
+    assert!(!flags[150]);
+    // 201 new records, then one whose entry is new but whose usage record is not.
+    let third = batch(300..501, &mut expected);
+    assert_eq!(store.commit_batch(&third).await.unwrap(), vec![true; 201]);
+    let mut late = charge("late", "a", 5);
+    late.usage = third[0].usage.clone();
+    expected[0] -= 5;
+    assert_eq!(store.commit_batch(&[late]).await.unwrap(), vec![true]);
+
+    for (n, id) in accounts.iter().enumerate() {
+        assert_eq!(
+            store.account(id).await.unwrap().unwrap().balance,
+            Amount(expected[n]),
+            "balance of {id}"
+        );
+    }
+    let (entries, usages): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM ledger), (SELECT COUNT(*) FROM usage_records)",
+    )
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((entries, usages), (502, 501));
+}
+
+#[tokio::test]
+async fn large_batches_with_old_records_count_each_record_once_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    large_batches_with_old_records_count_each_record_once(&store).await;
+}
+
+#[tokio::test]
+async fn large_batches_with_old_records_count_each_record_once_on_postgres() {
+    on_postgres(large_batches_with_old_records_count_each_record_once).await;
+}
