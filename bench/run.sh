@@ -129,7 +129,9 @@ summarize() { # raw-file → summary on stdout
     '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
   s_t50=$(med stream direct ttft_p50_us); s_t99=$(med stream direct ttft_p99_us)
   s_g50=$(med stream direct gap_p50_us); s_g99=$(med stream direct gap_p99_us)
-  for t in direct tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+  for t in direct nginx tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+    # Results from before nginx was a streaming target have no nginx line.
+    [[ $t == nginx ]] && ! grep -q "^stream .*target=nginx " "$RAW" && continue
     if [[ $t != direct ]] && ! grep -q "^stream .*target=$t .*ok=[1-9]" "$RAW"; then
       printf '  %-24s %s\n' "$t" "no stream completed: $(grep -m1 "^stream-failed .*target=$t " "$RAW" | sed 's/.*error=//')"
       continue
@@ -168,6 +170,11 @@ summarize() { # raw-file → summary on stdout
   # of a p99 difference is signal (a p99 difference below the p50 one is the mock's timer noise).
   n50=$(calc "$(med lat nginx p50_us) - $d50"); n99=$(calc "$(med lat nginx p99_us) - $d99")
   printf '\nAgainst the targets (added = target − direct mock, µs; nginx adds p50 %s, p99 %s)\n' "$n50" "$n99"
+  if grep -q "^stream .*target=nginx " "$RAW"; then
+    printf '  (streamed, nginx adds TTFT p50 %s, p99 %s; inter-chunk gap p50 %s, p99 %s)\n' \
+      "$(calc "$(med stream nginx ttft_p50_us) - $s_t50")" "$(calc "$(med stream nginx ttft_p99_us) - $s_t99")" \
+      "$(calc "$(med stream nginx gap_p50_us) - $s_g50")" "$(calc "$(med stream nginx gap_p99_us) - $s_g99")"
+  fi
   printf '  %-34s %-22s %-22s %s\n' figure tollgate-sqlite tollgate-postgres target
   row() { printf '  %-34s %-22s %-22s %s\n' "$@"; }
   cell() { # value condition → "value (met|MISSED)"
@@ -353,7 +360,7 @@ FD_LIMIT=$(ulimit -n)
 # them are open at once after a 5 s ramp; at 250 ms apart, 10,000 streams are 40,000 chunks/s,
 # which saturates two cores shared by probe, mock and gateway - see BENCHMARKS.md).
 alloc_port MOCK_PORT; alloc_port STREAM_PORT; alloc_port LONG_PORT
-alloc_port NGINX_PORT; alloc_port FLOOR_PORT; alloc_port GW_SQLITE_PORT; alloc_port GW_PG_PORT
+alloc_port NGINX_PORT; alloc_port NGINX_STREAM_PORT; alloc_port FLOOR_PORT; alloc_port GW_SQLITE_PORT; alloc_port GW_PG_PORT
 
 spawn mock "$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16
 MOCK_PID=$LAST_PID
@@ -392,6 +399,20 @@ http {
       proxy_pass http://mock;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+    }
+  }
+  # Streaming: each chunk passed on as it arrives, as a proxy in front of an LLM API must.
+  upstream mock_stream {
+    server 127.0.0.1:$STREAM_PORT;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_STREAM_PORT;
+    location / {
+      proxy_pass http://mock_stream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
     }
   }
   # Calibration only (latency runs): what wrk + loopback + one nginx worker cost with no
@@ -685,13 +706,15 @@ probe_seq() { # round target base key model n [--header "Name: value"]…
   echo "stream round=$1 target=$2 ${line#PROBE }" >>"$RAW"
 }
 
-STREAM_TARGETS=(direct tollgate-sqlite tollgate-postgres)
+STREAM_TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
 if (( PEERS )); then STREAM_TARGETS+=(litellm portkey); fi
 log "streaming: $ROUNDS round(s) × ${#STREAM_TARGETS[@]} targets × $STREAMS sequential streams"
 for r in $(seq 1 "$ROUNDS"); do
   for t in "${STREAM_TARGETS[@]}"; do
     if [[ $t == direct ]]; then
       probe_seq "$r" "$t" "http://127.0.0.1:$STREAM_PORT" none gpt-4o-mini "$STREAMS"
+    elif [[ $t == nginx ]]; then
+      probe_seq "$r" "$t" "http://127.0.0.1:$NGINX_STREAM_PORT" none gpt-4o-mini "$STREAMS"
     elif [[ $t == portkey ]]; then
       probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini "$STREAMS" \
         --header "x-portkey-provider: openai" \
