@@ -24,6 +24,12 @@ pub struct ProviderSpec {
     pub request_timeout: Duration,
 }
 
+/// The pooled HTTP/1.1 and HTTP/2 (by ALPN) client a provider's calls go through.
+pub type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProviderError {
     #[error("provider `{provider}` is at its concurrency limit ({limit})")]
@@ -34,10 +40,12 @@ pub enum ProviderError {
 
 /// Permission to make one upstream call, with everything needed to make it.
 pub struct Lease {
-    pub client: reqwest::Client,
+    pub client: UpstreamClient,
     pub spec: Arc<ProviderSpec>,
     /// `{base_url}/chat/completions`, parsed once when the provider starts.
-    pub completions_url: reqwest::Url,
+    pub completions_uri: http::Uri,
+    /// `Bearer {api_key}`, built once (and marked sensitive, so that it is never logged).
+    pub authorization: Option<http::HeaderValue>,
     health: Arc<Health>,
     _permit: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
@@ -142,8 +150,9 @@ impl Desk {
 /// Everything needed to grant a lease: the client, the cap, the counters.
 pub struct Leaser {
     spec: Arc<ProviderSpec>,
-    client: reqwest::Client,
-    completions_url: reqwest::Url,
+    client: UpstreamClient,
+    completions_uri: http::Uri,
+    authorization: Option<http::HeaderValue>,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
@@ -155,15 +164,36 @@ pub struct Leaser {
 
 impl Leaser {
     fn new(spec: ProviderSpec) -> Result<Leaser, ProviderError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(spec.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(spec.max_concurrency.min(1024))
-            .tcp_nodelay(true)
-            .build()
+        let failed = |_| ProviderError::Client(spec.name.clone());
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_connect_timeout(Some(spec.connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+            .map_err(failed)?
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(spec.max_concurrency.min(1024))
+                .build(https);
+        let completions_uri = format!("{}/chat/completions", spec.base_url)
+            .parse::<http::Uri>()
             .map_err(|_| ProviderError::Client(spec.name.clone()))?;
-        let completions_url = reqwest::Url::parse(&format!("{}/chat/completions", spec.base_url))
-            .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+        let authorization = match &spec.api_key {
+            Some(key) => {
+                let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))
+                    .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
         metrics::gauge!("tollgate_provider_max_concurrency", "provider" => spec.name.clone())
             .set(spec.max_concurrency as f64);
         Ok(Leaser {
@@ -173,7 +203,8 @@ impl Leaser {
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             client,
-            completions_url,
+            completions_uri,
+            authorization,
             in_flight: Arc::new(AtomicU64::new(0)),
             granted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -189,7 +220,8 @@ impl Leaser {
                 Ok(Lease {
                     client: self.client.clone(),
                     spec: self.spec.clone(),
-                    completions_url: self.completions_url.clone(),
+                    completions_uri: self.completions_uri.clone(),
+                    authorization: self.authorization.clone(),
                     health: self.health.clone(),
                     _permit: permit,
                     _in_flight: InFlightGuard {

@@ -308,23 +308,28 @@ async fn proxy(
     };
 
     let upstream_body = serde_json::to_vec(&request).map_err(|_| ApiError::Internal)?;
-    let mut builder = lease
-        .client
-        .post(lease.completions_url.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(upstream_body);
-    if let Some(k) = &lease.spec.api_key {
-        builder = builder.bearer_auth(k);
+    let mut upstream_request =
+        http::Request::new(http_body_util::Full::new(Bytes::from(upstream_body)));
+    *upstream_request.method_mut() = http::Method::POST;
+    *upstream_request.uri_mut() = lease.completions_uri.clone();
+    let headers = upstream_request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(authorization) = &lease.authorization {
+        headers.insert(http::header::AUTHORIZATION, authorization.clone());
     }
     let timeout = lease.spec.request_timeout;
-    let upstream = match tokio::time::timeout(timeout, builder.send()).await {
+    let upstream = match tokio::time::timeout(timeout, lease.client.request(upstream_request)).await
+    {
         Err(_) => {
             lease.report(false);
             return Err(call.fail(504, ApiError::UpstreamTimeout).await);
         }
         Ok(Err(e)) => {
             lease.report(false);
-            tracing::warn!(request_id, provider = %call.model.provider, error = %e.without_url(), "upstream unreachable");
+            tracing::warn!(request_id, provider = %call.model.provider, error = %ErrorChain(&e), "upstream unreachable");
             return Err(call
                 .fail(
                     502,
@@ -351,7 +356,9 @@ async fn proxy(
         let relay = Relay {
             call: Some(call),
             lease: Some(lease),
-            events: Box::pin(upstream.bytes_stream().eventsource()),
+            events: Box::pin(
+                http_body_util::BodyDataStream::new(upstream.into_body()).eventsource(),
+            ),
             usage: None,
             content_chunks: 0,
             client_wants_usage,
@@ -375,8 +382,13 @@ async fn proxy(
         return Ok(resp);
     }
 
-    let bytes = match tokio::time::timeout(timeout, upstream.bytes()).await {
-        Ok(Ok(b)) => b,
+    let bytes = match tokio::time::timeout(
+        timeout,
+        http_body_util::BodyExt::collect(upstream.into_body()),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
         Ok(Err(_)) => {
             lease.report(false);
             return Err(call
@@ -453,14 +465,38 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
     Err(ApiError::Unavailable(format!("provider `{provider}`")))
 }
 
+/// An error and its sources, `outer: inner: innermost` (hyper-util's own message says only
+/// "client error (Connect)"; the reason is in its sources).
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// An upstream that answered with an error: nothing is charged. A client error (the request
 /// itself was wrong) passes through as the upstream said it; the rest become 502.
-async fn upstream_refused(call: &Call, upstream: reqwest::Response, timeout: Duration) -> ApiError {
+async fn upstream_refused(
+    call: &Call,
+    upstream: http::Response<hyper::body::Incoming>,
+    timeout: Duration,
+) -> ApiError {
     let status = upstream.status();
-    let body = tokio::time::timeout(timeout, upstream.bytes())
-        .await
-        .ok()
-        .and_then(Result::ok);
+    let body = tokio::time::timeout(
+        timeout,
+        http_body_util::BodyExt::collect(upstream.into_body()),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .map(http_body_util::Collected::to_bytes);
     let message = body
         .as_ref()
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
@@ -512,7 +548,7 @@ type Events = std::pin::Pin<
         dyn futures::Stream<
                 Item = Result<
                     eventsource_stream::Event,
-                    eventsource_stream::EventStreamError<reqwest::Error>,
+                    eventsource_stream::EventStreamError<hyper::Error>,
                 >,
             > + Send,
     >,
