@@ -53,6 +53,9 @@ pub struct ProviderConfig {
     pub max_concurrency: usize,
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// A PEM file of root certificates to trust for this provider's HTTPS besides Mozilla's,
+    /// for a server whose certificate a private CA signed.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Deadline for the upstream's response headers, and for a whole non-streamed body.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
@@ -255,6 +258,12 @@ pub enum ConfigError {
         "provider `{name}` has kind `{kind}`; this build speaks `openai` and `openai-compatible`"
     )]
     UnsupportedKind { name: String, kind: String },
+    #[error("provider `{name}`: ca_file {path}: {reason}")]
+    CaFile {
+        name: String,
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 /// A model as the request path sees it.
@@ -304,6 +313,15 @@ impl Config {
                     name: p.name.clone(),
                     kind: p.kind.clone(),
                 });
+            }
+            if let Some(path) = &p.ca_file {
+                tollgate_actors::provider::read_roots(path).map_err(|reason| {
+                    ConfigError::CaFile {
+                        name: p.name.clone(),
+                        path: path.clone(),
+                        reason,
+                    }
+                })?;
             }
             if !providers.insert(p.name.as_str()) {
                 return Err(ConfigError::Duplicate {
@@ -356,6 +374,7 @@ impl Config {
                 api_key: p.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()),
                 max_concurrency: p.max_concurrency.max(1),
                 connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                ca_file: p.ca_file.clone(),
                 request_timeout: Duration::from_millis(p.request_timeout_ms),
             })
             .collect()

@@ -19,6 +19,7 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
         api_key_env: None,
         max_concurrency: 4096,
         connect_timeout_ms: 2_000,
+        ca_file: None,
         request_timeout_ms: 60_000,
         stream_idle_timeout_ms: 60_000,
     }];

@@ -20,8 +20,25 @@ pub struct ProviderSpec {
     pub api_key: Option<String>,
     pub max_concurrency: usize,
     pub connect_timeout: Duration,
+    /// A PEM file of root certificates to trust besides Mozilla's, for an upstream whose
+    /// certificate a private CA signed.
+    pub ca_file: Option<std::path::PathBuf>,
     /// Deadline for the upstream's response headers (and a whole non-streamed body).
     pub request_timeout: Duration,
+}
+
+/// The certificates in the PEM file at `path`: at least one, or why not.
+pub fn read_roots(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no PEM certificate in it".to_owned());
+    }
+    Ok(certs)
 }
 
 /// The pooled HTTP/1.1 and HTTP/2 (by ALPN) client a provider's calls go through.
@@ -169,9 +186,23 @@ impl Leaser {
         http.set_connect_timeout(Some(spec.connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        if let Some(path) = &spec.ca_file {
+            for cert in read_roots(path).map_err(|_| ProviderError::Client(spec.name.clone()))? {
+                roots.add(cert).map_err(failed)?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(failed)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(failed)?
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()

@@ -22,3 +22,4 @@ mod outage;
 mod privacy;
 mod streaming;
 mod supervision;
+mod tls;
