@@ -405,23 +405,28 @@ async fn proxy(
     };
     lease.report(true);
     drop(lease);
+    // The usage alone, skipping the answer's text without building it; the choices are read
+    // only when there is no usage to go by.
     #[derive(Deserialize)]
     struct Completion {
         usage: Option<Usage>,
+    }
+    #[derive(Deserialize)]
+    struct Choices {
         #[serde(default)]
         choices: Vec<Value>,
     }
-    let parsed: Completion = serde_json::from_slice(&bytes).unwrap_or(Completion {
-        usage: None,
-        choices: Vec::new(),
-    });
-    let (usage, source) = match parsed.usage {
+    let usage = serde_json::from_slice::<Completion>(&bytes)
+        .ok()
+        .and_then(|c| c.usage);
+    let (usage, source) = match usage {
         Some(u) => (u, UsageSource::Upstream),
         None => (
             Usage {
                 prompt_tokens: prompt_tokens(&body),
-                completion_tokens: parsed
-                    .choices
+                completion_tokens: serde_json::from_slice::<Choices>(&bytes)
+                    .map(|c| c.choices)
+                    .unwrap_or_default()
                     .iter()
                     .map(|c| {
                         tokens::content_tokens(c.get("message").and_then(|m| m.get("content")))
