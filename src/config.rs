@@ -258,6 +258,8 @@ pub enum ConfigError {
         "provider `{name}` has kind `{kind}`; this build speaks `openai` and `openai-compatible`"
     )]
     UnsupportedKind { name: String, kind: String },
+    #[error("provider `{name}`: base_url `{url}` is not an http:// or https:// URL")]
+    BaseUrl { name: String, url: String },
     #[error("provider `{name}`: ca_file {path}: {reason}")]
     CaFile {
         name: String,
@@ -312,6 +314,15 @@ impl Config {
                 return Err(ConfigError::UnsupportedKind {
                     name: p.name.clone(),
                     kind: p.kind.clone(),
+                });
+            }
+            let url = p.base_url.parse::<http::Uri>().ok();
+            if !url.as_ref().is_some_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            }) {
+                return Err(ConfigError::BaseUrl {
+                    name: p.name.clone(),
+                    url: p.base_url.clone(),
                 });
             }
             if let Some(path) = &p.ca_file {

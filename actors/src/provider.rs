@@ -181,7 +181,7 @@ pub struct Leaser {
 
 impl Leaser {
     fn new(spec: ProviderSpec) -> Result<Leaser, ProviderError> {
-        let failed = |_| ProviderError::Client(spec.name.clone());
+        let failed = || ProviderError::Client(spec.name.clone());
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_connect_timeout(Some(spec.connect_timeout));
         http.set_nodelay(true);
@@ -190,15 +190,15 @@ impl Leaser {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
         if let Some(path) = &spec.ca_file {
-            for cert in read_roots(path).map_err(|_| ProviderError::Client(spec.name.clone()))? {
-                roots.add(cert).map_err(failed)?;
+            for cert in read_roots(path).map_err(|_| failed())? {
+                roots.add(cert).map_err(|_| failed())?;
             }
         }
         let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(failed)?
+        .map_err(|_| failed())?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -215,11 +215,16 @@ impl Leaser {
                 .build(https);
         let completions_uri = format!("{}/chat/completions", spec.base_url)
             .parse::<http::Uri>()
-            .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+            .map_err(|_| failed())?;
+        if !matches!(completions_uri.scheme_str(), Some("http" | "https"))
+            || completions_uri.host().is_none()
+        {
+            return Err(failed());
+        }
         let authorization = match &spec.api_key {
             Some(key) => {
-                let mut value = http::HeaderValue::try_from(format!("Bearer {key}"))
-                    .map_err(|_| ProviderError::Client(spec.name.clone()))?;
+                let mut value =
+                    http::HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| failed())?;
                 value.set_sensitive(true);
                 Some(value)
             }

@@ -180,7 +180,7 @@ async fn an_https_upstream_is_verified_then_proxied_and_charged() {
 }
 
 #[tokio::test]
-async fn a_ca_file_without_certificates_stops_the_gateway_from_starting() {
+async fn a_bad_base_url_or_ca_file_stops_the_gateway_from_starting() {
     let dir = tempfile::tempdir().unwrap();
     let not_pem = dir.path().join("ca.pem");
     std::fs::write(&not_pem, "not a certificate\n").unwrap();
@@ -200,4 +200,19 @@ async fn a_ca_file_without_certificates_stops_the_gateway_from_starting() {
     config.providers.last_mut().unwrap().ca_file = Some(dir.path().join("missing.pem"));
     let err = config.catalog().unwrap_err().to_string();
     assert!(err.contains("missing.pem"), "{err}");
+    config.providers.last_mut().unwrap().ca_file = None;
+    config.catalog().unwrap();
+    for url in [
+        "api.example.com/v1",
+        "ftp://api.example.com/v1",
+        "https:///v1",
+        "not a url",
+    ] {
+        config.providers.last_mut().unwrap().base_url = url.to_owned();
+        let err = config.catalog().unwrap_err().to_string();
+        assert!(
+            err.contains("bad-ca") && err.contains("base_url"),
+            "{url}: {err}"
+        );
+    }
 }
