@@ -7,7 +7,8 @@
 //!
 //! Upstream model names with special behaviour: `mock-error` (500), `mock-bad-request` (400),
 //! `mock-rate-limited` (429), `mock-hang` (never answers), `mock-no-usage` (omits usage),
-//! `mock-break` (a stream that ends after its first word, without `[DONE]`).
+//! `mock-break` (a stream that ends after its first word, without `[DONE]`), `mock-linger`
+//! (a stream whose body ends 100 ms after its `[DONE]`).
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
@@ -176,6 +177,7 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
     let interval = options.chunk_interval;
     let breaks = model == "mock-break";
+    let lingers = model == "mock-linger";
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -230,6 +232,10 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
             }
         }
         let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        if lingers {
+            // The body's end (the chunked encoding's last chunk) follows later, on its own.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     });
     let mut r = warp::reply::Reply::into_response(warp::reply::stream(
         tokio_stream::wrappers::ReceiverStream::new(rx),

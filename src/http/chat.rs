@@ -638,11 +638,22 @@ impl Relay {
         }
     }
 
-    /// Stops the upstream call (dropping its body closes the connection), reports how it went,
-    /// and spawns the settlement; its task yields the frame the client gets last.
+    /// Stops the upstream call, reports how it went, and spawns the settlement; its task yields
+    /// the frame the client gets last.
+    ///
+    /// After `[DONE]` the rest of the upstream body (its end, usually in the same read) is read
+    /// to its end in the background, so that the connection goes back to the pool; a body
+    /// dropped before its end closes its connection, and the next call would connect (and, over
+    /// TLS, shake hands) again. Any other end drops the body and its connection.
     fn settle_in_background(&mut self, end: StreamEnd) -> Option<tokio::task::JoinHandle<Bytes>> {
         let call = self.call.take()?;
-        self.events = Box::pin(futures::stream::empty());
+        let mut events = std::mem::replace(&mut self.events, Box::pin(futures::stream::empty()));
+        if matches!(end, StreamEnd::Done) {
+            tokio::spawn(async move {
+                let rest = async { while events.next().await.is_some() {} };
+                let _ = tokio::time::timeout(Duration::from_secs(5), rest).await;
+            });
+        }
         if let Some(lease) = self.lease.take() {
             lease.report(!matches!(
                 end,

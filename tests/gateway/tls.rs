@@ -126,6 +126,10 @@ async fn an_https_upstream_is_verified_then_proxied_and_charged() {
             .push(https_provider("stranger", front.addr, None));
         c.models.push(model("over-tls", "private-ca"));
         c.models.push(model("untrusted", "stranger"));
+        c.models.push(ModelConfig {
+            upstream_model: "mock-linger".to_owned(),
+            ..model("lingers", "private-ca")
+        });
     })
     .await
     else {
@@ -143,33 +147,45 @@ async fn an_https_upstream_is_verified_then_proxied_and_charged() {
     assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
     assert_eq!(h.balance(&account).await, Amount(NANOS_PER_USDT));
 
-    // Signed by the provider's own CA: a whole answer, then a stream.
-    let resp = h
-        .chat(&key, &json!({"model": "over-tls", "messages": messages}))
-        .await;
-    assert_eq!(resp.status(), 200);
-    let body: serde_json::Value = resp.json().await.unwrap();
-    assert!(body["choices"][0]["message"]["content"]
-        .as_str()
-        .is_some_and(|s| !s.is_empty()));
-    let resp = h
-        .chat(
-            &key,
-            &json!({"model": "over-tls", "stream": true, "messages": messages}),
-        )
-        .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        sse_events(resp).await.last().map(String::as_str),
-        Some("[DONE]")
-    );
-    assert!(front.handshakes.load(Ordering::SeqCst) >= 1);
+    // Signed by the provider's own CA: whole answers and streams, one after another, all on
+    // the one pooled connection (a handshake per call would be a pool that does not pool).
+    for _ in 0..2 {
+        let resp = h
+            .chat(&key, &json!({"model": "over-tls", "messages": messages}))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(body["choices"][0]["message"]["content"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()));
+        let stream = json!({"model": "over-tls", "stream": true, "messages": messages});
+        let resp = h.chat(&key, &stream).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            sse_events(resp).await.last().map(String::as_str),
+            Some("[DONE]")
+        );
+    }
+    // A stream whose body ends a while after its [DONE]: the gateway reads on to the end, so
+    // the connection still goes back to the pool.
+    for _ in 0..2 {
+        let stream = json!({"model": "lingers", "stream": true, "messages": messages});
+        let resp = h.chat(&key, &stream).await;
+        assert_eq!(
+            sse_events(resp).await.last().map(String::as_str),
+            Some("[DONE]")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 1);
 
     h.flush().await;
     let usage = h.usage(&account).await;
     let ok: Vec<_> = usage.iter().filter(|u| u["status"] == 200).collect();
-    assert_eq!(ok.len(), 2, "{usage:?}");
-    assert!(ok.iter().all(|u| u["model"] == "over-tls"));
+    assert_eq!(ok.len(), 6, "{usage:?}");
+    assert!(ok
+        .iter()
+        .all(|u| u["model"] == "over-tls" || u["model"] == "lingers"));
     let charged = Amount(billed(&usage));
     assert!(charged.nanos() > 0);
     assert_eq!(
