@@ -316,10 +316,7 @@ impl Config {
                     kind: p.kind.clone(),
                 });
             }
-            let url = p.base_url.parse::<http::Uri>().ok();
-            if !url.as_ref().is_some_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
-            }) {
+            if tollgate_actors::provider::completions_uri(&p.base_url).is_none() {
                 return Err(ConfigError::BaseUrl {
                     name: p.name.clone(),
                     url: p.base_url.clone(),

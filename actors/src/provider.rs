@@ -27,6 +27,15 @@ pub struct ProviderSpec {
     pub request_timeout: Duration,
 }
 
+/// `{base_url}/chat/completions`, if `base_url` is an http:// or https:// URL with a host.
+pub fn completions_uri(base_url: &str) -> Option<http::Uri> {
+    let uri = format!("{}/chat/completions", base_url.trim_end_matches('/'))
+        .parse::<http::Uri>()
+        .ok()?;
+    let usable = matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some();
+    usable.then_some(uri)
+}
+
 /// The certificates in the PEM file at `path`: at least one, or why not.
 pub fn read_roots(
     path: &std::path::Path,
@@ -213,14 +222,7 @@ impl Leaser {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(spec.max_concurrency.min(1024))
                 .build(https);
-        let completions_uri = format!("{}/chat/completions", spec.base_url)
-            .parse::<http::Uri>()
-            .map_err(|_| failed())?;
-        if !matches!(completions_uri.scheme_str(), Some("http" | "https"))
-            || completions_uri.host().is_none()
-        {
-            return Err(failed());
-        }
+        let completions_uri = completions_uri(&spec.base_url).ok_or_else(failed)?;
         let authorization = match &spec.api_key {
             Some(key) => {
                 let mut value =

@@ -428,16 +428,14 @@ impl Store {
             .filter(|u| seen.insert(u.request_id.as_str()))
             .collect();
         if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &usages).await? {
+            // All new: each id's first record in the batch is the new one.
             let mut first_entry = std::collections::HashSet::new();
             let mut first_usage = std::collections::HashSet::new();
-            return Ok(records
-                .iter()
-                .map(|r| match (&r.ledger, &r.usage) {
-                    (Some(e), _) => first_entry.insert(e.entry_id.as_str()),
-                    (None, Some(u)) => first_usage.insert(u.request_id.as_str()),
-                    (None, None) => false,
-                })
-                .collect());
+            return Ok(newness(
+                records,
+                |id| first_entry.insert(id),
+                |id| first_usage.insert(id),
+            ));
         }
 
         let sql = BatchSql::of(self.backend);
@@ -509,15 +507,12 @@ impl Store {
         }
         tx.commit().await?;
 
-        // `take`: only the first of duplicates in the batch reports itself as new.
-        Ok(records
-            .iter()
-            .map(|r| match (&r.ledger, &r.usage) {
-                (Some(e), _) => inserted_entries.remove(&e.entry_id),
-                (None, Some(u)) => inserted_usage.remove(&u.request_id),
-                (None, None) => false,
-            })
-            .collect())
+        // `remove`: only the first of duplicates in the batch reports itself as new.
+        Ok(newness(
+            records,
+            |id| inserted_entries.remove(id),
+            |id| inserted_usage.remove(id),
+        ))
     }
 
     /// SQLite: commits `entries` and `usages` (each free of duplicates) if none of them is in
@@ -548,20 +543,8 @@ impl Store {
             return Ok(false);
         }
         let (account_delta, key_spent) = deltas(entries.iter().copied());
-        execute_values(
-            &mut tx,
-            &SQLITE_ADD_TO_BALANCES,
-            &account_delta,
-            |q, (id, d)| q.bind(*id).bind(*d),
-        )
-        .await?;
-        execute_values(
-            &mut tx,
-            &SQLITE_ADD_TO_KEY_SPENT,
-            &key_spent,
-            |q, (id, d)| q.bind(*id).bind(*d),
-        )
-        .await?;
+        execute_values(&mut tx, &SQLITE_ADD_TO_BALANCES, &account_delta, bind_delta).await?;
+        execute_values(&mut tx, &SQLITE_ADD_TO_KEY_SPENT, &key_spent, bind_delta).await?;
         let inserted = execute_values(&mut tx, &SQLITE_INSERT_USAGE, usages, |q, u| {
             q.bind(u.request_id.as_str())
                 .bind(u.account_id.as_str())
@@ -692,6 +675,28 @@ async fn keys_of<'e, T: serde::Serialize>(
 /// exact (JSON integers within `i64`; both databases read them as 64-bit integers).
 fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, StoreError> {
     serde_json::to_string(rows).map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))
+}
+
+/// Per record, whether it was new: asked of its ledger entry's id, or of its usage record's id
+/// for a record without an entry.
+fn newness<'a>(
+    records: &'a [Record],
+    mut entry_is_new: impl FnMut(&'a str) -> bool,
+    mut usage_is_new: impl FnMut(&'a str) -> bool,
+) -> Vec<bool> {
+    records
+        .iter()
+        .map(|r| match (&r.ledger, &r.usage) {
+            (Some(e), _) => entry_is_new(&e.entry_id),
+            (None, Some(u)) => usage_is_new(&u.request_id),
+            (None, None) => false,
+        })
+        .collect()
+}
+
+/// Binds an `(id, amount)` row of [`deltas`].
+fn bind_delta<'q>(q: AnyQuery<'q>, (id, amount): &'q (&'q str, i64)) -> AnyQuery<'q> {
+    q.bind(*id).bind(*amount)
 }
 
 /// What `entries` move: per account, the sum of their amounts; per key, what its charges
