@@ -13,8 +13,26 @@ for pair in string.gmatch(os.getenv("TG_HEADERS") or "", "[^|]+") do
   local name, value = string.match(pair, "^%s*([^:]+):%s*(.-)%s*$")
   if name then wrk.headers[name] = value end
 end
-wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
-  .. '"content":"Say hello to the benchmark please"}],"max_tokens":16}'
+-- TG_PROMPT_BYTES: a conversation of about that many bytes instead of the one short line
+-- (turns of prose with the escapes real chat histories carry: newlines, quotes, tabs).
+local prompt_bytes = tonumber(os.getenv("TG_PROMPT_BYTES") or "")
+if prompt_bytes then
+  local turn = [[The gateway forwards each call upstream and charges its exact cost.\n]]
+    .. [[A \"quoted\" phrase,\ta tab, and unicode: \u00e9t\u00e9. ]]
+  local messages, size, i = {}, 0, 0
+  while size < prompt_bytes do
+    local role = (i % 2 == 0) and "user" or "assistant"
+    local content = string.rep(turn, 8)
+    local m = '{"role":"' .. role .. '","content":"' .. content .. '"}'
+    table.insert(messages, m)
+    size, i = size + #m + 1, i + 1
+  end
+  wrk.body = '{"model":"' .. model .. '","messages":[' .. table.concat(messages, ",")
+    .. '],"max_tokens":16}'
+else
+  wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
+    .. '"content":"Say hello to the benchmark please"}],"max_tokens":16}'
+end
 
 -- With TG_DELAY_MS set, each connection pauses that long between requests (paced runs).
 local pause = tonumber(os.getenv("TG_DELAY_MS") or "")

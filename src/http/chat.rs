@@ -9,6 +9,7 @@
 //!   lowered to what it can cover; only when not even one output token is payable is it 402;
 //! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
 
+use super::request::Fields;
 use super::{authenticate, with_request_id, App, CallLabels, Request};
 use crate::config::Model;
 use crate::error::ApiError;
@@ -216,7 +217,7 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     let key = authenticate(&app, headers).await?;
     let super::request::ChatRequest {
-        fields: mut request,
+        fields: request,
         model: model_id,
         stream,
         max_completion_tokens: max_completion,
@@ -258,6 +259,7 @@ async fn proxy(
         )
         .await?;
     let billing = &app.system.billing;
+    let mut lowered_to = None;
     if reservation.lowered {
         let allowed = reservation.max_output_tokens / n;
         if allowed == 0 {
@@ -267,26 +269,15 @@ async fn proxy(
                 reservation.amount
             )));
         }
-        let field = if request.contains_key("max_completion_tokens") {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
-        request.insert(field.to_owned(), json!(allowed));
+        lowered_to = Some(allowed);
     }
-    if stream {
-        let options = request.entry("stream_options").or_insert_with(|| json!({}));
-        if !options.is_object() {
-            *options = json!({});
+    let upstream_body = match upstream_body(request, lowered_to, stream, &model.upstream_model) {
+        Ok(b) => b,
+        Err(e) => {
+            billing.release(&key.account_id, request_id);
+            return Err(e);
         }
-        if let Some(o) = options.as_object_mut() {
-            o.insert("include_usage".to_owned(), Value::Bool(true));
-        }
-    }
-    request.insert(
-        "model".to_owned(),
-        Value::String(model.upstream_model.clone()),
-    );
+    };
     // Kept (a reference count, not a copy) for counting the prompt's tokens in the rare case
     // that the upstream reports no usage.
     let prompt = body.clone();
@@ -307,7 +298,6 @@ async fn proxy(
         started,
     };
 
-    let upstream_body = serde_json::to_vec(&request).map_err(|_| ApiError::Internal)?;
     let mut upstream_request =
         http::Request::new(http_body_util::Full::new(Bytes::from(upstream_body)));
     *upstream_request.method_mut() = http::Method::POST;
@@ -448,6 +438,37 @@ async fn proxy(
         h.insert("x-tollgate-cost", v);
     }
     Ok(resp)
+}
+
+/// The body sent upstream: the client's, with the upstream's name for the model, the usage
+/// chunk asked for on a stream, and `max_tokens` (or `max_completion_tokens`, whichever the
+/// client used) lowered to what the balance pays for.
+fn upstream_body(
+    mut request: Fields<'_>,
+    lowered_to: Option<u64>,
+    stream: bool,
+    upstream_model: &str,
+) -> Result<Vec<u8>, ApiError> {
+    if let Some(allowed) = lowered_to {
+        let field = if request.contains("max_completion_tokens") {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        request.set(field, &allowed)?;
+    }
+    if stream {
+        // parse_chat let through only an object or null here.
+        let mut options = request
+            .parse::<serde_json::Map<String, Value>>("stream_options")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        options.insert("include_usage".to_owned(), Value::Bool(true));
+        request.set("stream_options", &options)?;
+    }
+    request.set("model", &upstream_model)?;
+    request.to_body()
 }
 
 /// A lease from the provider's desk (no message to its actor); before the actor's first start

@@ -16,6 +16,7 @@ mod concurrency;
 mod connections;
 mod crash;
 mod errors;
+mod forwarding;
 mod lifecycle;
 mod metrics;
 mod outage;
