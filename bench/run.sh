@@ -14,7 +14,8 @@
 #
 # Knobs (environment): BENCH_ROUNDS, BENCH_LAT_SECS, BENCH_THR_SECS, BENCH_THR_CONNS,
 # BENCH_STREAMS (sequential streams per round), BENCH_HELD (concurrent held streams),
-# BENCH_PACE_MS (pause per connection in the paced run), BENCH_KEEP_TMP=1 (keep the temp
+# BENCH_PACE_MS (pause per connection in the paced run), BENCH_BIG_BYTES (the long conversations'
+# size, default 32768), BENCH_KEEP_TMP=1 (keep the temp
 # dir with configs and logs), BENCH_SKIP_BUILD=1, BENCH_PEER_DIR (where --peers installs the peer
 # gateways; default ~/.cache/tollgate-bench).
 set -euo pipefail
@@ -29,7 +30,7 @@ while (( $# )); do
     --quick) QUICK=1 ;;
     --peers) PEERS=1 ;;
     --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -43,6 +44,8 @@ else
   STREAMS=${BENCH_STREAMS:-100}; HELD=${BENCH_HELD:-10000}; WARM_SECS=2
 fi
 THR_CONNS=${BENCH_THR_CONNS:-64}
+BIG_BYTES=${BENCH_BIG_BYTES:-32768}
+BIG_TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
 THR_THREADS=2
 PACE_MS=${BENCH_PACE_MS:-3}
 ADMIN=bench-admin-token
@@ -101,6 +104,18 @@ summarize() { # raw-file → summary on stdout
       "$(med thr "$t" cpu_us_per_req)" "$(med thr "$t" pg_cpu_us_per_req)"
   done
   printf '  (non2xx and socket errors are totals over all rounds)\n'
+  if grep -q '^big ' "$RAW"; then
+    printf '\nThroughput with %s-byte conversations (same wrk settings; TG_PROMPT_BYTES in bench/chat.lua)\n' "$BIG_BYTES"
+    printf '  %-18s %9s %8s %8s %8s %9s %10s\n' target req/s p50 p99 non2xx '/ nginx' 'cpu/req'
+    local bng; bng=$(med big nginx rps)
+    for t in direct nginx tollgate-sqlite tollgate-postgres; do
+      grep -q "^big .*target=$t " "$RAW" || continue
+      errs=$(awk -v t="$t" '$1 == "big" && $0 ~ ("target=" t " ") {
+          for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == "non2xx") n += a[2] } } END { printf "%d", n }' "$RAW")
+      printf '  %-18s %9s %8s %8s %8s %9s %10s\n' "$t" "$(calc "$(med big "$t" rps)")" "$(med big "$t" p50_us)" \
+        "$(med big "$t" p99_us)" "$errs" "$(calc "$(med big "$t" rps) / $bng" 2)" "$(med big "$t" cpu_us_per_req)"
+    done
+  fi
   printf '\nInside the gateway (its /metrics, per run; medians across rounds)\n'
   printf '  %-18s %-8s %12s %15s %15s %24s\n' target run 'commit mean' 'commit p99 ≤' 'records/commit' 'start→upstream headers'
   for t in tollgate-sqlite tollgate-postgres; do
@@ -212,7 +227,7 @@ summarize() { # raw-file → summary on stdout
 
 if [[ -n $SUMMARIZE ]]; then
   raw=$(mktemp)
-  grep -E '^(settings|warm|lat|thr|paced|rss|stream|stream-failed|held|durable) ' "$SUMMARIZE" >"$raw" \
+  grep -E '^(settings|warm|lat|thr|big|paced|rss|stream|stream-failed|held|durable) ' "$SUMMARIZE" >"$raw" \
     || { rm -f "$raw"; die "no raw lines in $SUMMARIZE"; }
   summarize "$raw"
   rm -f "$raw"
@@ -384,6 +399,9 @@ error_log $TMP/nginx/error.log warn;
 events { worker_connections 20000; }
 http {
   access_log off;
+  # Request bodies in memory, as the gateway keeps them: by default nginx writes a body over
+  # 16 KB to a temporary file (and its worker cannot write into this run's private temp dir).
+  client_body_buffer_size 1m;
   client_body_temp_path $TMP/nginx/body;
   proxy_temp_path $TMP/nginx/proxy;
   fastcgi_temp_path $TMP/nginx/fastcgi;
@@ -572,7 +590,7 @@ done
 
 RAW=$TMP/raw.txt
 echo "settings rounds=$ROUNDS lat_secs=$LAT_SECS thr_secs=$THR_SECS thr_threads=$THR_THREADS" \
-  "thr_conns=$THR_CONNS streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" \
+  "thr_conns=$THR_CONNS big_bytes=$BIG_BYTES streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" \
   "target_list=$(IFS=,; echo "${TARGETS[*]}")" >"$RAW"
 for t in tollgate-sqlite tollgate-postgres; do
   echo "rss target=$t phase=idle kb=$(rss_kb "${PID[$t]}")" >>"$RAW"
@@ -686,6 +704,17 @@ for r in $(seq 1 "$ROUNDS"); do
     sleep 1
   done
 done
+
+# The same with long conversations: what a proxy does with a request's bytes shows here.
+log "throughput with ${BIG_BYTES}-byte conversations: $ROUNDS round(s) × ${#BIG_TARGETS[@]} targets × ${THR_SECS}s"
+export TG_PROMPT_BYTES=$BIG_BYTES
+for r in $(seq 1 "$ROUNDS"); do
+  for t in "${BIG_TARGETS[@]}"; do
+    run_wrk big "$r" "$t" -- -t"$THR_THREADS" -c"$THR_CONNS" -d"${THR_SECS}s"
+    sleep 1
+  done
+done
+unset TG_PROMPT_BYTES
 
 # ---------------------------------------------------------------------------------------------
 # 4. Streaming: TTFT and inter-chunk gaps (mock: 32 chunks, 5 ms apart)
