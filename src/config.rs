@@ -56,6 +56,10 @@ pub struct ProviderConfig {
     /// A PEM file of root certificates to trust for this provider's HTTPS besides Mozilla's,
     /// for a server whose certificate a private CA signed.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The HTTP proxy to reach this provider through: `http://[user:password@]host:port`, or
+    /// `"direct"` for none. Unset: `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` and `NO_PROXY`
+    /// from the environment decide, as for curl.
+    pub proxy: Option<String>,
     /// Deadline for the upstream's response headers, and for a whole non-streamed body.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
@@ -260,12 +264,23 @@ pub enum ConfigError {
     UnsupportedKind { name: String, kind: String },
     #[error("provider `{name}`: base_url `{url}` is not an http:// or https:// URL")]
     BaseUrl { name: String, url: String },
+    #[error("provider `{name}`: {reason}")]
+    Proxy { name: String, reason: String },
     #[error("provider `{name}`: ca_file {path}: {reason}")]
     CaFile {
         name: String,
         path: std::path::PathBuf,
         reason: String,
     },
+}
+
+fn proxy_for(p: &ProviderConfig) -> Result<Option<tollgate_actors::provider::Proxy>, ConfigError> {
+    tollgate_actors::provider::proxy_for(&p.base_url, p.proxy.as_deref()).map_err(|reason| {
+        ConfigError::Proxy {
+            name: p.name.clone(),
+            reason,
+        }
+    })
 }
 
 /// A model as the request path sees it.
@@ -331,6 +346,7 @@ impl Config {
                     }
                 })?;
             }
+            proxy_for(p)?;
             if !providers.insert(p.name.as_str()) {
                 return Err(ConfigError::Duplicate {
                     what: "provider",
@@ -372,18 +388,23 @@ impl Config {
         Ok(out)
     }
 
-    pub fn provider_specs(&self) -> Vec<ProviderSpec> {
+    /// The providers as the actors take them; each one's proxy resolved (see [`Self::catalog`],
+    /// which checks them first).
+    pub fn provider_specs(&self) -> Result<Vec<ProviderSpec>, ConfigError> {
         self.providers
             .iter()
-            .map(|p| ProviderSpec {
-                name: p.name.clone(),
-                kind: p.kind.clone(),
-                base_url: p.base_url.trim_end_matches('/').to_owned(),
-                api_key: p.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()),
-                max_concurrency: p.max_concurrency.max(1),
-                connect_timeout: Duration::from_millis(p.connect_timeout_ms),
-                ca_file: p.ca_file.clone(),
-                request_timeout: Duration::from_millis(p.request_timeout_ms),
+            .map(|p| {
+                Ok(ProviderSpec {
+                    name: p.name.clone(),
+                    kind: p.kind.clone(),
+                    base_url: p.base_url.trim_end_matches('/').to_owned(),
+                    api_key: p.api_key_env.as_ref().and_then(|v| std::env::var(v).ok()),
+                    max_concurrency: p.max_concurrency.max(1),
+                    connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+                    ca_file: p.ca_file.clone(),
+                    request_timeout: Duration::from_millis(p.request_timeout_ms),
+                    proxy: proxy_for(p)?,
+                })
             })
             .collect()
     }

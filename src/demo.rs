@@ -20,6 +20,8 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
         max_concurrency: 4096,
         connect_timeout_ms: 2_000,
         ca_file: None,
+        // In-process, on loopback: never through a proxy the environment may name.
+        proxy: Some("direct".to_owned()),
         request_timeout_ms: 60_000,
         stream_idle_timeout_ms: 60_000,
     }];

@@ -73,7 +73,7 @@ pub async fn start(listener: TcpListener, config: Config) -> Result<Gateway, Ser
         },
         account_idle_after: Duration::from_secs(config.accounts.idle_secs),
         policy: RestartPolicy::default(),
-        providers: config.provider_specs(),
+        providers: config.provider_specs()?,
     })
     .await?;
     let keys = KeyRing::load(store.clone()).await?;

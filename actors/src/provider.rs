@@ -25,6 +25,57 @@ pub struct ProviderSpec {
     pub ca_file: Option<std::path::PathBuf>,
     /// Deadline for the upstream's response headers (and a whole non-streamed body).
     pub request_timeout: Duration,
+    /// The HTTP proxy the provider's connections go through, if any ([`proxy_for`]).
+    pub proxy: Option<Proxy>,
+}
+
+/// An HTTP proxy: connections are tunnelled through it with CONNECT, and TLS to the upstream
+/// runs end to end inside the tunnel.
+#[derive(Clone, Debug)]
+pub struct Proxy {
+    /// `http://host:port/`, without the user and password.
+    pub uri: http::Uri,
+    /// `Proxy-Authorization` (Basic), from the proxy URL's user and password.
+    pub authorization: Option<http::HeaderValue>,
+}
+
+/// The proxy for a provider at `base_url`. `setting` is the provider's own: `"direct"` for
+/// none, or an `http://[user:password@]host:port` URL. Without one, the environment decides
+/// as it does for curl: `HTTPS_PROXY` / `HTTP_PROXY` (by the upstream's scheme), `ALL_PROXY`,
+/// and `NO_PROXY` for the hosts to reach directly. Only HTTP proxies are supported; the error
+/// never repeats the URL (it may hold a password).
+pub fn proxy_for(base_url: &str, setting: Option<&str>) -> Result<Option<Proxy>, String> {
+    use hyper_util::client::proxy::matcher::Matcher;
+    let target = completions_uri(base_url)
+        .ok_or_else(|| "base_url is not an http:// or https:// URL".to_owned())?;
+    let (matcher, source) = match setting {
+        Some("direct") => return Ok(None),
+        Some(url) => (Matcher::builder().all(url.to_owned()).build(), "proxy"),
+        None => (
+            Matcher::from_env(),
+            "the environment's HTTPS_PROXY / HTTP_PROXY / ALL_PROXY",
+        ),
+    };
+    let Some(intercept) = matcher.intercept(&target) else {
+        return match setting {
+            Some(_) => Err(
+                "proxy is not a proxy URL (http://[user:password@]host:port, or \"direct\")"
+                    .to_owned(),
+            ),
+            None => Ok(None),
+        };
+    };
+    if intercept.uri().scheme_str() != Some("http") {
+        return Err(format!(
+            "{source} names a {} proxy; only http:// proxies are supported \
+             (set the provider's proxy = \"direct\" to go without)",
+            intercept.uri().scheme_str().unwrap_or("non-HTTP")
+        ));
+    }
+    Ok(Some(Proxy {
+        uri: intercept.uri().clone(),
+        authorization: intercept.basic_auth().cloned(),
+    }))
 }
 
 /// `{base_url}/chat/completions`, if `base_url` is an http:// or https:// URL with a host.
@@ -52,9 +103,52 @@ pub fn read_roots(
 
 /// The pooled HTTP/1.1 and HTTP/2 (by ALPN) client a provider's calls go through.
 pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    hyper_rustls::HttpsConnector<Dial>,
     http_body_util::Full<bytes::Bytes>,
 >;
+
+type HttpConnector = hyper_util::client::legacy::connect::HttpConnector;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a provider's connections are opened: a TCP connection to the upstream, or one to its
+/// proxy with a CONNECT tunnel through it. Only a new connection comes here; pooled ones are
+/// reused as they are.
+#[derive(Clone)]
+pub enum Dial {
+    Direct(HttpConnector),
+    Tunnel(hyper_util::client::legacy::connect::proxy::Tunnel<HttpConnector>),
+}
+
+impl tower_service::Service<http::Uri> for Dial {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        match self {
+            Dial::Direct(c) => c.poll_ready(cx).map_err(Into::into),
+            Dial::Tunnel(t) => t.poll_ready(cx).map_err(Into::into),
+        }
+    }
+
+    fn call(&mut self, dst: http::Uri) -> Self::Future {
+        match self {
+            Dial::Direct(c) => {
+                let connecting = c.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+            Dial::Tunnel(t) => {
+                let connecting = t.call(dst);
+                Box::pin(async move { connecting.await.map_err(Into::into) })
+            }
+        }
+    }
+}
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProviderError {
@@ -191,10 +285,23 @@ pub struct Leaser {
 impl Leaser {
     fn new(spec: ProviderSpec) -> Result<Leaser, ProviderError> {
         let failed = || ProviderError::Client(spec.name.clone());
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(spec.connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
+        let dial = match &spec.proxy {
+            None => Dial::Direct(http),
+            Some(proxy) => {
+                let tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    proxy.uri.clone(),
+                    http,
+                );
+                Dial::Tunnel(match &proxy.authorization {
+                    Some(auth) => tunnel.with_auth(auth.clone()),
+                    None => tunnel,
+                })
+            }
+        };
         let mut roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
@@ -215,7 +322,7 @@ impl Leaser {
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(dial);
         let client =
             hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
                 .pool_timer(hyper_util::rt::TokioTimer::new())

@@ -1,9 +1,10 @@
 //! Parsing and validating a client's chat request, before anything is reserved or sent.
 //! Pure: no I/O, no panics on any input (a property test in `tests/` holds it to that).
 //!
-//! The request is not turned into a tree of JSON values: the body is checked once (every
-//! string decoded, every number in range, as strictly as a full parse), then split into its
-//! top-level fields, each kept as the bytes the client sent. The fields the gateway reads are
+//! The request is not turned into a tree of JSON values: the body is first checked as
+//! strictly as a full parse would check it (every string decoded into one reused buffer, every
+//! number in range), then split into its top-level fields, each kept as the bytes the client
+//! sent. The fields the gateway reads are
 //! small and parsed on their own; `messages`, which is nearly all of a request, is only
 //! checked to be an array of objects. What goes upstream is those same bytes, with the
 //! gateway's few edits: no conversation is decoded and encoded again.

@@ -496,6 +496,17 @@ impl Server {
         log: &std::path::Path,
         rust_log: &str,
     ) -> Server {
+        Self::spawn_with_env(config, port, log, rust_log, &[]).await
+    }
+
+    /// As [`Server::spawn`], with these environment variables set for the gateway.
+    pub async fn spawn_with_env(
+        config: &std::path::Path,
+        port: u16,
+        log: &std::path::Path,
+        rust_log: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -509,6 +520,7 @@ impl Server {
             .env("RUST_LOG", rust_log)
             .env_remove("DATABASE_URL")
             .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .envs(env.iter().copied())
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true)

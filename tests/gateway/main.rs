@@ -21,6 +21,7 @@ mod lifecycle;
 mod metrics;
 mod outage;
 mod privacy;
+mod proxy;
 mod streaming;
 mod supervision;
 mod tls;

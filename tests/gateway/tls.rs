@@ -16,22 +16,22 @@ use tollgate::mock::MockOptions;
 use tollgate_actors::money::NANOS_PER_USDT;
 use tollgate_actors::Amount;
 
-fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tls")
         .join(name)
 }
 
 /// Terminates TLS on a loopback port and passes the bytes to `upstream`.
-struct TlsFront {
-    addr: std::net::SocketAddr,
+pub(crate) struct TlsFront {
+    pub(crate) addr: std::net::SocketAddr,
     /// Handshakes that completed.
-    handshakes: Arc<AtomicU64>,
+    pub(crate) handshakes: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TlsFront {
-    async fn start(upstream: std::net::SocketAddr) -> TlsFront {
+    pub(crate) async fn start(upstream: std::net::SocketAddr) -> TlsFront {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
         let certs = CertificateDer::pem_file_iter(fixture("server.pem"))
@@ -83,7 +83,7 @@ impl Drop for TlsFront {
     }
 }
 
-fn https_provider(
+pub(crate) fn https_provider(
     name: &str,
     front: std::net::SocketAddr,
     ca_file: Option<PathBuf>,
@@ -96,12 +96,13 @@ fn https_provider(
         max_concurrency: 16,
         connect_timeout_ms: 2_000,
         ca_file,
+        proxy: None,
         request_timeout_ms: 3_000,
         stream_idle_timeout_ms: 3_000,
     }
 }
 
-fn model(id: &str, provider: &str) -> ModelConfig {
+pub(crate) fn model(id: &str, provider: &str) -> ModelConfig {
     ModelConfig {
         id: id.to_owned(),
         provider: provider.to_owned(),
