@@ -6,10 +6,10 @@
 //! is durable in the journal. See `docs/guarantees.md`.
 
 use crate::account::{
-    AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest, Settled,
+    AccountMsg, BalanceView, CreditRequest, Reservation, ReserveRequest, SettleRequest,
 };
 use crate::directory::{Books, DirectoryMsg, LiveAccounts};
-use crate::ledger::JournalSlot;
+use crate::ledger::{Appended, JournalSlot};
 use crate::ledger::{CommitError, LedgerMsg};
 use crate::metered::Mailbox;
 use crate::money::Amount;
@@ -150,14 +150,16 @@ impl Billing {
         }
     }
 
-    /// Charges `cost` for a finished request and waits until the charge is journaled.
+    /// Charges `cost` for a finished request and waits until the charge is journaled; returns
+    /// what the balance paid (all of `cost`, unless the account ran dry: see
+    /// [`crate::account::Settled`]).
     pub async fn settle(
         &self,
         account_id: &str,
         key_id: Option<&str>,
         cost: Amount,
         usage: UsageRecord,
-    ) -> Result<Settled, BillingError> {
+    ) -> Result<Amount, BillingError> {
         let request_id = usage.request_id.clone();
         let request = SettleRequest {
             request_id: request_id.clone(),
@@ -170,27 +172,27 @@ impl Billing {
                 AccountMsg::Settle(Box::new(request.clone()), port)
             })
             .await?;
-        self.write_down(&settled.record).await?;
+        self.write_down(settled.record).await?;
         if let Some(book) = self.books.get(account_id) {
             book.confirm(&request_id);
         }
-        Ok(settled)
+        Ok(settled.charged)
     }
 
     /// Makes a settled charge durable: appended to the journal by this task when the writer
     /// has posted it (then the writer is told to ship it, and nobody waits for the writer);
     /// otherwise journaled by the writer (`fsync` mode), or, if the writer cannot, committed to
     /// the store directly. Every path is idempotent.
-    async fn write_down(&self, record: &Record) -> Result<(), BillingError> {
-        match self.journal.append(record) {
-            Some(Ok(())) => return Ok(()),
-            Some(Err(e)) => {
+    async fn write_down(&self, record: Record) -> Result<(), BillingError> {
+        let record = match self.journal.append(record) {
+            Appended::Done => return Ok(()),
+            Appended::Failed(record, e) => {
                 crate::ledger::journal_write_failed(&e);
-                self.commit(record.clone()).await?;
+                self.commit(record).await?;
                 return Ok(());
             }
-            None => {}
-        }
+            Appended::NotPosted(record) => record,
+        };
         let reply = self
             .ledger
             .get()
@@ -205,7 +207,7 @@ impl Billing {
                 Err(BillingError::Unavailable("ledger (record rejected)"))
             }
             // The writer died before journaling the record, or could not sync it.
-            _ => self.commit(record.clone()).await.map(|_| ()),
+            _ => self.commit(record).await.map(|_| ()),
         }
     }
 

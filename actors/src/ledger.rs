@@ -33,6 +33,19 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Default)]
 pub struct JournalSlot(Arc<RwLock<Option<Posted>>>);
 
+/// What [`JournalSlot::append`] did with a record; the record comes back when it was not
+/// journaled.
+#[derive(Debug)]
+pub enum Appended {
+    /// In the journal, and on its way to the store.
+    Done,
+    /// No journal is posted (the writer is starting or restarting, or syncs each record
+    /// itself): the writer has to be asked.
+    NotPosted(Record),
+    /// The journal could not be written.
+    Failed(Record, JournalError),
+}
+
 #[derive(Clone)]
 struct Posted {
     journal: Arc<Mutex<Journal>>,
@@ -40,21 +53,22 @@ struct Posted {
 }
 
 impl JournalSlot {
-    /// Appends `record` if a journal is posted, and tells its writer to ship it.
-    pub fn append(&self, record: &Record) -> Option<Result<(), JournalError>> {
-        let posted = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+    /// Appends `record` if a journal is posted, and hands it to the journal's writer to ship.
+    pub fn append(&self, record: Record) -> Appended {
+        let posted = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(posted) = posted else {
+            return Appended::NotPosted(record);
+        };
         let segment = {
             let mut journal = posted.journal.lock().unwrap_or_else(|p| p.into_inner());
-            match journal.append(record) {
+            match journal.append(&record) {
                 Ok(segment) => segment,
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Appended::Failed(record, e),
             }
         };
         // If this writer is gone, its successor finds the record in the journal at start.
-        let _ = posted
-            .writer
-            .tell(LedgerMsg::Journaled(record.clone(), segment));
-        Some(Ok(()))
+        let _ = posted.writer.tell(LedgerMsg::Journaled(record, segment));
+        Appended::Done
     }
 
     fn post(&self, journal: Arc<Mutex<Journal>>, writer: ActorRef<LedgerMsg>) {

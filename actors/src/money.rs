@@ -103,8 +103,16 @@ impl fmt::Display for Amount {
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        let digits = format!("{frac:09}");
-        write!(f, "{sign}{whole}.{}", digits.trim_end_matches('0'))
+        // The fraction's nine digits, less its trailing zeros, without a string to hold them.
+        let mut digits = [b'0'; 9];
+        let mut rest = frac;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+        let digits = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
+        write!(f, "{sign}{whole}.{digits}")
     }
 }
 

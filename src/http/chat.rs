@@ -10,7 +10,7 @@
 //! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
 
 use super::request::Fields;
-use super::{authenticate, with_request_id, App, CallLabels, Request};
+use super::{authenticate, with_request_id, App, CallLabels};
 use crate::config::Model;
 use crate::error::ApiError;
 use crate::tokens;
@@ -32,6 +32,9 @@ use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
 use tollgate_actors::Amount;
 use warp::reply::Response;
 
+/// What a non-streamed call cost, in USDT.
+const X_TOLLGATE_COST: http::HeaderName = http::HeaderName::from_static("x-tollgate-cost");
+
 /// HTTP status recorded for a stream whose client went away (nginx's convention).
 const CLIENT_CLOSED: u16 = 499;
 
@@ -39,13 +42,13 @@ pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
 }
 
-pub async fn completions(app: Arc<App>, req: &Request, body: Bytes) -> Response {
+pub async fn completions(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> Response {
     let request_id = new_request_id();
     let started = Instant::now();
     // A client that hangs up drops this handler, but a call that reserved money must still
     // reach its settlement (or release): then the call goes on in a task of its own.
     let call = {
-        let (app, headers, request_id) = (app.clone(), req.headers.clone(), request_id.clone());
+        let request_id = request_id.clone();
         let tracked = app.relays.clone().track_future(async move {
             let mut labels = None;
             let result = proxy(app, &headers, body, &request_id, started, &mut labels).await;
@@ -166,7 +169,7 @@ impl Call {
             latency_ms: self.started.elapsed().as_millis() as u64,
             created_at: now_ms(),
         };
-        let settled = self
+        let charged = self
             .app
             .system
             .billing
@@ -181,7 +184,7 @@ impl Call {
             meters.output_tokens.increment(usage.completion_tokens);
             meters
                 .billed_nanos
-                .increment(u64::try_from(settled.charged.nanos()).unwrap_or(0));
+                .increment(u64::try_from(charged.nanos()).unwrap_or(0));
         }
         tracing::debug!(
             request_id = %self.request_id,
@@ -189,10 +192,10 @@ impl Call {
             status,
             prompt_tokens = usage.prompt_tokens,
             completion_tokens = usage.completion_tokens,
-            cost = %settled.charged,
+            cost = %charged,
             "request settled"
         );
-        Ok(settled.charged)
+        Ok(charged)
     }
 
     /// Records a failed upstream call (no charge) and returns the error for the client.
@@ -435,7 +438,7 @@ async fn proxy(
         HeaderValue::from_static("application/json"),
     );
     if let Ok(v) = HeaderValue::from_str(&charged.to_string()) {
-        h.insert("x-tollgate-cost", v);
+        h.insert(X_TOLLGATE_COST, v);
     }
     Ok(resp)
 }

@@ -186,7 +186,7 @@ where
     };
     let result = match segments.as_slice() {
         ["v1", "chat", "completions"] if m == Method::POST => {
-            return chat::completions(app, &req, body).await;
+            return chat::completions(app, req.headers, body).await;
         }
         ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
         ["healthz"] if m == Method::GET => {
@@ -331,9 +331,11 @@ async fn ready(app: &App) -> Result<Response, ApiError> {
     ))
 }
 
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 pub fn with_request_id(mut resp: Response, request_id: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert("x-request-id", v);
+        resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     resp
 }

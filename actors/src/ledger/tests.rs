@@ -230,8 +230,10 @@ async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
     let s = setup().await;
     let slot = JournalSlot::default();
     assert!(
-        slot.append(&entry("early", "a", EntryKind::Credit, 1))
-            .is_none(),
+        matches!(
+            slot.append(entry("early", "a", EntryKind::Credit, 1)),
+            Appended::NotPosted(_)
+        ),
         "nothing posted before a writer starts"
     );
     let args = LedgerArgs {
@@ -241,16 +243,18 @@ async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
     let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
     for i in 0..3 {
         assert!(matches!(
-            slot.append(&entry(&format!("c{i}"), "a", EntryKind::Credit, 10)),
-            Some(Ok(()))
+            slot.append(entry(&format!("c{i}"), "a", EntryKind::Credit, 10)),
+            Appended::Done
         ));
     }
     barrier(&ledger).await;
     assert_eq!(s.balance().await, Amount(30));
     ledger.stop_and_wait(None, None).await.unwrap();
     assert!(
-        slot.append(&entry("late", "a", EntryKind::Credit, 1))
-            .is_none(),
+        matches!(
+            slot.append(entry("late", "a", EntryKind::Credit, 1)),
+            Appended::NotPosted(_)
+        ),
         "a stopped writer withdraws its journal"
     );
 }
