@@ -74,7 +74,10 @@ pub fn proxy_for(base_url: &str, setting: Option<&str>) -> Result<Option<Proxy>,
     }
     Ok(Some(Proxy {
         uri: intercept.uri().clone(),
-        authorization: intercept.basic_auth().cloned(),
+        authorization: intercept.basic_auth().cloned().map(|mut auth| {
+            auth.set_sensitive(true);
+            auth
+        }),
     }))
 }
 
