@@ -40,7 +40,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderConfig {
     pub name: String,
@@ -272,6 +272,24 @@ pub enum ConfigError {
         path: std::path::PathBuf,
         reason: String,
     },
+}
+
+/// Everything but the proxy URL, which may carry a password.
+impl std::fmt::Debug for ProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderConfig")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("base_url", &self.base_url)
+            .field("api_key_env", &self.api_key_env)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("ca_file", &self.ca_file)
+            .field("proxy", &self.proxy.as_ref().map(|_| "(set)"))
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("stream_idle_timeout_ms", &self.stream_idle_timeout_ms)
+            .finish()
+    }
 }
 
 fn proxy_for(p: &ProviderConfig) -> Result<Option<tollgate_actors::provider::Proxy>, ConfigError> {

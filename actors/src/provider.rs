@@ -29,8 +29,10 @@ pub struct ProviderSpec {
     pub proxy: Option<Proxy>,
 }
 
-/// An HTTP proxy: connections are tunnelled through it with CONNECT, and TLS to the upstream
-/// runs end to end inside the tunnel.
+/// An HTTP proxy: connections are tunnelled through it with CONNECT, for http:// upstreams as
+/// well as https:// ones (curl would send an http:// request to the proxy whole instead; a
+/// proxy that allows CONNECT only to port 443 refuses a plain upstream), and TLS to the
+/// upstream runs end to end inside the tunnel.
 #[derive(Clone, Debug)]
 pub struct Proxy {
     /// `http://host:port/`, without the user and password.
@@ -146,11 +148,36 @@ impl tower_service::Service<http::Uri> for Dial {
                 Box::pin(async move { connecting.await.map_err(Into::into) })
             }
             Dial::Tunnel(t) => {
-                let connecting = t.call(dst);
+                // The tunnel asks for port 443 when the destination names none, whatever its
+                // scheme: an http:// upstream on its default port must say 80.
+                let connecting = t.call(with_default_port(dst));
                 Box::pin(async move { connecting.await.map_err(Into::into) })
             }
         }
     }
+}
+
+/// `dst` with its scheme's default port written out, if it had none.
+fn with_default_port(dst: http::Uri) -> http::Uri {
+    let port = match dst.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return dst,
+    };
+    let (Some(host), None) = (dst.host(), dst.port_u16()) else {
+        return dst;
+    };
+    let authority = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut parts = dst.clone().into_parts();
+    match authority.parse() {
+        Ok(authority) => parts.authority = Some(authority),
+        Err(_) => return dst,
+    }
+    http::Uri::from_parts(parts).unwrap_or(dst)
 }
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]

@@ -146,6 +146,7 @@ journal_dir = "{journal}"
 name = "mock"
 kind = "openai-compatible"
 base_url = "http://{mock}/v1"
+proxy = "direct"
 request_timeout_ms = 3000
 stream_idle_timeout_ms = 3000
 

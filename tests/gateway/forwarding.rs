@@ -92,7 +92,7 @@ async fn harness(recorder: &Recorder) -> Option<Harness> {
             max_concurrency: 16,
             connect_timeout_ms: 2_000,
             ca_file: None,
-            proxy: None,
+            proxy: Some("direct".to_owned()),
             request_timeout_ms: 3_000,
             stream_idle_timeout_ms: 3_000,
         });

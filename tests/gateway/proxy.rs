@@ -181,7 +181,7 @@ async fn a_providers_proxy_carries_its_calls_plain_and_over_tls() {
         sse_events(resp).await.last().map(String::as_str),
         Some("[DONE]")
     );
-    // The harness's own provider sets no proxy and the environment names none: direct.
+    // The harness's own provider says `proxy = "direct"`.
     let resp = h
         .chat(&key, &json!({"model": "gpt-4o-mini", "messages": messages}))
         .await;
@@ -191,7 +191,6 @@ async fn a_providers_proxy_carries_its_calls_plain_and_over_tls() {
     // from the proxy URL, each to its upstream; TLS went through the tunnel to the front.
     let mut tunnels = proxy.tunnels();
     tunnels.sort_by(|a, b| a.target.cmp(&b.target));
-    tunnels.dedup();
     let mut expected = vec![
         Tunnel {
             target: upstream.addr.to_string(),
@@ -241,6 +240,15 @@ async fn a_proxy_that_refuses_the_tunnel_leaves_the_call_unreachable_and_free() 
     assert_error_shape(&resp.json().await.unwrap(), "upstream_error");
     assert_eq!(proxy.tunnels().len(), 1);
     assert_eq!(h.balance(&account).await.to_string(), "1");
+    let view: Value = h
+        .admin(reqwest::Method::GET, &format!("/admin/accounts/{account}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["reserved"], "0", "{view}");
     let usage = h.usage_once_settled(&account).await;
     assert_eq!(usage.len(), 1);
     assert_eq!(usage[0]["status"], 502);
@@ -248,9 +256,49 @@ async fn a_proxy_that_refuses_the_tunnel_leaves_the_call_unreachable_and_free() 
     h.stop().await;
 }
 
+/// A proxy is asked for the port the upstream's scheme implies when its URL names none (the
+/// CONNECT request must carry one; 443 would be wrong for http://).
+#[tokio::test]
+async fn an_upstream_on_its_default_port_is_tunnelled_to_that_port() {
+    let proxy = ConnectProxy::start(None).await;
+    let via = format!("http://{}", proxy.addr);
+    let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
+        c.providers.push(ProviderConfig {
+            base_url: "http://upstream.invalid/v1".to_owned(),
+            proxy: Some(via.clone()),
+            ..https_provider("plain-default-port", proxy.addr, None)
+        });
+        c.providers.push(ProviderConfig {
+            base_url: "https://upstream.invalid/v1".to_owned(),
+            proxy: Some(via.clone()),
+            ..https_provider("tls-default-port", proxy.addr, None)
+        });
+        c.models.push(model("plain-80", "plain-default-port"));
+        c.models.push(model("tls-443", "tls-default-port"));
+    })
+    .await
+    else {
+        return;
+    };
+    let (_, key) = h.funded("1").await;
+    for m in ["plain-80", "tls-443"] {
+        let resp = h
+            .chat(
+                &key,
+                &json!({"model": m, "messages": [{"role": "user", "content": "x"}]}),
+            )
+            .await;
+        // The proxy cannot reach a host in .invalid: 502 from it, 502 from the gateway.
+        assert_eq!(resp.status(), 502, "{m}");
+    }
+    let targets: Vec<String> = proxy.tunnels().into_iter().map(|t| t.target).collect();
+    assert_eq!(targets, ["upstream.invalid:80", "upstream.invalid:443"]);
+    h.stop().await;
+}
+
 /// The real binary with `HTTP_PROXY` (and `NO_PROXY`) in its environment: a provider without
-/// a `proxy` setting goes through it, one with `proxy = "direct"` does not, and a host in
-/// `NO_PROXY` is reached directly.
+/// a `proxy` setting goes through it, one with `proxy = "direct"` (the test config's own
+/// `mock`) does not, and a host in `NO_PROXY` is reached directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_environment_names_the_proxy_unless_the_provider_says_direct() {
     let Some(db) = TestDb::new(Backend::Sqlite).await else {
@@ -260,23 +308,22 @@ async fn the_environment_names_the_proxy_unless_the_provider_says_direct() {
     let proxy = ConnectProxy::start(None).await;
     let config = db.dir.path().join("tollgate.toml");
     let mut toml = config_toml(&db.url, db.dir.path(), mock.addr);
-    // The harness's provider `mock` has no proxy setting: the environment decides for it.
-    // `localhost` below is in NO_PROXY; 127.0.0.1 is not.
+    // `env` has no proxy setting: the environment decides for it. `localhost` below is in
+    // NO_PROXY; 127.0.0.1 is not.
     let port = mock.addr.port();
     toml.push_str(&format!(
         r#"
 [[providers]]
-name = "direct"
+name = "env"
 base_url = "http://127.0.0.1:{port}/v1"
-proxy = "direct"
 
 [[providers]]
 name = "exempt"
 base_url = "http://localhost:{port}/v1"
 
 [[models]]
-id = "m-direct"
-provider = "direct"
+id = "m-env"
+provider = "env"
 upstream_model = "gpt-4o-mini"
 input_per_mtok = "1"
 output_per_mtok = "1"
@@ -308,10 +355,10 @@ output_per_mtok = "1"
             .json(&json!({"model": model, "messages": [{"role": "user", "content": "x"}]}))
             .send()
     };
-    assert_eq!(call("m-direct").await.unwrap().status(), 200);
+    assert_eq!(call("gpt-4o-mini").await.unwrap().status(), 200);
     assert_eq!(call("m-exempt").await.unwrap().status(), 200);
     assert!(proxy.tunnels().is_empty(), "{:?}", proxy.tunnels());
-    assert_eq!(call("gpt-4o-mini").await.unwrap().status(), 200);
+    assert_eq!(call("m-env").await.unwrap().status(), 200);
     assert_eq!(
         proxy.tunnels(),
         vec![Tunnel {

@@ -96,7 +96,7 @@ pub(crate) fn https_provider(
         max_concurrency: 16,
         connect_timeout_ms: 2_000,
         ca_file,
-        proxy: None,
+        proxy: Some("direct".to_owned()),
         request_timeout_ms: 3_000,
         stream_idle_timeout_ms: 3_000,
     }
