@@ -697,24 +697,22 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 unset TG_DELAY_MS
 
-log "throughput (-t$THR_THREADS -c$THR_CONNS): $ROUNDS round(s) × ${#TARGETS[@]} targets × ${THR_SECS}s"
-for r in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    run_wrk thr "$r" "$t" -- -t"$THR_THREADS" -c"$THR_CONNS" -d"${THR_SECS}s"
-    sleep 1
+throughput_rounds() { # kind target… (interleaved rounds at -t$THR_THREADS -c$THR_CONNS)
+  local kind=$1 r t; shift
+  for r in $(seq 1 "$ROUNDS"); do
+    for t in "$@"; do
+      run_wrk "$kind" "$r" "$t" -- -t"$THR_THREADS" -c"$THR_CONNS" -d"${THR_SECS}s"
+      sleep 1
+    done
   done
-done
+}
+
+log "throughput (-t$THR_THREADS -c$THR_CONNS): $ROUNDS round(s) × ${#TARGETS[@]} targets × ${THR_SECS}s"
+throughput_rounds thr "${TARGETS[@]}"
 
 # The same with long conversations: what a proxy does with a request's bytes shows here.
 log "throughput with ${BIG_BYTES}-byte conversations: $ROUNDS round(s) × ${#BIG_TARGETS[@]} targets × ${THR_SECS}s"
-export TG_PROMPT_BYTES=$BIG_BYTES
-for r in $(seq 1 "$ROUNDS"); do
-  for t in "${BIG_TARGETS[@]}"; do
-    run_wrk big "$r" "$t" -- -t"$THR_THREADS" -c"$THR_CONNS" -d"${THR_SECS}s"
-    sleep 1
-  done
-done
-unset TG_PROMPT_BYTES
+TG_PROMPT_BYTES=$BIG_BYTES throughput_rounds big "${BIG_TARGETS[@]}"
 
 # ---------------------------------------------------------------------------------------------
 # 4. Streaming: TTFT and inter-chunk gaps (mock: 32 chunks, 5 ms apart)

@@ -164,19 +164,15 @@ fn with_default_port(dst: http::Uri) -> http::Uri {
         Some("https") => 443,
         _ => return dst,
     };
+    // `host()` keeps an IPv6 address's brackets, so `host:port` is well formed either way.
     let (Some(host), None) = (dst.host(), dst.port_u16()) else {
         return dst;
     };
-    let authority = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+    let Ok(authority) = format!("{host}:{port}").parse() else {
+        return dst;
     };
     let mut parts = dst.clone().into_parts();
-    match authority.parse() {
-        Ok(authority) => parts.authority = Some(authority),
-        Err(_) => return dst,
-    }
+    parts.authority = Some(authority);
     http::Uri::from_parts(parts).unwrap_or(dst)
 }
 

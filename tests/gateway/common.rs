@@ -339,16 +339,19 @@ impl Harness {
             .expect("chat request")
     }
 
-    pub async fn balance(&self, account: &str) -> Amount {
-        let v: Value = self
-            .admin(reqwest::Method::GET, &format!("/admin/accounts/{account}"))
+    /// The account as the admin API shows it (email, balance, reserved).
+    pub async fn account_view(&self, account: &str) -> Value {
+        self.admin(reqwest::Method::GET, &format!("/admin/accounts/{account}"))
             .send()
             .await
             .expect("get account")
             .json()
             .await
-            .expect("json");
-        v["balance"]
+            .expect("json")
+    }
+
+    pub async fn balance(&self, account: &str) -> Amount {
+        self.account_view(account).await["balance"]
             .as_str()
             .expect("balance")
             .parse()

@@ -240,14 +240,7 @@ async fn a_proxy_that_refuses_the_tunnel_leaves_the_call_unreachable_and_free() 
     assert_error_shape(&resp.json().await.unwrap(), "upstream_error");
     assert_eq!(proxy.tunnels().len(), 1);
     assert_eq!(h.balance(&account).await.to_string(), "1");
-    let view: Value = h
-        .admin(reqwest::Method::GET, &format!("/admin/accounts/{account}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let view = h.account_view(&account).await;
     assert_eq!(view["reserved"], "0", "{view}");
     let usage = h.usage_once_settled(&account).await;
     assert_eq!(usage.len(), 1);
