@@ -1,0 +1,114 @@
+//! The benchmark harness's "bare hyper proxy": the gateway's HTTP stack and nothing else.
+//!
+//! It serves HTTP/1 with the same hyper server settings as the gateway, reads each request's
+//! body whole, sends it to one upstream through the same pooled client the gateway uses
+//! (hyper-util's, over plain TCP), and passes the upstream's answer back as it arrives. No
+//! authentication, no parsing, no reservation, no journal, no store: the difference between
+//! this target and the gateway in `bench/run.sh` is what the gateway's own work costs, and the
+//! difference between this target and nginx is what the Rust HTTP stack costs.
+//!
+//! ```sh
+//! cargo run --release --example bare_proxy -- 127.0.0.1:8090 http://127.0.0.1:8081
+//! ```
+//! Never run by `cargo test` (which only compiles it).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+type Upstream = Client<HttpConnector, Full<Bytes>>;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: bare_proxy LISTEN_ADDR UPSTREAM_BASE_URL";
+    let listen: std::net::SocketAddr = args.next().ok_or(usage)?.parse()?;
+    let upstream: http::Uri = args.next().ok_or(usage)?.parse()?;
+    let (scheme, authority) = match (upstream.scheme(), upstream.authority()) {
+        (Some(s), Some(a)) if s == &http::uri::Scheme::HTTP => (s.clone(), a.clone()),
+        _ => return Err("the upstream must be an http:// URL with a host".into()),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(listen, scheme, authority))
+}
+
+async fn serve(
+    listen: std::net::SocketAddr,
+    scheme: http::uri::Scheme,
+    authority: http::uri::Authority,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut dial = HttpConnector::new();
+    dial.set_nodelay(true);
+    let client: Upstream = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(1024)
+        .build(dial);
+    let target = Arc::new((client, scheme, authority));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(Duration::from_secs(30));
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let target = target.clone();
+        let service = hyper::service::service_fn(move |req| forward(target.clone(), req));
+        let conn = http1.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+}
+
+async fn forward(
+    target: Arc<(Upstream, http::uri::Scheme, http::uri::Authority)>,
+    req: http::Request<Incoming>,
+) -> Result<http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>, Infallible> {
+    let (client, scheme, authority) = &*target;
+    let (mut parts, body) = req.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return Ok(status(http::StatusCode::BAD_REQUEST)),
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(scheme.clone());
+    uri.authority = Some(authority.clone());
+    uri.path_and_query = parts.uri.path_and_query().cloned();
+    let Ok(uri) = http::Uri::from_parts(uri) else {
+        return Ok(status(http::StatusCode::BAD_REQUEST));
+    };
+    parts.uri = uri;
+    parts.headers.remove(http::header::HOST);
+    match client
+        .request(http::Request::from_parts(parts, Full::new(body)))
+        .await
+    {
+        Ok(resp) => Ok(resp.map(BodyExt::boxed)),
+        Err(_) => Ok(status(http::StatusCode::BAD_GATEWAY)),
+    }
+}
+
+fn status(
+    code: http::StatusCode,
+) -> http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+    let mut resp = http::Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never: Infallible| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = code;
+    resp
+}
