@@ -6,9 +6,10 @@
 //! harmless because the store ignores an entry it already has (`docs/guarantees.md` 3.4).
 //!
 //! What survives what (`docs/guarantees.md` 3.2):
-//! - [`JournalSync::Write`]: a record is acknowledged after `write(2)` returns. It is in the
-//!   kernel's page cache, so it survives the process dying in any way, `kill -9` included,
-//!   but not the machine losing power before the record reaches the store.
+//! - [`JournalSync::Write`]: a record is acknowledged once it is copied into the journal
+//!   file's pages (see "How a record is written"). They are in the kernel's page cache, so it
+//!   survives the process dying in any way, `kill -9` included, but not the machine losing
+//!   power before the record reaches the store.
 //! - [`JournalSync::Fsync`]: acknowledged after `fdatasync(2)` as well; survives power loss.
 //!
 //! # Format
@@ -17,17 +18,30 @@
 //! JSON, and `\n`. A line that is cut short or fails its checksum was being written when the
 //! process or machine died; a record there was never acknowledged, so it is skipped. A lock
 //! file keeps a second gateway from sharing the directory.
+//!
+//! # How a record is written
+//! A segment is created at its full size with its blocks allocated (`fallocate(2)`: a full
+//! disk shows up here, as an error, never later), and records are copied into it through a
+//! shared memory mapping of a window of the file: an append is a copy into the page cache,
+//! with no system call, and it survives the process dying just as a `write(2)` would, since
+//! the pages belong to the file, not to the process. Until the segment is closed, its tail is
+//! zeros, which a reader skips; closing it cuts the file to what was written. The window
+//! (1 MiB) moves along the file, so the mapping adds at most that much to the resident set.
 
 use crate::store::Record;
+use memmap2::{MmapMut, MmapOptions};
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// How much of the active segment is mapped at a time.
+const WINDOW: u64 = 1 << 20;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JournalSync {
-    /// Acknowledge after `write(2)`: survives a process crash.
+    /// Acknowledge once in the file's pages: survives a process crash.
     #[default]
     Write,
     /// Acknowledge after `fdatasync(2)`: survives a machine crash.
@@ -67,7 +81,12 @@ pub struct Journal {
 struct Active {
     seq: u64,
     file: File,
+    /// The file's allocated size; records go below it.
+    capacity: u64,
+    /// Bytes written (the lines end here; zeros follow until the segment is closed).
     bytes: u64,
+    /// The part of the file mapped now, and the file offset where it starts.
+    window: Option<(MmapMut, u64)>,
     /// Records written to this segment and not yet shipped.
     unshipped: u64,
 }
@@ -129,7 +148,8 @@ impl Journal {
             }
         }
         let next = seqs.last().map_or(1, |s| s + 1);
-        let active = Active::create(dir, next)?;
+        let segment_bytes = segment_bytes.max(4096);
+        let active = Active::create(dir, next, segment_bytes)?;
         sync_dir(dir);
         Ok((
             Journal {
@@ -137,7 +157,7 @@ impl Journal {
                 _lock: lock,
                 active,
                 sealed,
-                segment_bytes: segment_bytes.max(4096),
+                segment_bytes,
                 line: Vec::with_capacity(1024),
             },
             replayed,
@@ -151,32 +171,48 @@ impl Journal {
     /// Writes one record; returns the segment it went to. Rotates to a new segment first when
     /// the active one is full.
     pub fn append(&mut self, record: &Record) -> Result<u64, JournalError> {
-        if self.active.bytes >= self.segment_bytes {
-            self.rotate()?;
-        }
-        self.line.clear();
-        self.line.extend_from_slice(b"00000000 ");
-        serde_json::to_writer(&mut self.line, record).map_err(|e| JournalError::Io {
-            path: self.dir.clone(),
-            source: e.into(),
-        })?;
-        let crc = crc32fast::hash(&self.line[9..]);
+        let mut line = std::mem::take(&mut self.line);
+        let written = Journal::encode(record, &mut line)
+            .map_err(|e| JournalError::Io {
+                path: self.dir.clone(),
+                source: e.into(),
+            })
+            .and_then(|()| self.append_encoded(&line));
+        self.line = line;
+        written
+    }
+
+    /// Puts `record` into `line` as one journal line (checksum, JSON, newline), replacing
+    /// what `line` held. Needs no journal, so that callers can do it before taking the
+    /// journal's lock.
+    pub fn encode(record: &Record, line: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        line.clear();
+        line.extend_from_slice(b"00000000 ");
+        serde_json::to_writer(&mut *line, record)?;
+        let crc = crc32fast::hash(&line[9..]);
         // Eight hex digits always fit the eight bytes reserved for them.
-        let _ = write!(&mut self.line[..8], "{crc:08x}");
-        self.line.push(b'\n');
-        self.active
-            .file
-            .write_all(&self.line)
-            .map_err(|source| JournalError::Io {
-                path: segment_path(&self.dir, self.active.seq),
-                source,
-            })?;
-        self.active.bytes += self.line.len() as u64;
+        let _ = write!(&mut line[..8], "{crc:08x}");
+        line.push(b'\n');
+        Ok(())
+    }
+
+    /// Writes one line made by [`Journal::encode`]; returns the segment it went to. Rotates to
+    /// a new segment first when the line does not fit in the active one.
+    pub fn append_encoded(&mut self, line: &[u8]) -> Result<u64, JournalError> {
+        let len = line.len() as u64;
+        if self.active.bytes + len > self.active.capacity {
+            self.rotate(len)?;
+        }
+        self.active.write(line).map_err(|source| JournalError::Io {
+            path: segment_path(&self.dir, self.active.seq),
+            source,
+        })?;
         self.active.unshipped += 1;
         Ok(self.active.seq)
     }
 
-    /// Forces what was written to the disk itself.
+    /// Forces what was written to the disk itself. `fdatasync(2)` covers the pages written
+    /// through the mapping too: they are the file's pages in the page cache.
     pub fn sync(&mut self) -> Result<(), JournalError> {
         self.active
             .file
@@ -218,8 +254,13 @@ impl Journal {
         self.sealed.len() + 1
     }
 
-    fn rotate(&mut self) -> Result<(), JournalError> {
-        let next = Active::create(&self.dir, self.active.seq + 1)?;
+    /// Closes the active segment and opens the next, big enough for a line of `needed` bytes.
+    fn rotate(&mut self, needed: u64) -> Result<(), JournalError> {
+        let next = Active::create(
+            &self.dir,
+            self.active.seq + 1,
+            self.segment_bytes.max(needed),
+        )?;
         let old = std::mem::replace(&mut self.active, next);
         if old.unshipped == 0 {
             remove(&segment_path(&self.dir, old.seq));
@@ -241,19 +282,78 @@ impl Drop for Journal {
 }
 
 impl Active {
-    fn create(dir: &Path, seq: u64) -> Result<Active, JournalError> {
+    fn create(dir: &Path, seq: u64, capacity: u64) -> Result<Active, JournalError> {
         let path = segment_path(dir, seq);
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .read(true)
+            .write(true)
             .open(&path)
-            .map_err(|source| JournalError::Io { path, source })?;
+            .map_err(io)?;
+        if let Err(e) =
+            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
+        {
+            remove(&path);
+            return Err(io(e.into()));
+        }
         Ok(Active {
             seq,
             file,
+            capacity,
             bytes: 0,
+            window: None,
             unshipped: 0,
         })
+    }
+
+    /// Copies `line` in after what was written; the caller has checked that it fits.
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let at = self.bytes;
+        let end = at + line.len() as u64;
+        let fits = matches!(&self.window, Some((map, start)) if end <= start + map.len() as u64);
+        if !fits {
+            // The old window is unmapped first: its pages stay in the page cache, dirty,
+            // and are written back with the rest of the file.
+            self.window = None;
+            let len = WINDOW.max(line.len() as u64).min(self.capacity - at);
+            self.window = Some((map_window(&self.file, at, len)?, at));
+        }
+        if let Some((map, start)) = &mut self.window {
+            let from = (at - *start) as usize;
+            map[from..from + line.len()].copy_from_slice(line);
+        }
+        self.bytes = end;
+        Ok(())
+    }
+}
+
+impl Drop for Active {
+    /// A closed segment ends where its last line does.
+    fn drop(&mut self) {
+        self.window = None;
+        if let Err(e) = self.file.set_len(self.bytes) {
+            tracing::warn!(segment = self.seq, error = %e, "could not trim a closed journal segment");
+        }
+    }
+}
+
+/// Maps `len` bytes of a segment, from `offset`, for writing.
+#[allow(unsafe_code)]
+fn map_window(file: &File, offset: u64, len: u64) -> std::io::Result<MmapMut> {
+    // SAFETY: a mapping is unsound if the file changes size or content behind it. Segments
+    // are only ever written by the one journal that holds the directory's lock (see
+    // `Journal::open`), and only through this window while it is the active segment; the
+    // file was allocated to its full size before any window was mapped, and is cut back only
+    // once its last window is gone (`Drop for Active`). Nothing reads through the mapping.
+    unsafe {
+        MmapOptions::new()
+            .offset(offset)
+            .len(len as usize)
+            .map_mut(file)
     }
 }
 
@@ -279,6 +379,10 @@ fn sync_dir(dir: &Path) {
 /// The records of one segment. A damaged line is skipped: at the end of the file it is a
 /// write that a crash cut short (never acknowledged); anywhere else it is logged as an error.
 fn parse_segment(path: &Path, bytes: &[u8]) -> Vec<Record> {
+    // A segment that was still open when the process died ends in zeros (see "How a record is
+    // written"); no line ends in a zero byte, so none is cut off by dropping them.
+    let end = bytes.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+    let bytes = &bytes[..end];
     let mut out = Vec::new();
     let mut lines = bytes.split_inclusive(|b| *b == b'\n').peekable();
     while let Some(line) = lines.next() {

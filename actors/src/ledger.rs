@@ -52,6 +52,11 @@ struct Posted {
     writer: ActorRef<LedgerMsg>,
 }
 
+thread_local! {
+    /// Each thread's buffer for encoding a journal line, reused from call to call.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+}
+
 impl JournalSlot {
     /// Appends `record` if a journal is posted, and hands it to the journal's writer to ship.
     pub fn append(&self, record: Record) -> Appended {
@@ -59,12 +64,21 @@ impl JournalSlot {
         let Some(posted) = posted else {
             return Appended::NotPosted(record);
         };
-        let segment = {
+        // Encoded before the lock is taken, so that the lock is held for the copy alone.
+        let written = LINE.with_borrow_mut(|line| {
+            let encoded = Journal::encode(&record, line);
             let mut journal = posted.journal.lock().unwrap_or_else(|p| p.into_inner());
-            match journal.append(&record) {
-                Ok(segment) => segment,
-                Err(e) => return Appended::Failed(record, e),
+            match encoded {
+                Ok(()) => journal.append_encoded(line),
+                Err(e) => Err(JournalError::Io {
+                    path: journal.dir().to_owned(),
+                    source: e.into(),
+                }),
             }
+        });
+        let segment = match written {
+            Ok(segment) => segment,
+            Err(e) => return Appended::Failed(record, e),
         };
         // If this writer is gone, its successor finds the record in the journal at start.
         let _ = posted.writer.tell(LedgerMsg::Journaled(record, segment));

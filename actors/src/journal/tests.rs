@@ -134,3 +134,109 @@ fn a_second_process_cannot_share_the_journal() {
         Ok(_) => panic!("a second open of a journal in use succeeded"),
     }
 }
+
+fn encoded_len(records: &[Record]) -> u64 {
+    let mut line = Vec::new();
+    records
+        .iter()
+        .map(|r| {
+            Journal::encode(r, &mut line).unwrap();
+            line.len() as u64
+        })
+        .sum()
+}
+
+#[test]
+fn an_open_segment_is_allocated_whole_and_a_closed_one_ends_at_its_last_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: Vec<Record> = (0..3).map(|i| charge(&format!("c{i}"))).collect();
+    let path = {
+        let (mut j, _) = Journal::open(dir.path(), 1 << 16).unwrap();
+        for r in &records {
+            j.append(r).unwrap();
+        }
+        let path = dir.path().join(&segment_files(dir.path())[0]);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 16);
+        j.sync().unwrap();
+        path
+    };
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        encoded_len(&records)
+    );
+}
+
+/// What a crash leaves: the active segment at its full size, the lines, then zeros — and
+/// perhaps a record cut short by the process dying in the middle of copying it.
+#[test]
+fn a_segment_left_open_by_a_crash_is_read_up_to_its_zeros() {
+    let live = tempfile::tempdir().unwrap();
+    let crashed = tempfile::tempdir().unwrap();
+    let (mut j, _) = Journal::open(live.path(), 1 << 16).unwrap();
+    for i in 0..4 {
+        j.append(&charge(&format!("c{i}"))).unwrap();
+    }
+    // Copied while the journal is open, as a crash would leave it.
+    let name = &segment_files(live.path())[0];
+    let mut bytes = std::fs::read(live.path().join(name)).unwrap();
+    assert_eq!(bytes.len(), 1 << 16);
+    let mut line = Vec::new();
+    Journal::encode(&charge("torn"), &mut line).unwrap();
+    let end = encoded_len(&(0..4).map(|i| charge(&format!("c{i}"))).collect::<Vec<_>>()) as usize;
+    assert!(bytes[end..].iter().all(|b| *b == 0));
+    std::fs::write(crashed.path().join(name), &bytes).unwrap();
+    let (_, replayed) = Journal::open(crashed.path(), 1 << 16).unwrap();
+    assert_eq!(ids(&replayed), ["c0", "c1", "c2", "c3"]);
+
+    // The same, with half of a fifth record copied in before the crash.
+    let crashed = tempfile::tempdir().unwrap();
+    bytes[end..end + line.len() / 2].copy_from_slice(&line[..line.len() / 2]);
+    std::fs::write(crashed.path().join(name), &bytes).unwrap();
+    let (_, replayed) = Journal::open(crashed.path(), 1 << 16).unwrap();
+    assert_eq!(ids(&replayed), ["c0", "c1", "c2", "c3"]);
+}
+
+#[test]
+fn records_across_mapping_windows_and_segments_come_back_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three windows' worth fill the first segment; the rest go to a second one.
+    let segment_bytes = 3 * WINDOW;
+    let n = (segment_bytes + WINDOW / 2) / encoded_len(&[charge("r00000")]);
+    let expected: Vec<String> = (0..n).map(|i| format!("r{i:05}")).collect();
+    {
+        let (mut j, _) = Journal::open(dir.path(), segment_bytes).unwrap();
+        let segments: std::collections::BTreeSet<u64> = expected
+            .iter()
+            .map(|id| j.append(&charge(id)).unwrap())
+            .collect();
+        assert_eq!(segments.len(), 2, "the records fill more than one segment");
+    }
+    let (_, replayed) = Journal::open(dir.path(), segment_bytes).unwrap();
+    assert_eq!(ids(&replayed), expected);
+}
+
+#[test]
+fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = charge("big");
+    if let Some(l) = big.ledger.as_mut() {
+        l.reason = Some("x".repeat(10_000));
+    }
+    {
+        let (mut j, _) = Journal::open(dir.path(), 4096).unwrap();
+        let a = j.append(&charge("before")).unwrap();
+        let b = j.append(&big).unwrap();
+        let c = j.append(&charge("after")).unwrap();
+        assert!(a < b && b < c, "{a} {b} {c}");
+    }
+    let (_, replayed) = Journal::open(dir.path(), 4096).unwrap();
+    assert_eq!(ids(&replayed), ["before", "big", "after"]);
+    let reason = replayed[1]
+        .record
+        .ledger
+        .as_ref()
+        .unwrap()
+        .reason
+        .as_deref();
+    assert_eq!(reason.map(str::len), Some(10_000));
+}
