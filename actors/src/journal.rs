@@ -294,11 +294,9 @@ impl Active {
             .write(true)
             .open(&path)
             .map_err(io)?;
-        if let Err(e) =
-            rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, capacity)
-        {
+        if let Err(e) = allocate(&file, capacity) {
             remove(&path);
-            return Err(io(e.into()));
+            return Err(io(e));
         }
         Ok(Active {
             seq,
@@ -338,6 +336,27 @@ impl Drop for Active {
         if let Err(e) = self.file.set_len(self.bytes) {
             tracing::warn!(segment = self.seq, error = %e, "could not trim a closed journal segment");
         }
+    }
+}
+
+/// Gives the new, empty `file` `len` bytes of disk blocks, so that writing them through a
+/// mapping never needs a block the disk does not have (which would kill the process with
+/// SIGBUS rather than fail an append). A filesystem without `fallocate(2)` gets zeros written.
+fn allocate(file: &File, len: u64) -> std::io::Result<()> {
+    match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, len) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let zeros = vec![0u8; 64 << 10];
+            let mut left = len;
+            let mut out = file;
+            while left > 0 {
+                let n = left.min(zeros.len() as u64) as usize;
+                out.write_all(&zeros[..n])?;
+                left -= n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
