@@ -1,9 +1,10 @@
 //! The ledger writer: the one actor that writes money down.
 //!
 //! Three ways in (see `docs/guarantees.md`, section 3):
-//! - [`LedgerMsg::Journaled`], for charges: the settlement has appended the record to the
-//!   journal itself (through the [`JournalSlot`] the writer posts) and tells the writer to ship
-//!   it. Nobody waits for the writer.
+//! - The inbox, for charges: the settlement has appended the record to the journal itself
+//!   (through the [`JournalSlot`] the writer posts) and leaves it in the writer's inbox, ringing
+//!   [`LedgerMsg::Doorbell`] when the inbox was empty. Nobody waits for the writer, and under
+//!   load one message brings the writer many records.
 //! - [`LedgerMsg::Append`], for charges when that is not possible (`fsync` mode, or the writer
 //!   restarting): the writer journals the record and answers.
 //! - [`LedgerMsg::Commit`], for credits and adjustments: the sender is answered once the store
@@ -50,7 +51,14 @@ pub enum Appended {
 struct Posted {
     journal: Arc<Mutex<Journal>>,
     writer: ActorRef<LedgerMsg>,
+    inbox: Inbox,
 }
+
+/// Records journaled through the slot, each with its segment, waiting for their writer to
+/// queue them for the store. The writer empties it before it handles any message, so a
+/// barrier sent after a settlement returned finds that settlement's record queued (a
+/// settlement returns only once its record is in here).
+type Inbox = Arc<Mutex<Vec<(Record, u64)>>>;
 
 thread_local! {
     /// Each thread's buffer for encoding a journal line, reused from call to call.
@@ -80,13 +88,25 @@ impl JournalSlot {
             Ok(segment) => segment,
             Err(e) => return Appended::Failed(record, e),
         };
-        // If this writer is gone, its successor finds the record in the journal at start.
-        let _ = posted.writer.tell(LedgerMsg::Journaled(record, segment));
+        let ring = {
+            let mut inbox = posted.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            inbox.push((record, segment));
+            inbox.len() == 1
+        };
+        // The writer is told once per emptying of its inbox. If it is gone, its successor
+        // finds the records in the journal at start.
+        if ring {
+            let _ = posted.writer.tell(LedgerMsg::Doorbell);
+        }
         Appended::Done
     }
 
-    fn post(&self, journal: Arc<Mutex<Journal>>, writer: ActorRef<LedgerMsg>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Posted { journal, writer });
+    fn post(&self, journal: Arc<Mutex<Journal>>, writer: ActorRef<LedgerMsg>, inbox: Inbox) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Posted {
+            journal,
+            writer,
+            inbox,
+        });
     }
 
     fn clear(&self) {
@@ -111,8 +131,8 @@ pub type CommitReply = RpcReplyPort<Result<bool, CommitError>>;
 // Nearly every message is an Append: boxing its record would add an allocation per record.
 #[allow(clippy::large_enum_variant)]
 pub enum LedgerMsg {
-    /// The record is in the journal already, in this segment: ship it.
-    Journaled(Record, u64),
+    /// Records are waiting in the inbox (the writer empties it before every message anyway).
+    Doorbell,
     /// Journal the record; answer once it is in the journal.
     Append(Record, CommitReply),
     /// Commit the record to the store; answer once it is committed there.
@@ -173,8 +193,6 @@ pub struct Shipment {
 pub struct LedgerState {
     store: Store,
     journal: Arc<Mutex<Journal>>,
-    /// The first segment this incarnation writes; older ones it replayed at start.
-    first_segment: u64,
     slot: JournalSlot,
     sync: JournalSync,
     max_batch: usize,
@@ -194,6 +212,10 @@ pub struct LedgerState {
     /// Someone waits for the store (a barrier, a credit) or a batch is full: the shipment
     /// after the running one starts without the pause.
     urgent: bool,
+    /// Where settlements leave the records they journaled.
+    inbox: Inbox,
+    /// The inbox's records while they are being queued (kept for its allocation).
+    arrived: Vec<(Record, u64)>,
     barriers: Vec<(u64, RpcReplyPort<()>)>,
     /// Per account with records not yet in the store: the sequence number of its last one.
     last_queued: HashMap<String, u64>,
@@ -219,10 +241,11 @@ impl Actor for LedgerWriter {
         // can open it; a settlement still appending holds it for microseconds.
         args.slot.clear();
         let (journal, replayed) = open_journal(&args).await?;
-        let first_segment = journal.active_segment();
         let journal = Arc::new(Mutex::new(journal));
+        let inbox = Inbox::default();
         if args.journal_sync == JournalSync::Write {
-            args.slot.post(journal.clone(), myself.clone());
+            args.slot
+                .post(journal.clone(), myself.clone(), inbox.clone());
         }
         if !replayed.is_empty() {
             tracing::info!(
@@ -260,7 +283,6 @@ impl Actor for LedgerWriter {
         let mut state = LedgerState {
             store: args.store,
             journal,
-            first_segment,
             slot: args.slot,
             sync: args.journal_sync,
             max_batch: args.max_batch.max(1),
@@ -274,6 +296,8 @@ impl Actor for LedgerWriter {
             ship_scheduled: false,
             ship_told: false,
             urgent: false,
+            inbox,
+            arrived: Vec::new(),
             barriers: Vec::new(),
             last_queued,
             unsynced: Vec::new(),
@@ -293,15 +317,11 @@ impl Actor for LedgerWriter {
         msg: LedgerMsg,
         state: &mut LedgerState,
     ) -> Result<(), ActorProcessingErr> {
+        if state.take_inbox() {
+            state.schedule_ship(&myself);
+        }
         match msg {
-            // A record in a segment older than this incarnation's journal was appended through
-            // its predecessor's handle, so it was in the files this one replayed at start:
-            // it is queued already.
-            LedgerMsg::Journaled(_, segment) if segment < state.first_segment => {}
-            LedgerMsg::Journaled(record, segment) => {
-                state.enqueue(record, Some(segment), None);
-                state.schedule_ship(&myself);
-            }
+            LedgerMsg::Doorbell => {}
             LedgerMsg::Append(record, reply) => state.append(&myself, record, reply),
             LedgerMsg::Commit(record, reply) => {
                 state.enqueue(record, None, Some(reply));
@@ -347,6 +367,7 @@ impl Actor for LedgerWriter {
         // Settlements from now on go through the writer's mailbox, which is closed: they fall
         // back to committing their records to the store.
         state.slot.clear();
+        state.take_inbox();
         state.sync_journal();
         let deadline = tokio::time::Instant::now() + state.drain_timeout;
         loop {
@@ -380,6 +401,23 @@ impl Actor for LedgerWriter {
 }
 
 impl LedgerState {
+    /// Queues for the store what settlements left in the inbox; false if there was nothing.
+    fn take_inbox(&mut self) -> bool {
+        {
+            let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            if inbox.is_empty() {
+                return false;
+            }
+            std::mem::swap(&mut *inbox, &mut self.arrived);
+        }
+        let mut arrived = std::mem::take(&mut self.arrived);
+        for (record, segment) in arrived.drain(..) {
+            self.enqueue(record, Some(segment), None);
+        }
+        self.arrived = arrived;
+        true
+    }
+
     fn journal(&self) -> MutexGuard<'_, Journal> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
