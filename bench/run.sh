@@ -6,7 +6,8 @@
 #   bench/run.sh --summarize bench/results/latest.txt   redo the summary from saved raw lines
 #   bench/run.sh --peers    also LiteLLM (PyPI) and Portkey's gateway (npm) on the same mock
 #
-# Targets: the mock upstream directly, nginx in front of it, Tollgate on SQLite, Tollgate on
+# Targets: the mock upstream directly, nginx in front of it, the gateway's HTTP stack with
+# nothing else (hyper-bare, examples/bare_proxy.rs), Tollgate on SQLite, Tollgate on
 # Postgres (a fresh database at 127.0.0.1:5432, dropped at exit). Every request to a gateway is
 # authenticated, reserved, settled and durably recorded (a real funded account and key).
 # Raw numbers go to bench/results/latest.txt; a summary table is printed at the end.
@@ -45,11 +46,11 @@ else
 fi
 THR_CONNS=${BENCH_THR_CONNS:-64}
 BIG_BYTES=${BENCH_BIG_BYTES:-32768}
-BIG_TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
+BIG_TARGETS=(direct nginx hyper-bare tollgate-sqlite tollgate-postgres)
 THR_THREADS=2
 PACE_MS=${BENCH_PACE_MS:-3}
 ADMIN=bench-admin-token
-TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
+TARGETS=(direct nginx hyper-bare tollgate-sqlite tollgate-postgres)
 # Peer gateways for --peers, pinned so that a rerun measures the same thing.
 LITELLM_VERSION=1.108.7
 PORTKEY_VERSION=1.15.2
@@ -108,7 +109,7 @@ summarize() { # raw-file → summary on stdout
     printf '\nThroughput with %s-byte conversations (same wrk settings; TG_PROMPT_BYTES in bench/chat.lua)\n' "$BIG_BYTES"
     printf '  %-18s %9s %8s %8s %8s %9s %10s\n' target req/s p50 p99 non2xx '/ nginx' 'cpu/req'
     local bng; bng=$(med big nginx rps)
-    for t in direct nginx tollgate-sqlite tollgate-postgres; do
+    for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres; do
       grep -q "^big .*target=$t " "$RAW" || continue
       errs=$(awk -v t="$t" '$1 == "big" && $0 ~ ("target=" t " ") {
           for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == "non2xx") n += a[2] } } END { printf "%d", n }' "$RAW")
@@ -283,11 +284,12 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
   cargo build --release --quiet
   # Built on its own so that the gateway binary is the plain release build: an example pulls
   # in dev-dependency features, which would otherwise be unified into the binary.
-  cargo build --release --quiet --example stream_probe
+  cargo build --release --quiet --example stream_probe --example bare_proxy
 fi
 TOLLGATE=$ROOT/target/release/tollgate
 PROBE=$ROOT/target/release/examples/stream_probe
-[[ -x $TOLLGATE && -x $PROBE ]] || die "release binaries missing"
+BARE=$ROOT/target/release/examples/bare_proxy
+[[ -x $TOLLGATE && -x $PROBE && -x $BARE ]] || die "release binaries missing"
 
 pg_isready -h 127.0.0.1 -p 5432 -U postgres -q 2>/dev/null \
   || psql -h 127.0.0.1 -U postgres -Atqc 'select 1' >/dev/null \
@@ -376,6 +378,7 @@ FD_LIMIT=$(ulimit -n)
 # which saturates two cores shared by probe, mock and gateway - see BENCHMARKS.md).
 alloc_port MOCK_PORT; alloc_port STREAM_PORT; alloc_port LONG_PORT
 alloc_port NGINX_PORT; alloc_port NGINX_STREAM_PORT; alloc_port FLOOR_PORT; alloc_port GW_SQLITE_PORT; alloc_port GW_PG_PORT
+alloc_port BARE_PORT
 
 spawn mock "$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16
 MOCK_PID=$LAST_PID
@@ -445,6 +448,12 @@ spawn nginx "$NGINX" -p "$TMP/nginx" -c "$TMP/nginx/nginx.conf"
 NGINX_PID=$LAST_PID
 wait_port "$NGINX_PORT" "$NGINX_PID" nginx
 NGINX_WORKER_PID=$(pgrep -P "$NGINX_PID" | head -n 1)
+
+# The gateway's HTTP stack alone (hyper's server, hyper-util's pooled client, tokio): no auth,
+# billing or journal. Gateway minus this is the gateway's own work; this minus nginx, the stack's.
+spawn hyper-bare "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$MOCK_PORT"
+BARE_PID=$LAST_PID
+wait_port "$BARE_PORT" "$BARE_PID" hyper-bare
 
 gateway_config() { # database_url port
   cat <<EOF
@@ -537,6 +546,7 @@ declare -A URL KEY PID HDRS
 URL[floor]=http://127.0.0.1:$FLOOR_PORT;       KEY[floor]=none;           PID[floor]=$NGINX_WORKER_PID
 URL[direct]=http://127.0.0.1:$MOCK_PORT;       KEY[direct]=none;          PID[direct]=$MOCK_PID
 URL[nginx]=http://127.0.0.1:$NGINX_PORT;       KEY[nginx]=none;           PID[nginx]=$NGINX_WORKER_PID
+URL[hyper-bare]=http://127.0.0.1:$BARE_PORT;   KEY[hyper-bare]=none;      PID[hyper-bare]=$BARE_PID
 URL[tollgate-sqlite]=http://127.0.0.1:$GW_SQLITE_PORT;  KEY[tollgate-sqlite]=$KEY_SQLITE;   PID[tollgate-sqlite]=$GW_SQLITE_PID
 URL[tollgate-postgres]=http://127.0.0.1:$GW_PG_PORT;    KEY[tollgate-postgres]=$KEY_PG;     PID[tollgate-postgres]=$GW_PG_PID
 
