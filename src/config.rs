@@ -122,7 +122,8 @@ pub struct LedgerConfig {
     /// crash). `fsync`: once synced to disk as well (survives a machine crash).
     #[serde(default)]
     pub journal_sync: JournalSync,
-    /// A journal segment is closed and a new one started past this many bytes.
+    /// The size of a journal segment: each is allocated on disk at this size when it is
+    /// opened, and closed (cut to its records) when the next record would not fit.
     #[serde(default = "default_segment_bytes")]
     pub journal_segment_bytes: u64,
     /// How long a stopping gateway keeps shipping to the store; what is left stays in the
