@@ -160,9 +160,8 @@ impl Billing {
         cost: Amount,
         usage: UsageRecord,
     ) -> Result<Amount, BillingError> {
-        let request_id = usage.request_id.clone();
         let request = SettleRequest {
-            request_id: request_id.clone(),
+            request_id: usage.request_id.clone(),
             key_id: key_id.map(str::to_owned),
             cost,
             usage,
@@ -174,7 +173,7 @@ impl Billing {
             .await?;
         self.write_down(settled.record).await?;
         if let Some(book) = self.books.get(account_id) {
-            book.confirm(&request_id);
+            book.confirm(&request.request_id);
         }
         Ok(settled.charged)
     }

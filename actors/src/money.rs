@@ -103,16 +103,14 @@ impl fmt::Display for Amount {
         if frac == 0 {
             return write!(f, "{sign}{whole}");
         }
-        // The fraction's nine digits, less its trailing zeros, without a string to hold them.
-        let mut digits = [b'0'; 9];
-        let mut rest = frac;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (rest % 10) as u8;
-            rest /= 10;
+        // The fraction's nine digits less its trailing zeros: drop them from the number and
+        // pad what is left to the digits that remain.
+        let (mut frac, mut width) = (frac, 9);
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
         }
-        let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-        let digits = std::str::from_utf8(&digits[..len]).map_err(|_| fmt::Error)?;
-        write!(f, "{sign}{whole}.{digits}")
+        write!(f, "{sign}{whole}.{frac:0width$}")
     }
 }
 
