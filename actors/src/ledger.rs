@@ -522,8 +522,6 @@ impl LedgerState {
     fn ship_now(&mut self, myself: &ActorRef<LedgerMsg>) {
         if self.in_flight.is_some() {
             self.urgent = true;
-        } else if self.ship_interval.is_zero() {
-            self.schedule_ship(myself);
         } else if !self.ship_told {
             // A timer may also be pending; its `Ship` then finds nothing to do.
             self.ship_scheduled = true;

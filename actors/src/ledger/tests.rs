@@ -258,3 +258,26 @@ async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
         "a stopped writer withdraws its journal"
     );
 }
+
+/// With no pause between shipments, more than a batch waiting at start ships in full batches,
+/// one after another (this once recursed without end).
+#[tokio::test]
+async fn no_pause_and_more_than_a_batch_at_start() {
+    let s = setup().await;
+    {
+        let (mut journal, _) = Journal::open(&s.journal_dir(), 1 << 20).unwrap();
+        for i in 0..150 {
+            journal
+                .append(&entry(&format!("c{i}"), "a", EntryKind::Credit, 2))
+                .unwrap();
+        }
+    }
+    let args = LedgerArgs {
+        ship_interval: Duration::ZERO,
+        ..s.args()
+    };
+    let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
+    barrier(&ledger).await;
+    assert_eq!(s.balance().await, Amount(300));
+    ledger.stop_and_wait(None, None).await.unwrap();
+}
