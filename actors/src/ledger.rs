@@ -2,9 +2,10 @@
 //!
 //! Three ways in (see `docs/guarantees.md`, section 3):
 //! - The inbox, for charges: the settlement has appended the record to the journal itself
-//!   (through the [`JournalSlot`] the writer posts) and leaves it in the writer's inbox, ringing
-//!   [`LedgerMsg::Doorbell`] when the inbox was empty. Nobody waits for the writer, and under
-//!   load one message brings the writer many records.
+//!   (through the [`JournalSlot`] the writer posts) and leaves it in the writer's inbox. It
+//!   rings [`LedgerMsg::Doorbell`] only when the writer has nothing coming that would make it
+//!   look there anyway (a `Ship` timer or a shipment's `Shipped`), or when the inbox holds a
+//!   full batch. Nobody waits for the writer, and while it ships, settlements send it nothing.
 //! - [`LedgerMsg::Append`], for charges when that is not possible (`fsync` mode, or the writer
 //!   restarting): the writer journals the record and answers.
 //! - [`LedgerMsg::Commit`], for credits and adjustments: the sender is answered once the store
@@ -52,13 +53,38 @@ struct Posted {
     journal: Arc<Mutex<Journal>>,
     writer: ActorRef<LedgerMsg>,
     inbox: Inbox,
+    /// The writer's `max_batch`: an inbox this full rings even while the writer ships.
+    full: usize,
+    /// Records not yet in the store, which `max_buffer` bounds: a record counts from the
+    /// moment it is in the inbox, not only once the writer has taken it.
+    backlog: Arc<AtomicUsize>,
 }
 
-/// Records journaled through the slot, each with its segment, waiting for their writer to
-/// queue them for the store. The writer empties it before it handles any message, so a
-/// barrier sent after a settlement returned finds that settlement's record queued (a
-/// settlement returns only once its record is in here).
-type Inbox = Arc<Mutex<Vec<(Record, u64)>>>;
+/// Records journaled through the slot, waiting for their writer to queue them for the store.
+/// The writer empties it before it handles any message, so a barrier sent after a settlement
+/// returned finds that settlement's record queued (a settlement returns only once its record
+/// is in here).
+type Inbox = Arc<Mutex<InboxState>>;
+
+struct InboxState {
+    /// Each record with its journal segment and when it arrived.
+    records: Vec<Arrived>,
+    /// The writer has nothing coming that would make it look here: the next record rings it.
+    /// A ring clears it (one ring is enough); the writer sets it again after each message,
+    /// when it is left with no `Ship` or `Shipped` on its way.
+    ring: bool,
+}
+
+type Arrived = (Record, u64, Instant);
+
+impl Default for InboxState {
+    fn default() -> Self {
+        InboxState {
+            records: Vec::new(),
+            ring: true,
+        }
+    }
+}
 
 thread_local! {
     /// Each thread's buffer for encoding a journal line, reused from call to call.
@@ -88,24 +114,36 @@ impl JournalSlot {
             Ok(segment) => segment,
             Err(e) => return Appended::Failed(record, e),
         };
+        let arrived = Instant::now();
         let ring = {
             let mut inbox = posted.inbox.lock().unwrap_or_else(|p| p.into_inner());
-            inbox.push((record, segment));
-            inbox.len() == 1
+            inbox.records.push((record, segment, arrived));
+            let ring = inbox.ring || inbox.records.len() == posted.full;
+            inbox.ring = false;
+            ring
         };
-        // The writer is told once per emptying of its inbox. If it is gone, its successor
-        // finds the records in the journal at start.
+        posted.backlog.fetch_add(1, Ordering::Relaxed);
+        // If the writer is gone, its successor finds the records in the journal at start.
         if ring {
             let _ = posted.writer.tell(LedgerMsg::Doorbell);
         }
         Appended::Done
     }
 
-    fn post(&self, journal: Arc<Mutex<Journal>>, writer: ActorRef<LedgerMsg>, inbox: Inbox) {
+    fn post(
+        &self,
+        journal: Arc<Mutex<Journal>>,
+        writer: ActorRef<LedgerMsg>,
+        inbox: Inbox,
+        full: usize,
+        backlog: Arc<AtomicUsize>,
+    ) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(Posted {
             journal,
             writer,
             inbox,
+            full,
+            backlog,
         });
     }
 
@@ -131,7 +169,8 @@ pub type CommitReply = RpcReplyPort<Result<bool, CommitError>>;
 // Nearly every message is an Append: boxing its record would add an allocation per record.
 #[allow(clippy::large_enum_variant)]
 pub enum LedgerMsg {
-    /// Records are waiting in the inbox (the writer empties it before every message anyway).
+    /// Records are waiting in the inbox and the writer had nothing coming (it empties the
+    /// inbox before every message anyway).
     Doorbell,
     /// Journal the record; answer once it is in the journal.
     Append(Record, CommitReply),
@@ -215,7 +254,7 @@ pub struct LedgerState {
     /// Where settlements leave the records they journaled.
     inbox: Inbox,
     /// The inbox's records while they are being queued (kept for its allocation).
-    arrived: Vec<(Record, u64)>,
+    arrived: Vec<Arrived>,
     barriers: Vec<(u64, RpcReplyPort<()>)>,
     /// Per account with records not yet in the store: the sequence number of its last one.
     last_queued: HashMap<String, u64>,
@@ -243,9 +282,16 @@ impl Actor for LedgerWriter {
         let (journal, replayed) = open_journal(&args).await?;
         let journal = Arc::new(Mutex::new(journal));
         let inbox = Inbox::default();
+        // Set before the journal is posted: from then on settlements count their own records.
+        args.backlog.store(replayed.len(), Ordering::Relaxed);
         if args.journal_sync == JournalSync::Write {
-            args.slot
-                .post(journal.clone(), myself.clone(), inbox.clone());
+            args.slot.post(
+                journal.clone(),
+                myself.clone(),
+                inbox.clone(),
+                args.max_batch.max(1),
+                args.backlog.clone(),
+            );
         }
         if !replayed.is_empty() {
             tracing::info!(
@@ -274,7 +320,6 @@ impl Actor for LedgerWriter {
         ] {
             metrics::counter!(name).increment(0);
         }
-        args.backlog.store(queue.len(), Ordering::Relaxed);
         let last_queued = queue
             .iter()
             .enumerate()
@@ -354,6 +399,7 @@ impl Actor for LedgerWriter {
                 state.sync_journal();
             }
         }
+        state.rearm(&myself);
         Ok(())
     }
 
@@ -405,17 +451,38 @@ impl LedgerState {
     fn take_inbox(&mut self) -> bool {
         {
             let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
-            if inbox.is_empty() {
+            if inbox.records.is_empty() {
                 return false;
             }
-            std::mem::swap(&mut *inbox, &mut self.arrived);
+            std::mem::swap(&mut inbox.records, &mut self.arrived);
         }
         let mut arrived = std::mem::take(&mut self.arrived);
-        for (record, segment) in arrived.drain(..) {
-            self.enqueue(record, Some(segment), None);
+        for (record, segment, at) in arrived.drain(..) {
+            // Counted in the backlog when it was left in the inbox.
+            self.push_queued(record, Some(segment), None, at);
         }
         self.arrived = arrived;
+        self.backlog_gauge
+            .set(self.backlog.load(Ordering::Relaxed) as f64);
         true
+    }
+
+    /// After each message: if a `Ship` or a shipment's `Shipped` is on its way, the writer
+    /// will look in the inbox then, and settlements need not ring; otherwise the next record
+    /// rings. Decided under the inbox's lock, so a record cannot slip in unrung between the
+    /// look and the decision.
+    fn rearm(&mut self, myself: &ActorRef<LedgerMsg>) {
+        let coming = self.ship_scheduled || self.in_flight.is_some();
+        let waiting = {
+            let mut inbox = self.inbox.lock().unwrap_or_else(|p| p.into_inner());
+            inbox.ring = !coming && inbox.records.is_empty();
+            !coming && !inbox.records.is_empty()
+        };
+        // Records came after this message's look and nothing is scheduled: schedule it now
+        // (which leaves a `Ship` coming, so the inbox stays unrung).
+        if waiting && self.take_inbox() {
+            self.schedule_ship(myself);
+        }
     }
 
     fn journal(&self) -> MutexGuard<'_, Journal> {
@@ -479,6 +546,19 @@ impl LedgerState {
     }
 
     fn enqueue(&mut self, record: Record, segment: Option<u64>, reply: Option<CommitReply>) {
+        self.push_queued(record, segment, reply, Instant::now());
+        let backlog = self.backlog.fetch_add(1, Ordering::Relaxed) + 1;
+        self.backlog_gauge.set(backlog as f64);
+    }
+
+    /// Queues a record for the store; the caller has counted it in the backlog.
+    fn push_queued(
+        &mut self,
+        record: Record,
+        segment: Option<u64>,
+        reply: Option<CommitReply>,
+        arrived: Instant,
+    ) {
         self.queued += 1;
         if let Some(account) = record_account(&record) {
             match self.last_queued.get_mut(account) {
@@ -492,10 +572,8 @@ impl LedgerState {
             record,
             segment,
             reply,
-            queued_at: Instant::now(),
+            queued_at: arrived,
         });
-        let backlog = self.backlog.fetch_add(1, Ordering::Relaxed) + 1;
-        self.backlog_gauge.set(backlog as f64);
     }
 
     fn schedule_ship(&mut self, myself: &ActorRef<LedgerMsg>) {

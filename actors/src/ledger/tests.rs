@@ -259,6 +259,52 @@ async fn a_record_appended_through_the_slot_is_shipped_by_its_writer() {
     );
 }
 
+/// Settlements ring the writer only when it has nothing coming: records left in the inbox
+/// reach the store with nobody asking, whether the writer was idle, had a `Ship` pending, or
+/// was shipping when more than a batch arrived.
+#[tokio::test]
+async fn records_left_in_the_inbox_ship_without_being_asked() {
+    let s = setup().await;
+    let slot = JournalSlot::default();
+    let args = LedgerArgs {
+        slot: slot.clone(),
+        ..s.args()
+    };
+    let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
+    let append = |id: String| {
+        assert!(matches!(
+            slot.append(entry(&id, "a", EntryKind::Credit, 1)),
+            Appended::Done
+        ));
+    };
+    let until_balance = async |nanos: i64| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.balance().await != Amount(nanos) {
+            assert!(
+                Instant::now() < deadline,
+                "balance stuck at {}",
+                s.balance().await
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    // Idle writer: the first record rings.
+    append("first".to_owned());
+    until_balance(1).await;
+    // A burst of three batches and a bit: the first rings, the rest arrive while a `Ship` is
+    // pending or a shipment runs.
+    for i in 0..200 {
+        append(format!("burst{i}"));
+    }
+    until_balance(201).await;
+    // Idle again, after the burst's last shipment.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    append("last".to_owned());
+    until_balance(202).await;
+    assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
+    ledger.stop_and_wait(None, None).await.unwrap();
+}
+
 /// With no pause between shipments, more than a batch waiting at start ships in full batches,
 /// one after another (this once recursed without end).
 #[tokio::test]
@@ -279,5 +325,30 @@ async fn no_pause_and_more_than_a_batch_at_start() {
     let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
     barrier(&ledger).await;
     assert_eq!(s.balance().await, Amount(300));
+    ledger.stop_and_wait(None, None).await.unwrap();
+}
+
+/// A record counts against `max_buffer` from the moment it is in the inbox, even while the
+/// writer, shipping, has not looked there yet (during a store outage it would not for long).
+#[tokio::test]
+async fn the_backlog_counts_records_in_the_inbox() {
+    let s = setup().await;
+    let slot = JournalSlot::default();
+    let args = LedgerArgs {
+        slot: slot.clone(),
+        ship_interval: Duration::from_secs(3600),
+        ..s.args()
+    };
+    let ledger = Actor::spawn(None, LedgerWriter, args).await.unwrap().0;
+    for i in 0..3 {
+        assert!(matches!(
+            slot.append(entry(&format!("c{i}"), "a", EntryKind::Credit, 1)),
+            Appended::Done
+        ));
+        assert_eq!(s.backlog.load(Ordering::Relaxed), i + 1);
+    }
+    barrier(&ledger).await;
+    assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
+    assert_eq!(s.balance().await, Amount(3));
     ledger.stop_and_wait(None, None).await.unwrap();
 }
