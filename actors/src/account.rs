@@ -114,11 +114,11 @@ pub struct ReservationBook {
 
 #[derive(Debug, Default)]
 struct BookInner {
-    holds: HashMap<String, Hold>,
+    holds: IdMap<Hold>,
     total: i64,
-    per_key: HashMap<String, i64>,
+    per_key: IdMap<i64>,
     /// Charges applied in memory whose commit nobody has confirmed yet: request id -> charge.
-    settling: HashMap<String, Charge>,
+    settling: IdMap<Charge>,
 }
 
 #[derive(Clone, Debug)]
@@ -166,11 +166,14 @@ impl ReservationBook {
 /// An idle account's book holds no table memory: a map that empties gives its table back
 /// (the next request allocates a small one again). A few hundred bytes an account, which
 /// counts at 100,000 live accounts (BENCHMARKS.md, "Active accounts").
-fn release_if_empty<K, V>(map: &mut HashMap<K, V>) {
+fn release_if_empty<V>(map: &mut IdMap<V>) {
     if map.is_empty() && map.capacity() > 0 {
-        *map = HashMap::new();
+        *map = IdMap::default();
     }
 }
+
+/// A map keyed by request, key or account ids.
+type IdMap<V> = HashMap<String, V, crate::IdHasher>;
 
 impl BookInner {
     fn key_reserved(&self, key_id: &str) -> i64 {
@@ -219,7 +222,7 @@ pub struct AccountArgs {
 pub struct AccountState {
     account_id: String,
     balance: i64,
-    key_spent: HashMap<String, i64>,
+    key_spent: IdMap<i64>,
     book: Arc<ReservationBook>,
     ledger: Slot<LedgerMsg>,
     last_active: Instant,
@@ -280,7 +283,7 @@ impl Actor for AccountActor {
             .await?
             .ok_or_else(|| NoSuchAccount(args.account_id.clone()))?;
         let mut balance = snapshot.balance.nanos();
-        let mut key_spent: HashMap<String, i64> = snapshot
+        let mut key_spent: IdMap<i64> = snapshot
             .key_spent
             .into_iter()
             .map(|(k, v)| (k, v.nanos()))
@@ -436,7 +439,12 @@ impl AccountState {
         let uncollected = req.cost.nanos() - charged;
         self.balance -= charged;
         if let Some(k) = &req.key_id {
-            *self.key_spent.entry(k.clone()).or_default() += charged;
+            match self.key_spent.get_mut(k.as_str()) {
+                Some(spent) => *spent += charged,
+                None => {
+                    self.key_spent.insert(k.clone(), charged);
+                }
+            }
         }
         let mut usage = req.usage;
         usage.cost = Amount(charged);

@@ -25,9 +25,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub type LiveAccounts = Arc<DashMap<String, ActorRef<AccountMsg>>>;
+pub type LiveAccounts = Arc<DashMap<String, ActorRef<AccountMsg>, crate::IdHasher>>;
 /// Reservation books outlive both account actors and the directory itself.
-pub type Books = Arc<DashMap<String, Arc<ReservationBook>>>;
+pub type Books = Arc<DashMap<String, Arc<ReservationBook>, crate::IdHasher>>;
 
 pub enum DirectoryMsg {
     Get(

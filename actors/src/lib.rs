@@ -28,6 +28,10 @@ pub mod store;
 pub mod supervisor;
 
 pub use billing::{Billing, BillingError};
+
+/// The hasher of maps keyed by ids the gateway makes itself (account, request and actor ids),
+/// never by what a client chooses: fast, and seeded per process.
+pub type IdHasher = foldhash::fast::RandomState;
 pub use money::{Amount, Price};
 pub use store::Store;
 pub use supervisor::{ActorSystem, SystemConfig};

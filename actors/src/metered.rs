@@ -29,7 +29,8 @@ pub trait Kind {
     const KIND: &'static str;
 }
 
-static DEPTHS: LazyLock<DashMap<ActorId, Arc<Depth>>> = LazyLock::new(DashMap::new);
+static DEPTHS: LazyLock<DashMap<ActorId, Arc<Depth>, crate::IdHasher>> =
+    LazyLock::new(DashMap::default);
 
 /// One actor's mailbox depth, and its kind's gauge (resolved once, not per message).
 struct Depth {

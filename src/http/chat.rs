@@ -39,7 +39,15 @@ const X_TOLLGATE_COST: http::HeaderName = http::HeaderName::from_static("x-tollg
 const CLIENT_CLOSED: u16 = 499;
 
 pub fn new_request_id() -> String {
-    format!("req_{}", uuid::Uuid::now_v7().simple())
+    // Not `format!`: its machinery cost about 1,000 instructions a call (bench/callgrind.sh).
+    let mut id = String::with_capacity(4 + uuid::fmt::Simple::LENGTH);
+    id.push_str("req_");
+    id.push_str(
+        uuid::Uuid::now_v7()
+            .simple()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    id
 }
 
 pub async fn completions(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> Response {

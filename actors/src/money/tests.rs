@@ -76,7 +76,15 @@ fn extremes_round_trip() {
             Ok(Amount(v)),
             "{v}"
         );
+        // JSON carries the same text, as a string.
+        assert_eq!(
+            serde_json::to_string(&Amount(v)).unwrap(),
+            format!("\"{}\"", Amount(v))
+        );
     }
+    assert_eq!(Amount(i64::MIN).to_string(), "-9223372036.854775808");
+    assert_eq!(Amount(i64::MAX).to_string(), "9223372036.854775807");
+    assert_eq!(Amount(-10).to_string(), "-0.00000001");
     assert!(matches!(
         "9223372036.854775808".parse::<Amount>(),
         Err(AmountError::OutOfRange(_))
