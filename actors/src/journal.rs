@@ -172,12 +172,8 @@ impl Journal {
     /// the active one is full.
     pub fn append(&mut self, record: &Record) -> Result<u64, JournalError> {
         let mut line = std::mem::take(&mut self.line);
-        let written = Journal::encode(record, &mut line)
-            .map_err(|e| JournalError::Io {
-                path: self.dir.clone(),
-                source: e.into(),
-            })
-            .and_then(|()| self.append_encoded(&line));
+        Journal::encode(record, &mut line);
+        let written = self.append_encoded(&line);
         self.line = line;
         written
     }
@@ -185,15 +181,16 @@ impl Journal {
     /// Puts `record` into `line` as one journal line (checksum, JSON, newline), replacing
     /// what `line` held. Needs no journal, so that callers can do it before taking the
     /// journal's lock.
-    pub fn encode(record: &Record, line: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    pub fn encode(record: &Record, line: &mut Vec<u8>) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         line.clear();
         line.extend_from_slice(b"00000000 ");
-        serde_json::to_writer(&mut *line, record)?;
+        json::write_record(line, record);
         let crc = crc32fast::hash(&line[9..]);
-        // Eight hex digits always fit the eight bytes reserved for them.
-        let _ = write!(&mut line[..8], "{crc:08x}");
+        for (i, digit) in line[..8].iter_mut().enumerate() {
+            *digit = HEX[((crc >> (28 - 4 * i)) & 0xf) as usize];
+        }
         line.push(b'\n');
-        Ok(())
     }
 
     /// Writes one line made by [`Journal::encode`]; returns the segment it went to. Rotates to
@@ -432,6 +429,8 @@ fn parse_line(line: &[u8]) -> Option<Record> {
     }
     serde_json::from_slice(json).ok()
 }
+
+mod json;
 
 #[cfg(test)]
 mod tests;

@@ -100,15 +100,9 @@ impl JournalSlot {
         };
         // Encoded before the lock is taken, so that the lock is held for the copy alone.
         let written = LINE.with_borrow_mut(|line| {
-            let encoded = Journal::encode(&record, line);
+            Journal::encode(&record, line);
             let mut journal = posted.journal.lock().unwrap_or_else(|p| p.into_inner());
-            match encoded {
-                Ok(()) => journal.append_encoded(line),
-                Err(e) => Err(JournalError::Io {
-                    path: journal.dir().to_owned(),
-                    source: e.into(),
-                }),
-            }
+            journal.append_encoded(line)
         });
         let segment = match written {
             Ok(segment) => segment,

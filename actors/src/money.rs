@@ -94,14 +94,14 @@ impl FromStr for Amount {
 }
 
 /// Room for the longest amount's text: a sign, ten whole digits, a point and nine more.
-const TEXT_BYTES: usize = 24;
+pub(crate) const TEXT_BYTES: usize = 24;
 
 impl Amount {
     /// The shortest exact decimal (`1.5`, `0.00000015`, `-2`, `0`), written into `buf` from
     /// its end. Digit by digit rather than through `write!`: every charge is written three
     /// times into its journal line, and the formatting machinery cost about 900 instructions
     /// an amount (bench/callgrind.sh).
-    fn decimal(self, buf: &mut [u8; TEXT_BYTES]) -> &str {
+    pub(crate) fn decimal(self, buf: &mut [u8; TEXT_BYTES]) -> &str {
         let abs = self.0.unsigned_abs();
         let mut whole = abs / NANOS_PER_USDT as u64;
         let mut frac = abs % NANOS_PER_USDT as u64;

@@ -147,7 +147,7 @@ pub enum UsageSource {
 }
 
 impl UsageSource {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             UsageSource::Upstream => "upstream",
             UsageSource::Estimated => "estimated",
