@@ -109,6 +109,9 @@ impl JournalSlot {
             Err(e) => return Appended::Failed(record, e),
         };
         let arrived = Instant::now();
+        // Counted before the writer can see it, so that its shipment can never be subtracted
+        // from the backlog before it was added.
+        posted.backlog.fetch_add(1, Ordering::Relaxed);
         let ring = {
             let mut inbox = posted.inbox.lock().unwrap_or_else(|p| p.into_inner());
             inbox.records.push((record, segment, arrived));
@@ -116,7 +119,6 @@ impl JournalSlot {
             inbox.ring = false;
             ring
         };
-        posted.backlog.fetch_add(1, Ordering::Relaxed);
         // If the writer is gone, its successor finds the records in the journal at start.
         if ring {
             let _ = posted.writer.tell(LedgerMsg::Doorbell);
