@@ -214,6 +214,13 @@ summarize() { # raw-file → summary on stdout
   fi
   row '  (added p50 @c=1, us)' "${A50[$s]}" "${A50[$p]}" ''
   row 'throughput / nginx' "$(cell "${R[$s]}" "${R[$s]} >= 0.8")" "$(cell "${R[$p]}" "${R[$p]} >= 0.8")" '≥ 0.8'
+  # The same against the gateway's own HTTP stack with nothing else (no target: BENCHMARKS.md,
+  # "The budget"). Results from before the hyper-bare target have no such line.
+  local hb; hb=$(med thr hyper-bare rps)
+  if [[ $hb != nan ]]; then
+    row '  (throughput / hyper-bare)' "$(calc "$(med thr "$s" rps) / $hb" 2)" \
+      "$(calc "$(med thr "$p" rps) / $hb" 2)" "no target; hyper-bare / nginx $(calc "$hb / $ng" 2)"
+  fi
   row 'added TTFT p99 (us)' "$(cell "${T99[$s]}" "${T99[$s]} <= 200")" "$(cell "${T99[$p]}" "${T99[$p]} <= 200")" '≤ 200'
   row '  (added TTFT p50, us)' "${T50[$s]}" "${T50[$p]}" ''
   row 'added inter-chunk gap p50 (us)' "$(cell "${G50[$s]}" "${G50[$s]} <= 20")" "$(cell "${G50[$p]}" "${G50[$p]} <= 20")" '≤ 20'
