@@ -36,6 +36,8 @@ done
 
 log() { printf '[callgrind %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 need=()
 command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
@@ -76,21 +78,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 NEXT_PORT=21700
-alloc_port() {
-  while ss -Htln "sport = :$NEXT_PORT" | grep -q .; do NEXT_PORT=$((NEXT_PORT + 1)); done
-  printf -v "$1" '%s' "$NEXT_PORT"
-  NEXT_PORT=$((NEXT_PORT + 1))
-}
 alloc_port MOCK_PORT; alloc_port GW_PORT; alloc_port BARE_PORT
-
-wait_up() { # url pid name: up to 5 minutes (valgrind starts slowly)
-  for _ in $(seq 1 3000); do
-    kill -0 "$2" 2>/dev/null || { tail -n 20 "$TMP/$3.log" >&2; die "$3 exited at start"; }
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  die "$3 did not come up"
-}
 
 # N sequential calls on one kept-alive connection; fails on anything but 200.
 calls() { # port key n
@@ -169,14 +157,9 @@ EOF
 log "gateway (SQLite) under callgrind: $WARMUP warm-up calls, then $CALLS counted"
 callgrind tollgate tollgate "$TOLLGATE" serve --config "$TMP/gateway.toml"
 GW_PID=$LAST_PID
-wait_up "http://127.0.0.1:$GW_PORT/healthz" "$GW_PID" tollgate
-BASE=http://127.0.0.1:$GW_PORT
-ACCOUNT=$(curl -sf -X POST "$BASE/admin/accounts" -H "Authorization: Bearer callgrind-admin" \
-  -H 'Content-Type: application/json' -d '{"email":"callgrind@example.com"}' | jq -r .id)
-curl -sf -o /dev/null -X POST "$BASE/admin/accounts/$ACCOUNT/credits" -H "Authorization: Bearer callgrind-admin" \
-  -H 'Content-Type: application/json' -d '{"amount":"1000","reason":"callgrind"}' || die "crediting"
-KEY=$(curl -sf -X POST "$BASE/admin/accounts/$ACCOUNT/keys" -H "Authorization: Bearer callgrind-admin" \
-  -H 'Content-Type: application/json' -d '{"name":"callgrind"}' | jq -r .key)
+# Valgrind starts slowly: up to 5 minutes.
+wait_http "http://127.0.0.1:$GW_PORT/healthz" "$GW_PID" tollgate 3000
+read -r _ KEY < <(seed_account "http://127.0.0.1:$GW_PORT" callgrind-admin callgrind@example.com 1000)
 [[ $KEY == sk-* ]] || die "no API key"
 GW_DUMP=$(measure "$GW_PID" "$GW_PORT" "$KEY")
 # A graceful stop drains the ledger: the N calls' records (and the warm-up's) are shipped in
@@ -191,7 +174,7 @@ log "hyper-bare under callgrind: $WARMUP warm-up calls, then $CALLS counted"
 callgrind hyper-bare hyper-bare "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$MOCK_PORT"
 BARE_PID=$LAST_PID
 # The bare proxy answers any path; a GET of / reaches the mock (404) once it is up.
-wait_up "http://127.0.0.1:$BARE_PORT/" "$BARE_PID" hyper-bare
+wait_http "http://127.0.0.1:$BARE_PORT/" "$BARE_PID" hyper-bare 3000
 BARE_DUMP=$(measure "$BARE_PID" "$BARE_PORT" none)
 kill -KILL "$BARE_PID" 2>/dev/null || true
 

@@ -57,6 +57,8 @@ PORTKEY_VERSION=1.15.2
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # ---------------------------------------------------------------------------------------------
 # The summary, computed from the raw lines alone (so `--summarize FILE` can redo it).
@@ -349,13 +351,7 @@ spawn() {
   PIDS+=("$LAST_PID")
 }
 
-# A free loopback port at or above $NEXT_PORT (below the ephemeral range), into the named var.
-NEXT_PORT=21100
-alloc_port() {
-  while ss -Htln "sport = :$NEXT_PORT" | grep -q .; do NEXT_PORT=$((NEXT_PORT + 1)); done
-  printf -v "$1" '%s' "$NEXT_PORT"
-  NEXT_PORT=$((NEXT_PORT + 1))
-}
+NEXT_PORT=21100  # alloc_port (bench/lib.sh) hands out free ports from here
 
 wait_port() { # port pid name
   for _ in $(seq 1 200); do
@@ -531,16 +527,10 @@ start_gateway() { # name config port → sets LAST_PID
 }
 
 seed() { # port → prints the API key
-  local base="http://127.0.0.1:$1" acct
-  acct=$(curl -sf -X POST "$base/admin/accounts" -H "Authorization: Bearer $ADMIN" \
-    -H 'Content-Type: application/json' -d '{"email":"bench@example.com"}' | jq -r .id)
-  [[ -n $acct && $acct != null ]] || die "creating the account on :$1"
+  local acct key
+  read -r acct key < <(seed_account "http://127.0.0.1:$1" "$ADMIN" bench@example.com 1000000)
   echo "$acct" >"$TMP/account-$1"
-  curl -sf -o /dev/null -X POST "$base/admin/accounts/$acct/credits" \
-    -H "Authorization: Bearer $ADMIN" -H 'Content-Type: application/json' \
-    -d '{"amount":"1000000","reason":"benchmark funding"}' || die "crediting on :$1"
-  curl -sf -X POST "$base/admin/accounts/$acct/keys" -H "Authorization: Bearer $ADMIN" \
-    -H 'Content-Type: application/json' -d '{"name":"bench"}' | jq -r .key
+  echo "$key"
 }
 
 start_gateway tollgate-sqlite "$TMP/gw-sqlite.toml" "$GW_SQLITE_PORT"; GW_SQLITE_PID=$LAST_PID
@@ -560,14 +550,6 @@ URL[tollgate-postgres]=http://127.0.0.1:$GW_PG_PORT;    KEY[tollgate-postgres]=$
 # Peers: each at its defaults, on the same mocks, one process (one worker) like nginx here.
 # Neither authenticates against a store, reserves, or records a charge: they are proxies with
 # their own request handling, which is what the comparison is about.
-wait_http() { # url pid name: up to 120 s (LiteLLM takes several seconds to import)
-  for _ in $(seq 1 1200); do
-    kill -0 "$2" 2>/dev/null || { tail -n 20 "$TMP/$3.log" >&2; die "$3 exited at start"; }
-    curl -s -o /dev/null "$1" && return 0
-    sleep 0.1
-  done
-  die "$3 did not answer at $1"
-}
 if (( PEERS )); then
   alloc_port LITELLM_PORT; alloc_port PORTKEY_PORT
   cat >"$TMP/litellm.yaml" <<EOF

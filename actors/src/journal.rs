@@ -182,14 +182,12 @@ impl Journal {
     /// what `line` held. Needs no journal, so that callers can do it before taking the
     /// journal's lock.
     pub fn encode(record: &Record, line: &mut Vec<u8>) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         line.clear();
         line.extend_from_slice(b"00000000 ");
         json::write_record(line, record);
         let crc = crc32fast::hash(&line[9..]);
-        for (i, digit) in line[..8].iter_mut().enumerate() {
-            *digit = HEX[((crc >> (28 - 4 * i)) & 0xf) as usize];
-        }
+        // Four bytes always fill the eight hex digits reserved for them.
+        let _ = hex::encode_to_slice(crc.to_be_bytes(), &mut line[..8]);
         line.push(b'\n');
     }
 

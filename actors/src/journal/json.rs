@@ -102,10 +102,11 @@ fn string(out: &mut Vec<u8>, s: &str) {
         }
         out.extend_from_slice(&bytes[start..i]);
         if escape == b'u' {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut digits = [0u8; 2];
+            // One byte always fills the two hex digits.
+            let _ = hex::encode_to_slice([b], &mut digits);
             out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+            out.extend_from_slice(&digits);
         } else {
             out.push(b'\\');
             out.push(escape);
