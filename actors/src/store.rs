@@ -415,32 +415,34 @@ impl Store {
     /// batch's exact size would be parsed and planned anew for every size).
     pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
         // The same entry twice in one batch (a resend racing its original) counts once.
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = IdSet::with_capacity_and_hasher(records.len(), Default::default());
         let entries: Vec<&LedgerEntry> = records
             .iter()
             .filter_map(|r| r.ledger.as_ref())
             .filter(|e| seen.insert(e.entry_id.as_str()))
             .collect();
-        let mut seen = std::collections::HashSet::new();
+        let entry_ids = seen;
+        let mut seen = IdSet::with_capacity_and_hasher(records.len(), Default::default());
         let usages: Vec<&UsageRecord> = records
             .iter()
             .filter_map(|r| r.usage.as_ref())
             .filter(|u| seen.insert(u.request_id.as_str()))
             .collect();
+        let usage_ids = seen;
         if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &usages).await? {
-            // All new: each id's first record in the batch is the new one.
-            let mut first_entry = std::collections::HashSet::new();
-            let mut first_usage = std::collections::HashSet::new();
+            // All new: each id's first record in the batch is the new one (the sets hold each
+            // id once; `remove` answers true for its first record only).
+            let (mut first_entry, mut first_usage) = (entry_ids, usage_ids);
             return Ok(newness(
                 records,
-                |id| first_entry.insert(id),
-                |id| first_usage.insert(id),
+                |id| first_entry.remove(id),
+                |id| first_usage.remove(id),
             ));
         }
 
         let sql = BatchSql::of(self.backend);
         let mut tx = self.pool.begin().await?;
-        let mut inserted_entries = std::collections::HashSet::new();
+        let mut inserted_entries = KeySet::default();
         if !entries.is_empty() {
             let rows: Vec<_> = entries
                 .iter()
@@ -479,7 +481,7 @@ impl Store {
                 .await?;
         }
 
-        let mut inserted_usage = std::collections::HashSet::new();
+        let mut inserted_usage = KeySet::default();
         if !usages.is_empty() {
             let rows: Vec<_> = usages
                 .iter()
@@ -572,10 +574,7 @@ impl Store {
     }
 
     /// Which of these ledger entry ids are committed.
-    pub async fn committed_entries(
-        &self,
-        entry_ids: &[String],
-    ) -> Result<std::collections::HashSet<String>, StoreError> {
+    pub async fn committed_entries(&self, entry_ids: &[String]) -> Result<KeySet, StoreError> {
         if entry_ids.is_empty() {
             return Ok(Default::default());
         }
@@ -659,8 +658,8 @@ async fn keys_of<'e, T: serde::Serialize>(
     sql: &'e str,
     rows: &[T],
     column: &str,
-) -> Result<std::collections::HashSet<String>, StoreError> {
-    let mut keys = std::collections::HashSet::new();
+) -> Result<KeySet, StoreError> {
+    let mut keys = KeySet::with_capacity_and_hasher(rows.len(), Default::default());
     for row in sqlx::query(sql)
         .bind(json_rows(rows)?)
         .fetch_all(executor)
@@ -718,6 +717,13 @@ fn deltas<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> (Deltas<'a>, De
 
 /// Amounts by account or key id, in id order.
 type Deltas<'a> = Vec<(&'a str, i64)>;
+
+/// Ids of one batch. Entry ids are the gateway's request ids, or deposit and credit ids a
+/// client cannot make collide at will; a batch holds at most `ledger.max_batch` of them.
+type IdSet<'a> = std::collections::HashSet<&'a str, crate::IdHasher>;
+
+/// The keys a statement of [`BatchSql`] returned.
+pub type KeySet = std::collections::HashSet<String, crate::IdHasher>;
 
 /// A SQLite statement that takes its rows as `(?, …)` groups, one per row, between `head` and
 /// `tail`. A batch goes in chunks whose sizes are powers of two up to [`Self::MAX_ROWS`], so
@@ -799,7 +805,10 @@ async fn execute_values<'q, T>(
     while !rest.is_empty() {
         let (n, sql) = statement.chunk(rest.len());
         let (chunk, tail) = rest.split_at(n);
-        let query = chunk.iter().fold(sqlx::query(sql), &bind);
+        // Room for every parameter up front, rather than doubling as they are bound.
+        let mut arguments = sqlx::any::AnyArguments::default();
+        sqlx::Arguments::reserve(&mut arguments, n * statement.columns, 0);
+        let query = chunk.iter().fold(sqlx::query_with(sql, arguments), &bind);
         changed += query.execute(&mut **tx).await?.rows_affected();
         rest = tail;
     }
