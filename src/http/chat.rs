@@ -14,7 +14,7 @@ use super::{authenticate, with_request_id, App, CallLabels};
 use crate::config::Model;
 use crate::error::ApiError;
 use crate::tokens;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
@@ -366,7 +366,11 @@ async fn proxy(
             prompt,
             idle,
         };
-        let body = futures::stream::unfold(relay, Relay::next_frame);
+        // The head goes out with the stream's first content (or its end), in one write.
+        let (first, relay) = relay.first_frames().await;
+        let body = futures::stream::once(std::future::ready(first))
+            .chain(futures::stream::unfold(relay, Relay::next_frame))
+            .map(Ok::<_, std::io::Error>);
         let mut resp = warp::reply::Reply::into_response(warp::reply::stream(
             sync_wrapper::SyncStream::new(body),
         ));
@@ -580,6 +584,9 @@ enum StreamEnd {
     UpstreamIdle,
 }
 
+/// How long a stream's response head waits for the first content ([`Relay::first_frames`]).
+const HEAD_HOLD: Duration = Duration::from_millis(20);
+
 type Events = std::pin::Pin<
     Box<
         dyn futures::Stream<
@@ -610,52 +617,91 @@ struct Relay {
     idle: Duration,
 }
 
-type Frame = Result<Bytes, std::io::Error>;
-
 impl Relay {
-    /// The next frame for the client: an upstream event passed on, or the last frame after the
-    /// settlement; `None` after that.
-    async fn next_frame(mut self) -> Option<(Frame, Relay)> {
-        let call = self.call.as_ref()?;
-        let end = loop {
-            let event = match tokio::time::timeout(self.idle, self.events.next()).await {
-                Err(_) => break StreamEnd::UpstreamIdle,
-                // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
-                Ok(None) | Ok(Some(Err(_))) => break StreamEnd::UpstreamFailed,
-                Ok(Some(Ok(event))) => event,
-            };
-            if event.data == "[DONE]" {
-                break StreamEnd::Done;
-            }
-            let mut forward = true;
-            let mut has_content = false;
-            if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
-                if let Some(u) = peek.usage {
-                    self.usage = Some(u);
-                    forward = self.client_wants_usage || !peek.choices.is_empty();
-                }
-                has_content = peek.choices.iter().any(|c| {
-                    c.delta
-                        .as_ref()
-                        .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
-                });
-            }
-            if forward {
-                // Counted as delivered once handed to the client's connection.
-                if has_content && self.content_chunks == 0 {
-                    if let Some(meters) = &call.model.meters {
-                        meters
-                            .time_to_first_token
-                            .record(call.started.elapsed().as_secs_f64());
+    /// The frames up to and including the first one with content, joined into one, and the
+    /// relay. Sent with the response's head, they make one write: otherwise the head, the
+    /// role chunk and the first content would each be a write of their own, and a hop between
+    /// the upstream connection's task and the client's, for the first token to wait on.
+    ///
+    /// The head waits for the first content at most [`HEAD_HOLD`]; an upstream that thinks
+    /// longer gets its head and first events passed on as they came.
+    async fn first_frames(mut self) -> (Bytes, Relay) {
+        let deadline = tokio::time::Instant::now() + HEAD_HOLD;
+        let mut joined = BytesMut::new();
+        while self.content_chunks == 0 && self.call.is_some() {
+            match tokio::time::timeout_at(deadline, self.next_event()).await {
+                Err(_) => break,
+                Ok(Ok(event)) => {
+                    if let Some(frame) = self.forward(&event) {
+                        joined.extend_from_slice(&frame);
                     }
                 }
-                self.content_chunks += u64::from(has_content);
-                let frame = Bytes::from(format!("data: {}\n\n", event.data));
-                return Some((Ok(frame), self));
+                Ok(Err(end)) => joined.extend_from_slice(&self.finish(end).await),
             }
-        };
-        let last = self.finish(end).await;
-        Some((Ok(last), self))
+        }
+        (joined.freeze(), self)
+    }
+
+    /// The next frame for the client: an upstream event passed on, or the last frame after the
+    /// settlement; `None` after that.
+    async fn next_frame(mut self) -> Option<(Bytes, Relay)> {
+        self.call.as_ref()?;
+        loop {
+            match self.next_event().await {
+                Ok(event) => {
+                    if let Some(frame) = self.forward(&event) {
+                        return Some((frame, self));
+                    }
+                }
+                Err(end) => {
+                    let last = self.finish(end).await;
+                    return Some((last, self));
+                }
+            }
+        }
+    }
+
+    /// The upstream's next event, or how the stream ended. Cancel-safe: dropped while waiting,
+    /// it loses nothing.
+    async fn next_event(&mut self) -> Result<eventsource_stream::Event, StreamEnd> {
+        match tokio::time::timeout(self.idle, self.events.next()).await {
+            Err(_) => Err(StreamEnd::UpstreamIdle),
+            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
+            Ok(None) | Ok(Some(Err(_))) => Err(StreamEnd::UpstreamFailed),
+            Ok(Some(Ok(event))) if event.data == "[DONE]" => Err(StreamEnd::Done),
+            Ok(Some(Ok(event))) => Ok(event),
+        }
+    }
+
+    /// Takes note of an event's usage and content; returns the frame to pass on, if any (the
+    /// usage-only chunk goes on only to a client that asked for it).
+    fn forward(&mut self, event: &eventsource_stream::Event) -> Option<Bytes> {
+        let mut forward = true;
+        let mut has_content = false;
+        if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
+            if let Some(u) = peek.usage {
+                self.usage = Some(u);
+                forward = self.client_wants_usage || !peek.choices.is_empty();
+            }
+            has_content = peek.choices.iter().any(|c| {
+                c.delta
+                    .as_ref()
+                    .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
+            });
+        }
+        if !forward {
+            return None;
+        }
+        // Counted as delivered once handed to the client's connection.
+        if let (true, 0, Some(call)) = (has_content, self.content_chunks, &self.call) {
+            if let Some(meters) = &call.model.meters {
+                meters
+                    .time_to_first_token
+                    .record(call.started.elapsed().as_secs_f64());
+            }
+        }
+        self.content_chunks += u64::from(has_content);
+        Some(Bytes::from(format!("data: {}\n\n", event.data)))
     }
 
     /// Ends the upstream call and settles. The settlement runs in a task of its own, so that a

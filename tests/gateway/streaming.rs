@@ -113,3 +113,110 @@ async fn upstream_breaking_off_is_charged_for_what_arrived(backend: Backend) {
     h.stop().await;
 }
 both_stores!(upstream_breaking_off_is_charged_for_what_arrived);
+
+/// A stream's head waits a moment for the first content, to go out in one write with it, but
+/// not for an upstream that takes its time: here the upstream sends its role chunk and then
+/// nothing until the client has seen the head.
+#[tokio::test]
+async fn the_head_does_not_wait_for_a_slow_first_token() {
+    use std::sync::{Arc, Mutex};
+    use tollgate::config::{Limits, ModelConfig, ProviderConfig};
+    use warp::Filter;
+
+    let chunk = |delta: &str| {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":0,\
+             \"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let role = chunk(r#"{"role":"assistant","content":""}"#);
+    let rest = chunk(r#"{"content":"late"}"#)
+        + "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":0,\"model\":\"m\",\
+           \"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n"
+        + "data: [DONE]\n\n";
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let released = Arc::new(Mutex::new(Some(released)));
+    let route = warp::post()
+        .and(warp::body::bytes())
+        .map(move |_: bytes::Bytes| {
+            let released = released.lock().unwrap().take();
+            let (role, rest) = (role.clone(), rest.clone());
+            let body = futures::stream::once(async move { Ok::<_, std::io::Error>(role) }).chain(
+                futures::stream::once(async move {
+                    if let Some(released) = released {
+                        let _ = released.await;
+                    }
+                    Ok(rest)
+                }),
+            );
+            let mut resp = warp::reply::Reply::into_response(warp::reply::stream(body));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            resp
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        tollgate::server::serve(listener, route, &Limits::default(), async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
+        c.providers.push(ProviderConfig {
+            name: "thinker".to_owned(),
+            kind: "openai-compatible".to_owned(),
+            base_url: format!("http://{addr}/v1"),
+            api_key_env: None,
+            max_concurrency: 4,
+            connect_timeout_ms: 2_000,
+            ca_file: None,
+            proxy: Some("direct".to_owned()),
+            request_timeout_ms: 30_000,
+            stream_idle_timeout_ms: 30_000,
+        });
+        c.models.push(ModelConfig {
+            id: "thinker".to_owned(),
+            provider: "thinker".to_owned(),
+            upstream_model: "thinker".to_owned(),
+            input_per_mtok: "1".to_owned(),
+            output_per_mtok: "1".to_owned(),
+            max_output_tokens: 100,
+        });
+    })
+    .await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    // The upstream sends its first content only once this has the head and the role chunk.
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        h.chat(&key, &json!({"model": "thinker", "stream": true, "messages": [{"role": "user", "content": "think"}]})),
+    )
+    .await
+    .expect("the head waited for the first token");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"role\":\"assistant\"") {
+        let next = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await
+            .expect("the role chunk waited for the first token");
+        seen.push_str(&String::from_utf8_lossy(&next.unwrap().unwrap()));
+    }
+    assert!(!seen.contains("late"));
+    release.send(()).unwrap();
+    while let Some(c) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&c.unwrap()));
+    }
+    assert!(seen.contains("\"content\":\"late\""), "{seen}");
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+    let usage = h.usage_once_settled(&account).await;
+    assert_eq!(usage[0]["status"], 200);
+    assert_eq!(usage[0]["completion_tokens"], 1);
+    h.stop().await;
+}
