@@ -623,8 +623,8 @@ impl Relay {
     /// role chunk and the first content would each be a write of their own, and a hop between
     /// the upstream connection's task and the client's, for the first token to wait on.
     ///
-    /// The head waits for the first content at most [`HEAD_HOLD`]; an upstream that thinks
-    /// longer gets its head and first events passed on as they came.
+    /// The head waits for the first content at most [`HEAD_HOLD`]; from an upstream slower to
+    /// its first token, the head and the events so far go out when that is up.
     async fn first_frames(mut self) -> (Bytes, Relay) {
         let deadline = tokio::time::Instant::now() + HEAD_HOLD;
         let mut joined = BytesMut::new();
@@ -692,7 +692,9 @@ impl Relay {
         if !forward {
             return None;
         }
-        // Counted as delivered once handed to the client's connection.
+        // Counted as delivered once passed on (the first frames: once joined for the head's
+        // write; a client gone before that write is charged for them too, as for any frame
+        // its connection could not deliver).
         if let (true, 0, Some(call)) = (has_content, self.content_chunks, &self.call) {
             if let Some(meters) = &call.model.meters {
                 meters
