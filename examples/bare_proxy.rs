@@ -73,6 +73,28 @@ async fn serve(
         .pool_max_idle_per_host(1024)
         .build(dial);
     let target = Arc::new((client, scheme, authority));
+    accept(listen, || {
+        let target = target.clone();
+        hyper::service::service_fn(move |req| forward(target.clone(), req))
+    })
+    .await
+}
+
+/// The response both modes give.
+type Reply = http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>;
+
+/// Serves HTTP/1 on `listen` with the gateway's server settings, each connection with the
+/// service `service` makes for it, in a task of its own.
+async fn accept<S>(
+    listen: std::net::SocketAddr,
+    mut service: impl FnMut() -> S,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = Reply, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
@@ -82,9 +104,7 @@ async fn serve(
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
-        let target = target.clone();
-        let service = hyper::service::service_fn(move |req| forward(target.clone(), req));
-        let conn = http1.serve_connection(TokioIo::new(stream), service);
+        let conn = http1.serve_connection(TokioIo::new(stream), service());
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -94,7 +114,7 @@ async fn serve(
 async fn forward(
     target: Arc<(Upstream, http::uri::Scheme, http::uri::Authority)>,
     req: http::Request<Incoming>,
-) -> Result<http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>, Infallible> {
+) -> Result<Reply, Infallible> {
     let (client, scheme, authority) = &*target;
     let (mut parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -119,9 +139,7 @@ async fn forward(
     }
 }
 
-fn status(
-    code: http::StatusCode,
-) -> http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+fn status(code: http::StatusCode) -> Reply {
     let mut resp = http::Response::new(
         http_body_util::Empty::new()
             .map_err(|never: Infallible| match never {})
@@ -133,20 +151,17 @@ fn status(
 
 /// `--inline`: the upstream connection driven by the client connection's task.
 mod inline {
-    use super::status;
+    use super::{status, Reply};
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper::body::{Body, Frame, Incoming};
     use hyper::client::conn::http1::{Connection, SendRequest};
-    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
     use std::future::Future;
     use std::pin::Pin;
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
-    use std::time::Duration;
-
-    type Reply = http::Response<http_body_util::combinators::BoxBody<Bytes, hyper::Error>>;
 
     /// One upstream connection: the half that sends requests and the half that does the I/O,
     /// which whoever waits on it polls.
@@ -181,25 +196,12 @@ mod inline {
         authority: http::uri::Authority,
     ) -> Result<(), Box<dyn std::error::Error>> {
         let authority = Arc::new(authority);
-        let listener = tokio::net::TcpListener::bind(listen).await?;
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .keep_alive(true)
-            .header_read_timeout(Duration::from_secs(30));
-        loop {
-            let (stream, _) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
+        super::accept(listen, || {
             let authority = authority.clone();
             let slot: Slot = Arc::default();
-            let service = hyper::service::service_fn(move |req| {
-                forward(slot.clone(), authority.clone(), req)
-            });
-            let conn = http1.serve_connection(TokioIo::new(stream), service);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-        }
+            hyper::service::service_fn(move |req| forward(slot.clone(), authority.clone(), req))
+        })
+        .await
     }
 
     async fn forward(

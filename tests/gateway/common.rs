@@ -122,6 +122,30 @@ impl Mock {
         }));
         Mock { addr, _stop: tx }
     }
+
+    /// An upstream of the test's own, answering with `route`.
+    pub async fn serve<F>(route: F) -> Mock
+    where
+        F: warp::Filter<Extract = (warp::reply::Response,), Error = warp::Rejection>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("upstream addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let limits = tollgate::config::Limits::default();
+            tollgate::server::serve(listener, route, &limits, async move {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Mock { addr, _stop: tx }
+    }
 }
 
 /// The config every test starts from: mock upstream, three priced models, the given store.

@@ -5,19 +5,18 @@
 //! The upstream here records every body it is sent and answers with a fixed completion.
 
 use crate::common::*;
+use crate::proxy::plain_provider;
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
-use tollgate::config::{Limits, ModelConfig, ProviderConfig};
+use tollgate::config::ModelConfig;
 use tollgate::mock::MockOptions;
 use warp::Filter;
 
 /// An upstream that keeps the bodies it is sent.
 struct Recorder {
-    addr: std::net::SocketAddr,
+    upstream: Mock,
     bodies: Arc<Mutex<Vec<Bytes>>>,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 const COMPLETION: &str = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}"#;
@@ -53,19 +52,9 @@ impl Recorder {
                 );
                 resp
             });
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(async move {
-            tollgate::server::serve(listener, route, &Limits::default(), async move {
-                let _ = stopped.await;
-            })
-            .await
-        });
         Recorder {
-            addr,
+            upstream: Mock::serve(route).await,
             bodies,
-            _stop: stop,
         }
     }
 
@@ -82,20 +71,10 @@ impl Recorder {
 /// A gateway whose model `renamed` (upstream name `vendor-model-7`, 1 USDT per million
 /// tokens either way) goes to the recorder.
 async fn harness(recorder: &Recorder) -> Option<Harness> {
-    let addr = recorder.addr;
+    let addr = recorder.upstream.addr;
     Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
-        c.providers.push(ProviderConfig {
-            name: "recorder".to_owned(),
-            kind: "openai-compatible".to_owned(),
-            base_url: format!("http://{addr}/v1"),
-            api_key_env: None,
-            max_concurrency: 16,
-            connect_timeout_ms: 2_000,
-            ca_file: None,
-            proxy: Some("direct".to_owned()),
-            request_timeout_ms: 3_000,
-            stream_idle_timeout_ms: 3_000,
-        });
+        c.providers
+            .push(plain_provider("recorder", addr, Some("direct".to_owned())));
         c.models.push(ModelConfig {
             id: "renamed".to_owned(),
             provider: "recorder".to_owned(),

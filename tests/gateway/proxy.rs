@@ -127,7 +127,8 @@ async fn serve_tunnel(
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-fn plain_provider(
+/// A provider at a plain-HTTP upstream, through `proxy` (`Some("direct")`: none).
+pub(crate) fn plain_provider(
     name: &str,
     upstream: std::net::SocketAddr,
     proxy: Option<String>,

@@ -119,8 +119,9 @@ both_stores!(upstream_breaking_off_is_charged_for_what_arrived);
 /// nothing until the client has seen the head.
 #[tokio::test]
 async fn the_head_does_not_wait_for_a_slow_first_token() {
+    use crate::proxy::plain_provider;
+    use crate::tls::model;
     use std::sync::{Arc, Mutex};
-    use tollgate::config::{Limits, ModelConfig, ProviderConfig};
     use warp::Filter;
 
     let chunk = |delta: &str| {
@@ -156,45 +157,25 @@ async fn the_head_does_not_wait_for_a_slow_first_token() {
             );
             resp
         });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        tollgate::server::serve(listener, route, &Limits::default(), async move {
-            let _ = stopped.await;
-        })
-        .await
-    });
+    let upstream = Mock::serve(route).await;
     let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
-        c.providers.push(ProviderConfig {
-            name: "thinker".to_owned(),
-            kind: "openai-compatible".to_owned(),
-            base_url: format!("http://{addr}/v1"),
-            api_key_env: None,
-            max_concurrency: 4,
-            connect_timeout_ms: 2_000,
-            ca_file: None,
-            proxy: Some("direct".to_owned()),
-            request_timeout_ms: 30_000,
-            stream_idle_timeout_ms: 30_000,
-        });
-        c.models.push(ModelConfig {
-            id: "thinker".to_owned(),
-            provider: "thinker".to_owned(),
-            upstream_model: "thinker".to_owned(),
-            input_per_mtok: "1".to_owned(),
-            output_per_mtok: "1".to_owned(),
-            max_output_tokens: 100,
-        });
+        c.providers.push(plain_provider(
+            "thinker",
+            upstream.addr,
+            Some("direct".to_owned()),
+        ));
+        c.models.push(model("thinker", "thinker"));
     })
     .await
     else {
         return;
     };
     let (account, key) = h.funded("1").await;
-    // The upstream sends its first content only once this has the head and the role chunk.
+    // The upstream sends its first content only once this has the head and the role chunk;
+    // the 2 s allowed for those are under the provider's 3 s idle timeout, after which the
+    // head would go out with an error instead.
     let resp = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(2),
         h.chat(&key, &json!({"model": "thinker", "stream": true, "messages": [{"role": "user", "content": "think"}]})),
     )
     .await
@@ -203,7 +184,7 @@ async fn the_head_does_not_wait_for_a_slow_first_token() {
     let mut body = resp.bytes_stream();
     let mut seen = String::new();
     while !seen.contains("\"role\":\"assistant\"") {
-        let next = tokio::time::timeout(Duration::from_secs(10), body.next())
+        let next = tokio::time::timeout(Duration::from_secs(2), body.next())
             .await
             .expect("the role chunk waited for the first token");
         seen.push_str(&String::from_utf8_lossy(&next.unwrap().unwrap()));
