@@ -6,7 +6,12 @@
 //!   of the first SSE event whose `delta.content` is not empty;
 //! - inter-chunk gaps: between the arrivals of consecutive content chunks;
 //!
-//! and printing p50/p99 of each.
+//! and printing p50/p99 of each. From a mock started with `--stamp-chunks`, whose content
+//! chunks carry the time they were sent (`mock_sent_us`), also, for every content chunk after
+//! the first:
+//! - transit: from the mock's send to the probe's read (one clock: the machine's);
+//! - gap excess: the gap between two chunks' arrivals less the gap between their sends, i.e.
+//!   how much the path stretched that gap, free of the spread of the mock's own timer.
 //!
 //! Concurrent mode (`--concurrent N`): N streams held open at once (started at
 //! `--ramp-per-sec` a second), each read to its end; prints how many completed with
@@ -73,9 +78,9 @@ fn body(model: &str) -> String {
 }
 
 /// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[u64], p: f64) -> u64 {
+fn pct<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
-        return 0;
+        return T::default();
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
@@ -87,15 +92,30 @@ struct StreamTimes {
     ttft_us: Option<u64>,
     /// Microseconds between consecutive content chunks.
     gaps_us: Vec<u64>,
+    /// Stamped chunks after the first: send to arrival, microseconds.
+    transit_us: Vec<i64>,
+    /// Stamped chunks after the first: the gap to the previous chunk's arrival less the gap
+    /// between their sends, microseconds.
+    excess_us: Vec<i64>,
     content_chunks: u64,
 }
 
-/// Whether an SSE `data:` payload carries a non-empty `delta.content`.
-fn has_content(data: &str) -> bool {
+/// Microseconds since the Unix epoch, the clock the mock stamps chunks with.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Whether an SSE `data:` payload carries a non-empty `delta.content`, and the mock's send
+/// stamp if it has one.
+fn content(data: &str) -> (bool, Option<i64>) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
-        return false;
+        return (false, None);
     };
-    v.get("choices")
+    let stamp = v.get("mock_sent_us").and_then(serde_json::Value::as_i64);
+    let has = v
+        .get("choices")
         .and_then(|c| c.as_array())
         .is_some_and(|choices| {
             choices.iter().any(|c| {
@@ -104,7 +124,8 @@ fn has_content(data: &str) -> bool {
                     .and_then(|t| t.as_str())
                     .is_some_and(|t| !t.is_empty())
             })
-        })
+        });
+    (has, stamp)
 }
 
 /// Sends one streamed request and reads it to the end. Fails unless the stream ends with
@@ -147,13 +168,18 @@ async fn one_stream(
     let mut times = StreamTimes {
         ttft_us: None,
         gaps_us: Vec::with_capacity(64),
+        transit_us: Vec::new(),
+        excess_us: Vec::new(),
         content_chunks: 0,
     };
     let mut last: Option<Instant> = None;
+    // The previous content chunk's send stamp and arrival, wall clock.
+    let mut last_stamped: Option<(i64, i64)> = None;
     let mut done = false;
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.context("body")?;
         let at = Instant::now();
+        let at_wall = wall_clock_us();
         buf.extend_from_slice(&chunk);
         while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             let event: Vec<u8> = buf.drain(..end + 2).collect();
@@ -168,16 +194,32 @@ async fn one_stream(
             if data.starts_with("{\"error\"") {
                 bail!("error event");
             }
-            if (opened.is_none() || last.is_none()) && has_content(data) {
-                times.content_chunks += 1;
-                match last {
-                    None => times.ttft_us = Some(at.duration_since(sent).as_micros() as u64),
-                    Some(prev) => times
-                        .gaps_us
-                        .push(at.duration_since(prev).as_micros() as u64),
-                }
-                last = Some(at);
+            if opened.is_some() && last.is_some() {
+                continue;
             }
+            let (has, stamp) = content(data);
+            if !has {
+                continue;
+            }
+            times.content_chunks += 1;
+            match last {
+                None => times.ttft_us = Some(at.duration_since(sent).as_micros() as u64),
+                Some(prev) => {
+                    times
+                        .gaps_us
+                        .push(at.duration_since(prev).as_micros() as u64);
+                    if let Some(stamp) = stamp {
+                        times.transit_us.push(at_wall - stamp);
+                    }
+                    if let (Some(stamp), Some((prev_stamp, prev_at))) = (stamp, last_stamped) {
+                        times
+                            .excess_us
+                            .push((at_wall - prev_at) - (stamp - prev_stamp));
+                    }
+                }
+            }
+            last = Some(at);
+            last_stamped = stamp.map(|s| (s, at_wall));
         }
     }
     if !done {
@@ -216,6 +258,7 @@ async fn sequential(args: Args) -> anyhow::Result<()> {
     }
     let mut ttft = Vec::with_capacity(args.requests);
     let mut gaps = Vec::new();
+    let (mut transits, mut excesses) = (Vec::new(), Vec::new());
     let (mut ok, mut errors, mut chunks) = (0u64, 0u64, 0u64);
     for _ in 0..args.requests {
         match one_stream(&client, &url, &args.key, &body, None).await {
@@ -226,6 +269,8 @@ async fn sequential(args: Args) -> anyhow::Result<()> {
                     ttft.push(v);
                 }
                 gaps.extend(t.gaps_us);
+                transits.extend(t.transit_us);
+                excesses.extend(t.excess_us);
             }
             Err(e) => {
                 errors += 1;
@@ -241,8 +286,24 @@ async fn sequential(args: Args) -> anyhow::Result<()> {
     println!(
         "{label}: {ok} streams ok, {errors} failed; TTFT p50 {t50} µs p99 {t99} µs; inter-chunk gap p50 {g50} µs p99 {g99} µs ({n} gaps)"
     );
+    // Only from a mock that stamps its chunks.
+    let mut stamped = String::new();
+    if !transits.is_empty() {
+        transits.sort_unstable();
+        excesses.sort_unstable();
+        let (r50, r99) = (pct(&transits, 50.0), pct(&transits, 99.0));
+        let (e50, e99) = (pct(&excesses, 50.0), pct(&excesses, 99.0));
+        println!(
+            "{label}: per chunk after the first, transit p50 {r50} µs p99 {r99} µs; gap excess p50 {e50} µs p99 {e99} µs ({} stamped)",
+            transits.len()
+        );
+        stamped = format!(
+            " transit_p50_us={r50} transit_p99_us={r99} gap_excess_p50_us={e50} gap_excess_p99_us={e99} stamped={}",
+            transits.len()
+        );
+    }
     println!(
-        "PROBE mode=seq label={label} ok={ok} errors={errors} content_chunks={chunks} ttft_p50_us={t50} ttft_p99_us={t99} gap_p50_us={g50} gap_p99_us={g99} gaps={n}"
+        "PROBE mode=seq label={label} ok={ok} errors={errors} content_chunks={chunks} ttft_p50_us={t50} ttft_p99_us={t99} gap_p50_us={g50} gap_p99_us={g99} gaps={n}{stamped}"
     );
     Ok(())
 }

@@ -90,6 +90,11 @@ pub struct Limits {
     /// Open client connections at most; one accepted beyond it is closed at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections the kernel may hold for the listener before they are accepted (the
+    /// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`). Beyond it, a new
+    /// connection's SYN is dropped and its client waits a second or more to try again.
+    #[serde(default = "default_listen_backlog")]
+    pub listen_backlog: u32,
     /// A request line and headers must arrive within this long. It also bounds how long a
     /// kept-alive connection may sit idle waiting for its next request.
     #[serde(default = "default_header_read_timeout_ms")]
@@ -145,6 +150,7 @@ impl Default for Limits {
         Limits {
             max_body_bytes: default_max_body_bytes(),
             max_connections: default_max_connections(),
+            listen_backlog: default_listen_backlog(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             body_read_timeout_ms: default_body_read_timeout_ms(),
         }
@@ -194,6 +200,9 @@ fn default_stream_idle_timeout_ms() -> u64 {
 }
 fn default_max_output_tokens() -> u64 {
     16_384
+}
+fn default_listen_backlog() -> u32 {
+    4096
 }
 fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024

@@ -41,6 +41,10 @@ enum Command {
         chunks: u64,
         #[arg(long, default_value_t = 0)]
         chunk_interval_ms: u64,
+        /// Stamp each streamed content chunk with the time it was sent (`mock_sent_us`, wall
+        /// clock in µs), for a client measuring each chunk's transit.
+        #[arg(long)]
+        stamp_chunks: bool,
     },
     /// Operate a running gateway through its admin API.
     Admin(tollgate::admin_cli::AdminArgs),
@@ -107,7 +111,7 @@ async fn serve(config_path: PathBuf, listen: Option<String>, demo: bool) -> anyh
     if config.admin_token == "change-me" {
         tracing::warn!("admin_token is the sample value `change-me`; set TOLLGATE_ADMIN_TOKEN");
     }
-    let listener = TcpListener::bind(&config.listen)
+    let listener = tollgate::server::bind(&config.listen, config.limits.listen_backlog)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let admin_token = config.admin_token.clone();
@@ -155,9 +159,12 @@ async fn main() -> anyhow::Result<()> {
             latency_ms,
             chunks,
             chunk_interval_ms,
+            stamp_chunks,
         } => {
             init_logging(LogFormat::Text);
-            let listener = TcpListener::bind(&listen)
+            // The mock serves load tests: the same backlog as the gateway's default.
+            let backlog = tollgate::config::Limits::default().listen_backlog;
+            let listener = tollgate::server::bind(&listen, backlog)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
             tracing::info!(addr = %listener.local_addr()?, "mock upstream listening");
@@ -165,6 +172,7 @@ async fn main() -> anyhow::Result<()> {
                 latency: Duration::from_millis(latency_ms),
                 chunks,
                 chunk_interval: Duration::from_millis(chunk_interval_ms),
+                stamp_chunks,
             };
             tollgate::mock::serve(listener, options, terminated()).await;
             Ok(())

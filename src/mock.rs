@@ -27,6 +27,11 @@ pub struct MockOptions {
     /// Completion tokens (one word per streamed chunk) when max_tokens does not say fewer.
     pub chunks: u64,
     pub chunk_interval: Duration,
+    /// Each streamed content chunk carries `"mock_sent_us"`, the wall clock in microseconds
+    /// when the mock handed it to its connection. A client on the same machine can then tell
+    /// each chunk's transit, and how much a proxy in between stretched the gaps between
+    /// chunks, without the spread of the mock's own timer (`examples/stream_probe.rs`).
+    pub stamp_chunks: bool,
 }
 
 impl Default for MockOptions {
@@ -35,6 +40,7 @@ impl Default for MockOptions {
             latency: Duration::ZERO,
             chunks: 16,
             chunk_interval: Duration::ZERO,
+            stamp_chunks: false,
         }
     }
 }
@@ -67,6 +73,13 @@ pub async fn serve(
         ..Default::default()
     };
     crate::server::serve(listener, route, &limits, shutdown).await;
+}
+
+/// Microseconds since the Unix epoch: a clock that two processes on one machine share.
+fn wall_clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -178,6 +191,7 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
     let interval = options.chunk_interval;
     let breaks = model == "mock-break";
     let lingers = model == "mock-linger";
+    let stamps = options.stamp_chunks;
     tokio::spawn(async move {
         let chunk = |delta: Value, finish: Value| {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -185,13 +199,14 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
             if include_usage {
                 c["usage"] = Value::Null;
             }
-            Bytes::from(format!("data: {c}\n\n"))
+            c
         };
+        let frame = |c: Value| Bytes::from(format!("data: {c}\n\n"));
         if tx
-            .send(Ok(chunk(
+            .send(Ok(frame(chunk(
                 json!({"role": "assistant", "content": ""}),
                 Value::Null,
-            )))
+            ))))
             .await
             .is_err()
         {
@@ -206,8 +221,12 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
             } else {
                 format!(" {}", words[i % words.len()])
             };
+            let mut content = chunk(json!({"content": word}), Value::Null);
+            if stamps {
+                content["mock_sent_us"] = json!(wall_clock_us());
+            }
             if tx
-                .send(Ok(chunk(json!({"content": word}), Value::Null)))
+                .send(Ok(Bytes::from(format!("data: {content}\n\n"))))
                 .await
                 .is_err()
             {
@@ -218,7 +237,11 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
                 return;
             }
         }
-        if tx.send(Ok(chunk(json!({}), json!(finish)))).await.is_err() {
+        if tx
+            .send(Ok(frame(chunk(json!({}), json!(finish)))))
+            .await
+            .is_err()
+        {
             return;
         }
         if include_usage {

@@ -17,6 +17,37 @@ use tokio_util::task::TaskTracker;
 /// the ones still open.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
+/// A listener on `addr` (a host name is resolved; the first address that binds wins) with a
+/// `listen(2)` backlog of `backlog`. Tokio's `TcpListener::bind` asks for 128, as the standard
+/// library does: at a couple of thousand new connections a second, a moment's delay in the
+/// accept loop fills that, and each connection turned away waits a second or more for its
+/// SYN to be sent again.
+pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(backlog)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
+
 /// The accept loop. At most `limits.max_connections` connections are open; one accepted
 /// beyond that is closed at once. Each is served by hyper's HTTP/1 with keep-alive and a
 /// header read timeout (which also bounds a kept-alive connection's wait for its next

@@ -245,7 +245,9 @@ impl Harness {
         let mut config =
             Config::from_toml(&config_toml(&db.url, db.dir.path(), mock.addr)).expect("config");
         tweak(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tollgate::server::bind("127.0.0.1:0", config.limits.listen_backlog)
+            .await
+            .expect("bind");
         let gateway = tollgate::start(listener, config)
             .await
             .expect("start gateway");

@@ -201,3 +201,66 @@ async fn the_head_does_not_wait_for_a_slow_first_token() {
     assert_eq!(usage[0]["completion_tokens"], 1);
     h.stop().await;
 }
+
+/// The benchmark's mock stamps each content chunk with its send time, and the stamps reach
+/// the client through the gateway as sent (`examples/stream_probe.rs` times each chunk's
+/// transit from them); without the option a chunk carries no stamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stamped_chunks_reach_the_client_as_sent() {
+    let wall_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    for stamp_chunks in [true, false] {
+        let mock = MockOptions {
+            chunks: 5,
+            chunk_interval: Duration::from_millis(2),
+            stamp_chunks,
+            ..Default::default()
+        };
+        let h = Harness::start_with(Backend::Sqlite, mock, |_| {})
+            .await
+            .expect("sqlite harness");
+        let (_, key) = h.funded("1").await;
+        let before = wall_us();
+        let resp = h
+            .chat(&key, &json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "one two three"}]}))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let events = sse_events(resp).await;
+        let after = wall_us();
+        let chunks: Vec<serde_json::Value> = events
+            .iter()
+            .filter_map(|e| serde_json::from_str(e).ok())
+            .collect();
+        let content = |c: &&serde_json::Value| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        };
+        let stamps: Vec<Option<u64>> = chunks
+            .iter()
+            .filter(content)
+            .map(|c| c["mock_sent_us"].as_u64())
+            .collect();
+        assert_eq!(stamps.len(), 5, "content chunks in {events:?}");
+        if stamp_chunks {
+            let stamps: Vec<u64> = stamps.into_iter().map(|s| s.expect("a stamp")).collect();
+            assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+            assert!(
+                before <= stamps[0] && stamps[4] <= after,
+                "{before} {stamps:?} {after}"
+            );
+        } else {
+            assert!(stamps.iter().all(Option::is_none), "{stamps:?}");
+        }
+        // Only content chunks are stamped.
+        assert!(chunks
+            .iter()
+            .filter(|c| !content(c))
+            .all(|c| c.get("mock_sent_us").is_none()));
+        h.stop().await;
+    }
+}
