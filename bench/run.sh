@@ -147,9 +147,9 @@ summarize() { # raw-file → summary on stdout
     '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
   s_t50=$(med stream direct ttft_p50_us); s_t99=$(med stream direct ttft_p99_us)
   s_g50=$(med stream direct gap_p50_us); s_g99=$(med stream direct gap_p99_us)
-  for t in direct nginx tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
-    # Results from before nginx was a streaming target have no nginx line.
-    [[ $t == nginx ]] && ! grep -q "^stream .*target=nginx " "$RAW" && continue
+  for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+    # Results from before nginx (or hyper-bare) was a streaming target have no line for it.
+    [[ $t == nginx || $t == hyper-bare ]] && ! grep -q "^stream .*target=$t " "$RAW" && continue
     if [[ $t != direct ]] && ! grep -q "^stream .*target=$t .*ok=[1-9]" "$RAW"; then
       printf '  %-24s %s\n' "$t" "no stream completed: $(grep -m1 "^stream-failed .*target=$t " "$RAW" | sed 's/.*error=//')"
       continue
@@ -169,7 +169,7 @@ summarize() { # raw-file → summary on stdout
       '+trans p50' '+trans p99' '+exc p50' '+exc p99'
     s_r50=$(med stream direct transit_p50_us); s_r99=$(med stream direct transit_p99_us)
     s_e50=$(med stream direct gap_excess_p50_us); s_e99=$(med stream direct gap_excess_p99_us)
-    for t in direct nginx tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+    for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
       grep -q "^stream .*target=$t .*transit_p50_us=" "$RAW" || continue
       r50=$(med stream "$t" transit_p50_us); r99=$(med stream "$t" transit_p99_us)
       e50=$(med stream "$t" gap_excess_p50_us); e99=$(med stream "$t" gap_excess_p99_us)
@@ -423,7 +423,7 @@ FD_LIMIT=$(ulimit -n)
 # which saturates two cores shared by probe, mock and gateway - see BENCHMARKS.md).
 alloc_port MOCK_PORT; alloc_port STREAM_PORT; alloc_port LONG_PORT
 alloc_port NGINX_PORT; alloc_port NGINX_STREAM_PORT; alloc_port FLOOR_PORT; alloc_port GW_SQLITE_PORT; alloc_port GW_PG_PORT
-alloc_port BARE_PORT
+alloc_port BARE_PORT; alloc_port BARE_STREAM_PORT
 
 spawn mock "$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16
 MOCK_PID=$LAST_PID
@@ -499,6 +499,9 @@ NGINX_WORKER_PID=$(pgrep -P "$NGINX_PID" | head -n 1)
 spawn hyper-bare "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$MOCK_PORT"
 BARE_PID=$LAST_PID
 wait_port "$BARE_PORT" "$BARE_PID" hyper-bare
+# The same in front of the streaming mock, for the streamed figures.
+spawn hyper-bare-stream "$BARE" "127.0.0.1:$BARE_STREAM_PORT" "http://127.0.0.1:$STREAM_PORT"
+wait_port "$BARE_STREAM_PORT" "$LAST_PID" hyper-bare-stream
 
 gateway_config() { # database_url port
   cat <<EOF
@@ -774,7 +777,7 @@ probe_seq() { # round target base key model n [--header "Name: value"]…
   echo "stream round=$1 target=$2 ${line#PROBE }" >>"$RAW"
 }
 
-STREAM_TARGETS=(direct nginx tollgate-sqlite tollgate-postgres)
+STREAM_TARGETS=(direct nginx hyper-bare tollgate-sqlite tollgate-postgres)
 if (( PEERS )); then STREAM_TARGETS+=(litellm portkey); fi
 log "streaming: $ROUNDS round(s) × ${#STREAM_TARGETS[@]} targets × $STREAMS sequential streams"
 for r in $(seq 1 "$ROUNDS"); do
@@ -783,6 +786,8 @@ for r in $(seq 1 "$ROUNDS"); do
       probe_seq "$r" "$t" "http://127.0.0.1:$STREAM_PORT" none gpt-4o-mini "$STREAMS"
     elif [[ $t == nginx ]]; then
       probe_seq "$r" "$t" "http://127.0.0.1:$NGINX_STREAM_PORT" none gpt-4o-mini "$STREAMS"
+    elif [[ $t == hyper-bare ]]; then
+      probe_seq "$r" "$t" "http://127.0.0.1:$BARE_STREAM_PORT" none gpt-4o-mini "$STREAMS"
     elif [[ $t == portkey ]]; then
       probe_seq "$r" "$t" "${URL[$t]}" "${KEY[$t]}" gpt-4o-mini "$STREAMS" \
         --header "x-portkey-provider: openai" \
