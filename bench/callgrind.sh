@@ -4,6 +4,9 @@
 #
 #   bench/callgrind.sh               gateway (SQLite) and hyper-bare, 2,000 calls each
 #   bench/callgrind.sh --calls N     N calls each (after 200 uncounted warm-up calls)
+#   bench/callgrind.sh --stream K    streamed calls of K content chunks each instead; the
+#                                    difference between two K's, divided by theirs, is the
+#                                    cost of one chunk passed on
 #
 # Each target runs under `valgrind --tool=callgrind` with instrumentation off until it has
 # started and warmed up; then N non-streamed calls are made one after another on one kept-alive
@@ -25,9 +28,11 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CALLS=2000
 WARMUP=200
+STREAM_CHUNKS=0
 while (( $# )); do
   case "$1" in
     --calls) CALLS=${2:?--calls needs a number}; shift ;;
+    --stream) STREAM_CHUNKS=${2:?--stream needs a number of chunks}; shift ;;
     -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -82,11 +87,14 @@ alloc_port MOCK_PORT; alloc_port GW_PORT; alloc_port BARE_PORT
 
 # N sequential calls on one kept-alive connection; fails on anything but 200.
 calls() { # port key n
-  python3 - "$@" <<'EOF'
+  python3 - "$@" "$STREAM_CHUNKS" <<'EOF'
 import http.client, sys
-port, key, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+port, key, n, chunks = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 body = ('{"model":"gpt-4o-mini","messages":[{"role":"user",'
         '"content":"Say hello to the benchmark please"}],"max_tokens":16}')
+if chunks:
+    body = ('{"model":"gpt-4o-mini","messages":[{"role":"user",'
+            '"content":"Say hello to the benchmark please"}],"max_tokens":%d,"stream":true}' % chunks)
 headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(n):
@@ -95,6 +103,8 @@ for i in range(n):
     data = r.read()
     if r.status != 200:
         sys.exit(f"call {i}: status {r.status}: {data[:300]!r}")
+    if chunks and not data.endswith(b"data: [DONE]\n\n"):
+        sys.exit(f"call {i}: the stream did not end with [DONE]: {data[-300:]!r}")
 EOF
 }
 
@@ -123,7 +133,8 @@ measure() { # pid port key → dump file of the N calls
   ls "$OUT"/*.out."$pid".1 2>/dev/null || die "no callgrind dump from $pid"
 }
 
-"$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks 16 >"$TMP/mock.log" 2>&1 &
+"$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks "$(( STREAM_CHUNKS ? STREAM_CHUNKS : 16 ))" \
+  >"$TMP/mock.log" 2>&1 &
 PIDS+=("$!")
 
 cat >"$TMP/gateway.toml" <<EOF
@@ -182,6 +193,7 @@ gw=$(total_ir "$GW_DUMP"); store=$(total_ir "$GW_FINAL"); bare=$(total_ir "$BARE
 per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a / b }'; }
 {
   printf '\nInstructions (callgrind Ir), %s calls at concurrency 1 after %s warm-up calls\n' "$CALLS" "$WARMUP"
+  if (( STREAM_CHUNKS )); then printf '  (streamed calls of %s content chunks each)\n' "$STREAM_CHUNKS"; fi
   printf '  %-44s %12s\n' figure 'Ir'
   printf '  %-44s %12s\n' 'gateway request path, per call' "$(per "$gw" "$CALLS")"
   printf '  %-44s %12s\n' 'hyper-bare, per call' "$(per "$bare" "$CALLS")"

@@ -365,6 +365,7 @@ async fn proxy(
             client_wants_usage,
             prompt,
             idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
         };
         // The head goes out with the stream's first content (or its end), in one write.
         let (first, relay) = relay.first_frames().await;
@@ -615,6 +616,10 @@ struct Relay {
     /// The client's request body, for [`prompt_tokens`].
     prompt: Bytes,
     idle: Duration,
+    /// Runs out after `idle` without an upstream event. One timer for the stream, moved on at
+    /// each event: a later deadline is a store to the timer's entry, where a timer per event
+    /// would be taken out of tokio's timer wheel and put in again, each under its lock.
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Relay {
@@ -664,12 +669,19 @@ impl Relay {
     /// The upstream's next event, or how the stream ended. Cancel-safe: dropped while waiting,
     /// it loses nothing.
     async fn next_event(&mut self) -> Result<eventsource_stream::Event, StreamEnd> {
-        match tokio::time::timeout(self.idle, self.events.next()).await {
-            Err(_) => Err(StreamEnd::UpstreamIdle),
+        self.idle_timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + self.idle);
+        let next = tokio::select! {
+            biased;
+            next = self.events.next() => next,
+            () = self.idle_timer.as_mut() => return Err(StreamEnd::UpstreamIdle),
+        };
+        match next {
             // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
-            Ok(None) | Ok(Some(Err(_))) => Err(StreamEnd::UpstreamFailed),
-            Ok(Some(Ok(event))) if event.data == "[DONE]" => Err(StreamEnd::Done),
-            Ok(Some(Ok(event))) => Ok(event),
+            None | Some(Err(_)) => Err(StreamEnd::UpstreamFailed),
+            Some(Ok(event)) if event.data == "[DONE]" => Err(StreamEnd::Done),
+            Some(Ok(event)) => Ok(event),
         }
     }
 
@@ -703,7 +715,11 @@ impl Relay {
             }
         }
         self.content_chunks += u64::from(has_content);
-        Some(Bytes::from(format!("data: {}\n\n", event.data)))
+        let mut frame = BytesMut::with_capacity(event.data.len() + 8);
+        frame.extend_from_slice(b"data: ");
+        frame.extend_from_slice(event.data.as_bytes());
+        frame.extend_from_slice(b"\n\n");
+        Some(frame.freeze())
     }
 
     /// Ends the upstream call and settles. The settlement runs in a task of its own, so that a

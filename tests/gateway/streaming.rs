@@ -264,3 +264,101 @@ async fn stamped_chunks_reach_the_client_as_sent() {
         h.stop().await;
     }
 }
+
+/// `stream_idle_timeout_ms` bounds the silence between two upstream events, not the stream:
+/// a stream whose events come closer than that runs for as long as it lasts, and one that goes
+/// silent after its first word ends with an error event after that long, charged for what was
+/// delivered (status 502, docs/billing.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_timeout_counts_from_the_last_event() {
+    use crate::proxy::plain_provider;
+    use crate::tls::model;
+    use warp::Filter;
+
+    let route = warp::post()
+        .and(warp::body::bytes())
+        .map(|_: bytes::Bytes| {
+            let first = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":0,\
+                     \"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"only\"},\
+                     \"finish_reason\":null}]}\n\n";
+            let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+                .chain(futures::stream::pending());
+            let mut resp = warp::reply::Reply::into_response(warp::reply::stream(body));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/event-stream"),
+            );
+            resp
+        });
+    let silent = Mock::serve(route).await;
+    let mock = MockOptions {
+        chunks: 8,
+        chunk_interval: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let idle_ms = 400;
+    let h = Harness::start_with(Backend::Sqlite, mock, |c| {
+        c.providers[0].stream_idle_timeout_ms = idle_ms;
+        let mut p = plain_provider("silent", silent.addr, Some("direct".to_owned()));
+        p.stream_idle_timeout_ms = idle_ms;
+        c.providers.push(p);
+        c.models.push(model("silent", "silent"));
+    })
+    .await
+    .expect("sqlite harness");
+    let (account, key) = h.funded("1").await;
+
+    // Eight words 150 ms apart: over a second in all, never 400 ms without an event.
+    let started = Instant::now();
+    let resp = h
+        .chat(&key, &json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "one two three"}]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        started.elapsed() > Duration::from_millis(idle_ms),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(text.matches("\"content\":\"").count(), 9, "{text}"); // the role chunk's "" and 8 words
+
+    // One word, then silence.
+    let started = Instant::now();
+    let resp = h
+        .chat(&key, &json!({"model": "silent", "stream": true, "messages": [{"role": "user", "content": "hello"}]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let text = tokio::time::timeout(Duration::from_secs(10), resp.text())
+        .await
+        .expect("the silent stream was not ended")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(idle_ms),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(text.contains("\"content\":\"only\""), "{text}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(text.contains("\"error\""), "{text}");
+
+    let mut usage = Vec::new();
+    for _ in 0..100 {
+        usage = h.usage(&account).await;
+        if usage.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(usage.len(), 2, "{usage:?}");
+    let mut statuses: Vec<u64> = usage
+        .iter()
+        .map(|u| u["status"].as_u64().unwrap())
+        .collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 502]);
+    let cut = usage.iter().find(|u| u["status"] == 502).unwrap();
+    assert_eq!(cut["completion_tokens"], 1);
+    assert_eq!(cut["usage_source"], "estimated");
+    h.stop().await;
+}
