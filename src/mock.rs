@@ -225,11 +225,7 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
             if stamps {
                 content["mock_sent_us"] = json!(wall_clock_us());
             }
-            if tx
-                .send(Ok(Bytes::from(format!("data: {content}\n\n"))))
-                .await
-                .is_err()
-            {
+            if tx.send(Ok(frame(content))).await.is_err() {
                 return;
             }
             if breaks {
