@@ -147,19 +147,28 @@ summarize() { # raw-file → summary on stdout
     '+TTFT p50' '+TTFT p99' '+gap p50' '+gap p99'
   s_t50=$(med stream direct ttft_p50_us); s_t99=$(med stream direct ttft_p99_us)
   s_g50=$(med stream direct gap_p50_us); s_g99=$(med stream direct gap_p99_us)
-  for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
-    # Results from before nginx (or hyper-bare) was a streaming target have no line for it.
-    [[ $t == nginx || $t == hyper-bare ]] && ! grep -q "^stream .*target=$t " "$RAW" && continue
-    if [[ $t != direct ]] && ! grep -q "^stream .*target=$t .*ok=[1-9]" "$RAW"; then
-      printf '  %-24s %s\n' "$t" "no stream completed: $(grep -m1 "^stream-failed .*target=$t " "$RAW" | sed 's/.*error=//')"
-      continue
-    fi
-    t50=$(med stream "$t" ttft_p50_us); t99=$(med stream "$t" ttft_p99_us)
-    g50=$(med stream "$t" gap_p50_us); g99=$(med stream "$t" gap_p99_us)
-    if [[ $t == direct ]]; then x=(- - - -); else
-      x=("$(calc "$t50 - $s_t50")" "$(calc "$t99 - $s_t99")" "$(calc "$g50 - $s_g50")" "$(calc "$g99 - $s_g99")"); fi
-    printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' "$t" "$t50" "$t99" "$g50" "$g99" "${x[@]}"
-  done
+  # stream_rows F1 F2 F3 F4: a row per streaming target that has the fields (results from
+  # before nginx, hyper-bare or the send stamps have none), the four medians and each less
+  # the direct mock's; a target whose streams all failed says so.
+  stream_rows() {
+    local f t v base=() row x
+    for f in "$@"; do base+=("$(med stream direct "$f")"); done
+    for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
+      if ! grep -q "^stream .*target=$t .*ok=[1-9]" "$RAW"; then
+        grep -q "^stream-failed .*target=$t " "$RAW" && printf '  %-24s %s\n' "$t" \
+          "no stream completed: $(grep -m1 "^stream-failed .*target=$t " "$RAW" | sed 's/.*error=//')"
+        continue
+      fi
+      grep -q "^stream .*target=$t .* $1=" "$RAW" || continue
+      row=(); x=()
+      for f in 0 1 2 3; do
+        v=$(med stream "$t" "${@:f+1:1}"); row+=("$v")
+        if [[ $t == direct ]]; then x+=(-); else x+=("$(calc "$v - ${base[f]}")"); fi
+      done
+      printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' "$t" "${row[@]}" "${x[@]}"
+    done
+  }
+  stream_rows ttft_p50_us ttft_p99_us gap_p50_us gap_p99_us
   # From the mock's send stamps (results from before them have none).
   local stamped=0; grep -q '^stream .*target=direct .*transit_p50_us=' "$RAW" && stamped=1
   if (( stamped )); then
@@ -169,14 +178,7 @@ summarize() { # raw-file → summary on stdout
       '+trans p50' '+trans p99' '+exc p50' '+exc p99'
     s_r50=$(med stream direct transit_p50_us); s_r99=$(med stream direct transit_p99_us)
     s_e50=$(med stream direct gap_excess_p50_us); s_e99=$(med stream direct gap_excess_p99_us)
-    for t in direct nginx hyper-bare tollgate-sqlite tollgate-postgres "${PEER_LIST[@]}"; do
-      grep -q "^stream .*target=$t .*transit_p50_us=" "$RAW" || continue
-      r50=$(med stream "$t" transit_p50_us); r99=$(med stream "$t" transit_p99_us)
-      e50=$(med stream "$t" gap_excess_p50_us); e99=$(med stream "$t" gap_excess_p99_us)
-      if [[ $t == direct ]]; then x=(- - - -); else
-        x=("$(calc "$r50 - $s_r50")" "$(calc "$r99 - $s_r99")" "$(calc "$e50 - $s_e50")" "$(calc "$e99 - $s_e99")"); fi
-      printf '  %-24s %9s %9s %9s %9s %10s %10s %10s %10s\n' "$t" "$r50" "$r99" "$e50" "$e99" "${x[@]}"
-    done
+    stream_rows transit_p50_us transit_p99_us gap_excess_p50_us gap_excess_p99_us
   fi
   printf '\nHeld streams (mock: 40 chunks, 500 ms apart; started 2000/s; descriptor limit %s)\n' "$FD_LIMIT"
   printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %8s\n' target streams ok failed 'peak' 'TTFT' 'TTFT' \

@@ -95,7 +95,12 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
+    // The gateway's listener: the same accept queue as `tollgate serve` by default.
+    let listener = tollgate::server::bind(
+        &listen.to_string(),
+        tollgate::config::Limits::default().listen_backlog,
+    )
+    .await?;
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())

@@ -637,9 +637,7 @@ impl Relay {
             match tokio::time::timeout_at(deadline, self.next_event()).await {
                 Err(_) => break,
                 Ok(Ok(event)) => {
-                    if let Some(frame) = self.forward(&event) {
-                        joined.extend_from_slice(&frame);
-                    }
+                    self.forward(&event, &mut joined);
                 }
                 Ok(Err(end)) => joined.extend_from_slice(&self.finish(end).await),
             }
@@ -654,8 +652,9 @@ impl Relay {
         loop {
             match self.next_event().await {
                 Ok(event) => {
-                    if let Some(frame) = self.forward(&event) {
-                        return Some((frame, self));
+                    let mut frame = BytesMut::with_capacity(event.data.len() + 8);
+                    if self.forward(&event, &mut frame) {
+                        return Some((frame.freeze(), self));
                     }
                 }
                 Err(end) => {
@@ -685,9 +684,10 @@ impl Relay {
         }
     }
 
-    /// Takes note of an event's usage and content; returns the frame to pass on, if any (the
-    /// usage-only chunk goes on only to a client that asked for it).
-    fn forward(&mut self, event: &eventsource_stream::Event) -> Option<Bytes> {
+    /// Takes note of an event's usage and content, and appends the frame to pass on to `out`;
+    /// false if there is none (the usage-only chunk goes on only to a client that asked for
+    /// it).
+    fn forward(&mut self, event: &eventsource_stream::Event, out: &mut BytesMut) -> bool {
         let mut forward = true;
         let mut has_content = false;
         if let Ok(peek) = serde_json::from_str::<ChunkPeek>(&event.data) {
@@ -702,7 +702,7 @@ impl Relay {
             });
         }
         if !forward {
-            return None;
+            return false;
         }
         // Counted as delivered once passed on (the first frames: once joined for the head's
         // write; a client gone before that write is charged for them too, as for any frame
@@ -715,11 +715,11 @@ impl Relay {
             }
         }
         self.content_chunks += u64::from(has_content);
-        let mut frame = BytesMut::with_capacity(event.data.len() + 8);
-        frame.extend_from_slice(b"data: ");
-        frame.extend_from_slice(event.data.as_bytes());
-        frame.extend_from_slice(b"\n\n");
-        Some(frame.freeze())
+        out.reserve(event.data.len() + 8);
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(event.data.as_bytes());
+        out.extend_from_slice(b"\n\n");
+        true
     }
 
     /// Ends the upstream call and settles. The settlement runs in a task of its own, so that a

@@ -106,6 +106,21 @@ impl TestDb {
     }
 }
 
+/// An upstream's streamed answer for a route of a test's own ([`Mock::serve`]): `events` as
+/// the body of a `text/event-stream` response.
+pub fn sse_reply<S, B>(events: S) -> warp::reply::Response
+where
+    S: futures::Stream<Item = Result<B, std::io::Error>> + Send + Sync + 'static,
+    B: Into<bytes::Bytes>,
+{
+    let mut resp = warp::reply::Reply::into_response(warp::reply::stream(events));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    resp
+}
+
 /// The mock upstream on a loopback port; stops when dropped.
 pub struct Mock {
     pub addr: std::net::SocketAddr,
@@ -402,14 +417,20 @@ impl Harness {
     /// The account's usage records once the first has landed (a call settling in the
     /// background, its client gone); empty if none has within 5 s.
     pub async fn usage_once_settled(&self, account: &str) -> Vec<Value> {
+        self.usage_once_n_settled(account, 1).await
+    }
+
+    /// The account's usage records once `n` have landed; what there is after 5 s otherwise.
+    pub async fn usage_once_n_settled(&self, account: &str, n: usize) -> Vec<Value> {
+        let mut usage = Vec::new();
         for _ in 0..100 {
-            let usage = self.usage(account).await;
-            if !usage.is_empty() {
-                return usage;
+            usage = self.usage(account).await;
+            if usage.len() >= n {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Vec::new()
+        usage
     }
 
     /// An account funded with 1 USDT was charged `cost`, once: in its balance, and in a

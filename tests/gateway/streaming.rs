@@ -137,26 +137,21 @@ async fn the_head_does_not_wait_for_a_slow_first_token() {
         + "data: [DONE]\n\n";
     let (release, released) = tokio::sync::oneshot::channel::<()>();
     let released = Arc::new(Mutex::new(Some(released)));
-    let route = warp::post()
-        .and(warp::body::bytes())
-        .map(move |_: bytes::Bytes| {
-            let released = released.lock().unwrap().take();
-            let (role, rest) = (role.clone(), rest.clone());
-            let body = futures::stream::once(async move { Ok::<_, std::io::Error>(role) }).chain(
-                futures::stream::once(async move {
-                    if let Some(released) = released {
-                        let _ = released.await;
-                    }
-                    Ok(rest)
-                }),
-            );
-            let mut resp = warp::reply::Reply::into_response(warp::reply::stream(body));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/event-stream"),
-            );
-            resp
-        });
+    let route =
+        warp::post()
+            .and(warp::body::bytes())
+            .map(move |_: bytes::Bytes| {
+                let released = released.lock().unwrap().take();
+                let (role, rest) = (role.clone(), rest.clone());
+                sse_reply(futures::stream::once(async move { Ok(role) }).chain(
+                    futures::stream::once(async move {
+                        if let Some(released) = released {
+                            let _ = released.await;
+                        }
+                        Ok(rest)
+                    }),
+                ))
+            });
     let upstream = Mock::serve(route).await;
     let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
         c.providers.push(plain_provider(
@@ -281,14 +276,9 @@ async fn the_idle_timeout_counts_from_the_last_event() {
             let first = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":0,\
                      \"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"only\"},\
                      \"finish_reason\":null}]}\n\n";
-            let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
-                .chain(futures::stream::pending());
-            let mut resp = warp::reply::Reply::into_response(warp::reply::stream(body));
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/event-stream"),
-            );
-            resp
+            sse_reply(
+                futures::stream::once(async move { Ok(first) }).chain(futures::stream::pending()),
+            )
         });
     let silent = Mock::serve(route).await;
     let mock = MockOptions {
@@ -342,14 +332,7 @@ async fn the_idle_timeout_counts_from_the_last_event() {
     assert!(!text.contains("[DONE]"), "{text}");
     assert!(text.contains("\"error\""), "{text}");
 
-    let mut usage = Vec::new();
-    for _ in 0..100 {
-        usage = h.usage(&account).await;
-        if usage.len() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let usage = h.usage_once_n_settled(&account, 2).await;
     assert_eq!(usage.len(), 2, "{usage:?}");
     let mut statuses: Vec<u64> = usage
         .iter()
