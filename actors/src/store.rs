@@ -17,6 +17,12 @@ static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrati
 pub enum StoreError {
     #[error("unsupported database url `{0}` (use sqlite://… or postgres://…)")]
     UnsupportedUrl(String),
+    #[error(
+        "`{0}` is an in-memory SQLite database: it would lose every charge when the process \
+         exits (and each connection would see a database of its own); name a file, \
+         sqlite://path/to/tollgate.db"
+    )]
+    InMemory(String),
     #[error("cannot create the database directory: {0}")]
     Directory(#[source] std::io::Error),
     #[error("database: {0}")]
@@ -60,6 +66,14 @@ pub enum Backend {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: AnyPool,
+    /// Where ledger batches are committed. On SQLite a pool of its own with one connection:
+    /// every batch then finds that connection's page cache and prepared statements as the
+    /// last batch left them. Taking the shared pool's connections in turn (sqlx hands out
+    /// the one idle longest) made each batch re-read the pages the others had written,
+    /// since WAL invalidates a connection's cache whenever another connection commits.
+    /// Batches are committed one at a time anyway (the ledger writer ships one shipment at a
+    /// time, and SQLite takes one writer at a time). On Postgres, the shared pool.
+    writer: AnyPool,
     backend: Backend,
 }
 
@@ -202,48 +216,33 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        let pool = match backend {
+        let (pool, writer) = match backend {
             Backend::Sqlite => {
+                if sqlite_in_memory(url) {
+                    return Err(StoreError::InMemory(url.to_owned()));
+                }
                 let url = sqlite_url_with_create(url).map_err(StoreError::Directory)?;
-                AnyPoolOptions::new()
-                    .max_connections(4)
-                    // A round trip to the connection's worker thread per acquire, for a file
-                    // that does not go away.
-                    .test_before_acquire(false)
-                    .after_connect(|conn, _meta| {
-                        Box::pin(async move {
-                            // WAL with FULL sync: a committed batch survives kill -9 and power loss.
-                            sqlx::query("PRAGMA journal_mode = WAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = FULL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA busy_timeout = 10000")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA foreign_keys = ON")
-                                .execute(&mut *conn)
-                                .await?;
-                            Ok(())
-                        })
-                    })
-                    .connect(&url)
-                    .await?
+                let pool = sqlite_pool(4).connect(&url).await?;
+                SQLITE_MIGRATIONS.run(&pool).await?;
+                // Opened after the migrations, so that it never sees the schema change.
+                let writer = sqlite_pool(1).connect(&url).await?;
+                (pool, writer)
             }
             Backend::Postgres => {
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(5))
                     .connect(url)
-                    .await?
+                    .await?;
+                POSTGRES_MIGRATIONS.run(&pool).await?;
+                (pool.clone(), pool)
             }
         };
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
-        }
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -255,6 +254,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -441,7 +441,7 @@ impl Store {
         }
 
         let sql = BatchSql::of(self.backend);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let mut inserted_entries = KeySet::default();
         if !entries.is_empty() {
             let rows: Vec<_> = entries
@@ -529,7 +529,7 @@ impl Store {
         entries: &[&LedgerEntry],
         usages: &[&UsageRecord],
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let inserted = execute_values(&mut tx, &SQLITE_INSERT_LEDGER, entries, |q, e| {
             q.bind(e.entry_id.as_str())
                 .bind(e.account_id.as_str())
@@ -624,6 +624,33 @@ impl Store {
 
 const KEY_COLUMNS: &str = "SELECT id, account_id, name, key_hash, prefix, spend_cap, spent, \
      expires_at, allowed_models, created_at, revoked_at FROM api_keys";
+
+/// Options for a pool of `connections` SQLite connections, each set up the same way.
+fn sqlite_pool(connections: u32) -> AnyPoolOptions {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        // A round trip to the connection's worker thread per acquire, for a file that does not
+        // go away.
+        .test_before_acquire(false)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                // WAL with FULL sync: a committed batch survives kill -9 and power loss.
+                sqlx::query("PRAGMA journal_mode = WAL")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA busy_timeout = 10000")
+                    .execute(&mut *conn)
+                    .await?;
+                sqlx::query("PRAGMA foreign_keys = ON")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            })
+        })
+}
 
 fn account_row(r: &AnyRow) -> Result<AccountRow, StoreError> {
     Ok(AccountRow {
@@ -884,6 +911,15 @@ static POSTGRES_BATCH: BatchSql = BatchSql {
 };
 
 /// For `sqlite://path`, makes sure the file's directory exists and asks SQLite to create it.
+/// Whether a SQLite URL names an in-memory database (`sqlite::memory:`, `?mode=memory`).
+fn sqlite_in_memory(url: &str) -> bool {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory")
+}
+
 fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {
     let path = url
         .trim_start_matches("sqlite://")

@@ -141,6 +141,64 @@ async fn duplicate_email_is_its_own_error() {
     ));
 }
 
+#[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused() {
+    for url in [
+        "sqlite::memory:",
+        "sqlite://:memory:",
+        "sqlite://ledger.db?mode=memory",
+        "sqlite:ledger.db?cache=shared&mode=memory",
+    ] {
+        match Store::connect(url).await {
+            Err(e @ StoreError::InMemory(_)) => {
+                assert!(e.to_string().contains("lose every charge"), "{e}")
+            }
+            other => panic!("{url}: {:?}", other.map(|_| "connected")),
+        }
+    }
+    assert!(!sqlite_in_memory("sqlite://memory.db"));
+    assert!(!sqlite_in_memory("sqlite://ledger.db?mode=rwc"));
+}
+
+/// The ledger's batches go through a connection of their own: what it commits is what every
+/// other connection reads, and reads running meanwhile do not hold it up.
+#[tokio::test]
+async fn batches_committed_by_the_writer_are_read_everywhere() {
+    let (store, dir) = sqlite().await;
+    store.create_account("a", "a@example.com").await.unwrap();
+    // A read transaction left open on the shared pool (WAL lets the writer go on).
+    let mut reader = store.pool().begin().await.unwrap();
+    let before: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = 'a'")
+        .fetch_one(&mut *reader)
+        .await
+        .unwrap();
+    assert_eq!(before, 0);
+    for i in 0..3 {
+        let flags = store
+            .commit_batch(&[charge(&format!("r{i}"), "a", 100)])
+            .await
+            .unwrap();
+        assert_eq!(flags, vec![true]);
+    }
+    reader.rollback().await.unwrap();
+    let after: i64 = sqlx::query_scalar("SELECT balance FROM accounts WHERE id = 'a'")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, -300);
+    // And another process's view of the file (a second store) agrees.
+    let other = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+        .fetch_one(other.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    other.close().await;
+    store.close().await;
+}
+
 /// Every field of a batch lands as written, on both stores: integers beyond 2^53 (where a
 /// float would round), text that JSON must escape, absent optionals, several accounts and keys.
 async fn a_batch_round_trips_exactly(store: &Store) {
