@@ -298,3 +298,38 @@ fn a_line_is_serde_json_text_exactly() {
         );
     }
 }
+
+/// Strings are escaped eight bytes at a time where nothing needs it: every escaped byte, at
+/// every place in and across those eight-byte steps, between plain ASCII or multi-byte text,
+/// comes out as serde_json writes it.
+#[test]
+fn a_string_is_escaped_exactly_wherever_the_byte_falls() {
+    let mut special: Vec<char> = (0u8..0x20).map(char::from).collect();
+    special.extend([
+        '"', '\\', '/', '\u{7f}', 'é', '💸', '\u{2028}', ' ', '!', '[', ']',
+    ]);
+    for filler in ["a", "é"] {
+        for len in 0..26 {
+            for at in 0..len {
+                for &c in &special {
+                    let text: String = (0..len)
+                        .map(|i| {
+                            if i == at {
+                                c.to_string()
+                            } else {
+                                filler.to_owned()
+                            }
+                        })
+                        .collect();
+                    let mut ours = Vec::new();
+                    super::json::string(&mut ours, &text);
+                    assert_eq!(
+                        String::from_utf8(ours).unwrap(),
+                        serde_json::to_string(&text).unwrap(),
+                        "{text:?}"
+                    );
+                }
+            }
+        }
+    }
+}
