@@ -96,6 +96,7 @@ async fn serve(config_path: PathBuf, listen: Option<String>, demo: bool) -> anyh
         config.listen = l;
     }
     init_logging(config.log_format);
+    tollgate::server::raise_descriptor_limit(config.limits.max_connections);
     if demo {
         let mock = TcpListener::bind("127.0.0.1:0").await?;
         tollgate::demo::configure(&mut config, mock.local_addr()?);

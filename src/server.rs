@@ -48,6 +48,84 @@ pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
     }))
 }
 
+/// Descriptors the gateway holds besides its connections: the listener, the store's files and
+/// connections, the journal's segments, the runtime's own (epoll, eventfd), logs.
+pub const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// What [`raise_descriptor_limit`] found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DescriptorLimit {
+    /// The soft limit the process started with (`None`: unlimited).
+    pub was: Option<u64>,
+    /// The soft limit now.
+    pub now: Option<u64>,
+    /// Descriptors `limits.max_connections` connections may need, each with an upstream call
+    /// in flight: two each, plus [`RESERVED_DESCRIPTORS`].
+    pub needed: u64,
+}
+
+impl DescriptorLimit {
+    /// Whether the soft limit holds what `max_connections` may need.
+    pub fn suffices(&self) -> bool {
+        self.now.is_none_or(|n| n >= self.needed)
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit, as a server that holds one
+/// descriptor per client connection and one per upstream call must: the soft limit a shell or
+/// systemd hands out (often 1,024) is there for programs that never need more, and would
+/// fail calls with "too many open files" at about 500 held streams. Where the hard limit is
+/// unlimited, the kernel's own ceiling (`/proc/sys/fs/nr_open`) is taken. Logs what it did,
+/// and warns when even the raised limit cannot hold `max_connections` connections.
+pub fn raise_descriptor_limit(max_connections: usize) -> DescriptorLimit {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(RESERVED_DESCRIPTORS);
+    let limit = getrlimit(Resource::Nofile);
+    let ceiling = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    });
+    let mut now = limit.current;
+    if let (Some(current), Some(ceiling)) = (limit.current, ceiling) {
+        if current < ceiling {
+            match setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(ceiling),
+                    maximum: limit.maximum,
+                },
+            ) {
+                Ok(()) => {
+                    now = Some(ceiling);
+                    tracing::info!(from = current, to = ceiling, "descriptor limit raised");
+                }
+                Err(e) => {
+                    tracing::warn!(limit = current, error = %e, "could not raise the descriptor limit")
+                }
+            }
+        }
+    }
+    let found = DescriptorLimit {
+        was: limit.current,
+        now,
+        needed,
+    };
+    if let (false, Some(n)) = (found.suffices(), now) {
+        tracing::warn!(
+            limit = n,
+            max_connections,
+            "the descriptor limit holds about {} connections with an upstream call in flight, \
+             fewer than limits.max_connections; beyond that, calls fail with \"too many open \
+             files\". Raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) to at least {needed}",
+            n.saturating_sub(RESERVED_DESCRIPTORS) / 2
+        );
+    }
+    found
+}
+
 /// The accept loop. At most `limits.max_connections` connections are open; one accepted
 /// beyond that is closed at once. Each is served by hyper's HTTP/1 with keep-alive and a
 /// header read timeout (which also bounds a kept-alive connection's wait for its next

@@ -328,6 +328,17 @@ async fn proxy(
             lease.report(false);
             return Err(call.fail(504, ApiError::UpstreamTimeout).await);
         }
+        Ok(Err(e)) if out_of_descriptors(&e) => {
+            // The gateway's own shortage, not the provider's failure: its health is left as
+            // it is, and the client is told to come back rather than that upstream is down.
+            tracing::error!(request_id, provider = %call.model.provider, error = %ErrorChain(&e), "no descriptor for an upstream connection");
+            return Err(call
+                .fail(
+                    503,
+                    ApiError::Unavailable("The gateway (at its connection limit)".to_owned()),
+                )
+                .await);
+        }
         Ok(Err(e)) => {
             lease.report(false);
             tracing::warn!(request_id, provider = %call.model.provider, error = %ErrorChain(&e), "upstream unreachable");
@@ -505,6 +516,23 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
         }
     }
     Err(ApiError::Unavailable(format!("provider `{provider}`")))
+}
+
+/// Whether an upstream call failed because this process (EMFILE) or the machine (ENFILE)
+/// has no descriptor left for its socket.
+fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(ENFILE | EMFILE)) {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An error and its sources, `outer: inner: innermost` (hyper-util's own message says only

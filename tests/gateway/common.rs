@@ -530,6 +530,27 @@ pub struct Server {
     pub base: String,
 }
 
+/// A free port below the kernel's ephemeral range, for a server a test stops and starts again
+/// on the same port: a port from [`free_port`] is ephemeral, and while its server is down any
+/// outgoing connection of the tests running meanwhile may be given it.
+pub fn stable_port() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let span = low.saturating_sub(10_000).max(1);
+    let start = u16::try_from(std::process::id() % u32::from(span)).unwrap_or(0);
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = low - 1 - (start.wrapping_add(offset) % span);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range ({low})")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -537,6 +558,12 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// An `env` entry for [`Server::spawn_with_env`]: start the gateway with this soft limit on
+/// open descriptors.
+pub const SOFT_NOFILE: &str = "TEST_SOFT_NOFILE";
+/// As [`SOFT_NOFILE`], for both the soft and the hard limit.
+pub const NOFILE: &str = "TEST_NOFILE";
 
 impl Server {
     /// Starts `tollgate serve` and waits until it answers `/healthz`. Its stdout and stderr
@@ -564,7 +591,23 @@ impl Server {
             .open(log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        // With SOFT_NOFILE or NOFILE among `env`, the gateway starts from a shell that first
+        // lowers its descriptor limit (the soft one, or both) to that.
+        let limit = env.iter().find_map(|(k, v)| match *k {
+            SOFT_NOFILE => Some(format!("ulimit -Sn {v}")),
+            NOFILE => Some(format!("ulimit -n {v}")),
+            _ => None,
+        });
+        let mut command = match limit {
+            Some(ulimit) => {
+                let mut c = tokio::process::Command::new("sh");
+                c.args(["-c", &format!("{ulimit} && exec \"$0\" \"$@\"")])
+                    .arg(env!("CARGO_BIN_EXE_tollgate"));
+                c
+            }
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")),
+        };
+        let child = command
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -591,6 +634,10 @@ impl Server {
             "tollgate did not become healthy; log: {}",
             std::fs::read_to_string(log).unwrap_or_default()
         );
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the gateway is running")
     }
 
     /// kill -9.

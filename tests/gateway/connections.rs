@@ -267,3 +267,224 @@ async fn graceful_stop_lets_a_stream_in_flight_finish() {
         .expect("shutdown finished after the stream")
         .unwrap();
 }
+
+/// The soft and hard descriptor limits of a running process, from `/proc/PID/limits`
+/// (`None`: unlimited).
+fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    let parse = |f: &str| f.parse::<u64>().ok();
+    (parse(fields[0]), parse(fields[1]))
+}
+
+/// A gateway started with a soft descriptor limit of 256 (what a shell may hand out) raises it
+/// to the hard limit, and then holds 400 streams at once, which need some 800 descriptors: two
+/// each, the client's and the upstream's. A `max_connections` the hard limit cannot hold is
+/// named in a warning at start.
+#[tokio::test]
+async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the_soft_limit() {
+    let (_, hard) = nofile_limits(std::process::id());
+    if hard.is_some_and(|h| h < 2_000) {
+        let why = format!(
+            "this machine's hard descriptor limit is {hard:?}, below the 2,000 this test needs"
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions {
+        chunks: 4,
+        chunk_interval: Duration::from_millis(250),
+        ..Default::default()
+    })
+    .await;
+    let config = db.dir.path().join("tollgate.toml");
+    let toml = config_toml(&db.url, db.dir.path(), mock.addr);
+    std::fs::write(
+        &config,
+        format!("{toml}\n[limits]\nmax_connections = 800\n"),
+    )
+    .unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let server =
+        Server::spawn_with_env(&config, free_port(), &log, "info", &[(SOFT_NOFILE, "256")]).await;
+    let (soft, now_hard) = nofile_limits(server.pid());
+    assert_eq!(now_hard, hard);
+    assert!(soft.is_none_or(|s| s > 256), "soft limit still {soft:?}");
+    if hard.is_some() {
+        assert_eq!(soft, hard, "raised all the way");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("descriptor limit raised"), "{text}");
+    assert!(!text.contains("Raise the hard limit"), "{text}");
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let (_, key) = seed_account(&http, &server.base, "fds@example.com", "100").await;
+    let streams: Vec<_> = (0..400)
+        .map(|i| {
+            let http = http.clone();
+            let url = format!("{}/v1/chat/completions", server.base);
+            let key = key.clone();
+            tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(&key)
+                    .json(&json!({
+                        "model": "gpt-4o-mini",
+                        "stream": true,
+                        "messages": [{"role": "user", "content": format!("stream {i}")}],
+                    }))
+                    .send()
+                    .await
+                    .map_err(|e| format!("stream {i}: {e}"))?;
+                let status = resp.status();
+                let body = resp.text().await.map_err(|e| format!("stream {i}: {e}"))?;
+                if status != 200 || !body.ends_with("data: [DONE]\n\n") {
+                    return Err(format!("stream {i}: {status} {body}"));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for s in streams {
+        if let Err(e) = s.await.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of 400 failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(server.terminate().await.success());
+
+    // A max_connections beyond what the hard limit holds is named at start.
+    let Some(hard) = hard else { return };
+    let too_many = hard / 2 + 1;
+    std::fs::write(
+        &config,
+        format!("{toml}\n[limits]\nmax_connections = {too_many}\n"),
+    )
+    .unwrap();
+    let log = db.dir.path().join("tollgate-2.log");
+    let server = Server::spawn(&config, free_port(), &log, "info").await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("Raise the hard limit") && text.contains(&too_many.to_string()),
+        "{text}"
+    );
+    assert!(server.terminate().await.success());
+}
+
+/// A gateway whose hard descriptor limit (300) cannot hold the streams it is asked for: the
+/// calls it cannot open an upstream connection for are answered 503 (the gateway's shortage),
+/// never 502 (which would blame the provider), the provider's health counts no failure, and
+/// once the burst is over calls go through again.
+#[tokio::test]
+async fn running_out_of_descriptors_is_the_gateways_503_not_the_providers_failure() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions {
+        chunks: 4,
+        chunk_interval: Duration::from_millis(250),
+        ..Default::default()
+    })
+    .await;
+    let config = db.dir.path().join("tollgate.toml");
+    let toml = config_toml(&db.url, db.dir.path(), mock.addr);
+    std::fs::write(&config, &toml).unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let server =
+        Server::spawn_with_env(&config, free_port(), &log, "info", &[(NOFILE, "300")]).await;
+    assert_eq!(nofile_limits(server.pid()), (Some(300), Some(300)));
+
+    // No kept-alive connections: each would hold one of the gateway's few descriptors idle.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let (_, key) = seed_account(&http, &server.base, "few-fds@example.com", "100").await;
+    let call = |stream: bool| {
+        let http = http.clone();
+        let url = format!("{}/v1/chat/completions", server.base);
+        let key = key.clone();
+        async move {
+            let resp = http
+                .post(url)
+                .bearer_auth(&key)
+                .json(&json!({
+                    "model": "gpt-4o-mini",
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "hold me"}],
+                }))
+                .send()
+                .await
+                .map_err(|e| format!("{e}"))?;
+            let status = resp.status().as_u16();
+            let body = resp.text().await.map_err(|e| format!("{e}"))?;
+            Ok::<_, String>((status, body))
+        }
+    };
+    let streams: Vec<_> = (0..400).map(|_| tokio::spawn(call(true))).collect();
+    let (mut ok, mut unavailable, mut refused) = (0, 0, 0);
+    for s in streams {
+        match s.await.unwrap() {
+            Ok((200, body)) => {
+                assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+                ok += 1;
+            }
+            Ok((503, body)) => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["error"]["code"], "service_unavailable", "{body}");
+                assert_eq!(v["error"]["type"], "server_error", "{body}");
+                unavailable += 1;
+            }
+            Ok((status, body)) => panic!("{status}: {body}"),
+            // The listener could not take the connection (no descriptor to accept it with)
+            // and the client gave up or was reset: also the gateway's shortage.
+            Err(_) => refused += 1,
+        }
+    }
+    assert!(ok > 0, "no stream went through");
+    assert!(
+        unavailable + refused > 0,
+        "400 streams fit in 300 descriptors? ok {ok}"
+    );
+    eprintln!("{ok} streamed, {unavailable} answered 503, {refused} not connected");
+
+    let providers: Value = server
+        .admin(&http, reqwest::Method::GET, "/admin/providers")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mock_provider = providers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "mock")
+        .unwrap()
+        .clone();
+    assert_eq!(mock_provider["calls_failed"], 0, "{mock_provider}");
+    assert_eq!(mock_provider["consecutive_failures"], 0, "{mock_provider}");
+    // The burst is over: a call goes through.
+    let (status, body) = call(false).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(server.terminate().await.success());
+}

@@ -24,7 +24,7 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     let config = db.dir.path().join("tollgate.toml");
     std::fs::write(&config, config_toml(&db.url, db.dir.path(), mock.addr)).unwrap();
     let log = db.dir.path().join("tollgate.log");
-    let port = free_port();
+    let port = stable_port(); // the gateway is restarted on it
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -196,7 +196,7 @@ async fn kill9_before_shipping(backend: Backend, sync: &str) {
     )
     .unwrap();
     let log = db.dir.path().join("tollgate.log");
-    let port = free_port();
+    let port = stable_port(); // the gateway is restarted on it
     let http = reqwest::Client::new();
     let server = Server::spawn(&config, port, &log, "info").await;
     let (account, key) = seed_account(&http, &server.base, "journal@example.com", "100").await;

@@ -73,7 +73,8 @@ impl PrivatePostgres {
         let pg = PrivatePostgres {
             bin,
             data,
-            port: free_port(),
+            // Stopped and started again on this port while other tests open connections.
+            port: stable_port(),
             _dir: dir,
         };
         pg.up();
@@ -102,8 +103,9 @@ impl PrivatePostgres {
         );
         assert!(
             out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "pg_ctl start: {}\nserver.log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
     }
 
