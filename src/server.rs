@@ -52,32 +52,13 @@ pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
 /// connections, the journal's segments, the runtime's own (epoll, eventfd), logs.
 pub const RESERVED_DESCRIPTORS: u64 = 256;
 
-/// What [`raise_descriptor_limit`] found and did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DescriptorLimit {
-    /// The soft limit the process started with (`None`: unlimited).
-    pub was: Option<u64>,
-    /// The soft limit now.
-    pub now: Option<u64>,
-    /// Descriptors `limits.max_connections` connections may need, each with an upstream call
-    /// in flight: two each, plus [`RESERVED_DESCRIPTORS`].
-    pub needed: u64,
-}
-
-impl DescriptorLimit {
-    /// Whether the soft limit holds what `max_connections` may need.
-    pub fn suffices(&self) -> bool {
-        self.now.is_none_or(|n| n >= self.needed)
-    }
-}
-
 /// Raises the soft limit on open descriptors to the hard limit, as a server that holds one
 /// descriptor per client connection and one per upstream call must: the soft limit a shell or
 /// systemd hands out (often 1,024) is there for programs that never need more, and would
 /// fail calls with "too many open files" at about 500 held streams. Where the hard limit is
 /// unlimited, the kernel's own ceiling (`/proc/sys/fs/nr_open`) is taken. Logs what it did,
 /// and warns when even the raised limit cannot hold `max_connections` connections.
-pub fn raise_descriptor_limit(max_connections: usize) -> DescriptorLimit {
+pub fn raise_descriptor_limit(max_connections: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let needed = (max_connections as u64)
         .saturating_mul(2)
@@ -108,12 +89,8 @@ pub fn raise_descriptor_limit(max_connections: usize) -> DescriptorLimit {
             }
         }
     }
-    let found = DescriptorLimit {
-        was: limit.current,
-        now,
-        needed,
-    };
-    if let (false, Some(n)) = (found.suffices(), now) {
+    // Two descriptors a connection: the client's, and its upstream call's.
+    if let Some(n) = now.filter(|&n| n < needed) {
         tracing::warn!(
             limit = n,
             max_connections,
@@ -123,7 +100,6 @@ pub fn raise_descriptor_limit(max_connections: usize) -> DescriptorLimit {
             n.saturating_sub(RESERVED_DESCRIPTORS) / 2
         );
     }
-    found
 }
 
 /// The accept loop. At most `limits.max_connections` connections are open; one accepted
