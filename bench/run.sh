@@ -18,7 +18,9 @@
 # BENCH_PACE_MS (pause per connection in the paced run), BENCH_BIG_BYTES (the long conversations'
 # size, default 32768), BENCH_KEEP_TMP=1 (keep the temp
 # dir with configs and logs), BENCH_SKIP_BUILD=1, BENCH_PEER_DIR (where --peers installs the peer
-# gateways; default ~/.cache/tollgate-bench).
+# gateways; default ~/.cache/tollgate-bench), BENCH_GATEWAY_WORKERS=N (the gateways' tokio
+# worker threads, as TOKIO_WORKER_THREADS; default: one per core; the other processes keep
+# theirs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -31,7 +33,7 @@ while (( $# )); do
     --quick) QUICK=1 ;;
     --peers) PEERS=1 ;;
     --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -562,7 +564,8 @@ gateway_config "postgres://postgres@127.0.0.1:5432/$PG_DB" "$GW_PG_PORT" >"$TMP/
 
 start_gateway() { # name config port → sets LAST_PID
   spawn "$1" env -u DATABASE_URL -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_LISTEN \
-    -u TOLLGATE_DATABASE_URL -u TOLLGATE_LOG_FORMAT -u RUST_LOG \
+    -u TOLLGATE_DATABASE_URL -u TOLLGATE_LOG_FORMAT -u RUST_LOG -u TOKIO_WORKER_THREADS \
+    ${BENCH_GATEWAY_WORKERS:+TOKIO_WORKER_THREADS=$BENCH_GATEWAY_WORKERS} \
     "$TOLLGATE" serve --config "$2"
   local pid=$LAST_PID
   for _ in $(seq 1 400); do
@@ -904,6 +907,7 @@ OUT=$ROOT/bench/results/latest.txt
   echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
   echo "# tools: $("$NGINX" -v 2>&1), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), $(psql -h 127.0.0.1 -U postgres -Atc 'show server_version'| sed 's/^/PostgreSQL /'), sqlite $(sqlite3 --version | cut -d' ' -f1), $(cargo --version 2>/dev/null)"
   echo "# load average (1/5/15 min): $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
+  echo "# gateway worker threads: ${BENCH_GATEWAY_WORKERS:-one per core, tokio default}"
   echo
   echo "# raw lines: one per run; latencies in µs; cpu_us_per_req = process CPU time / requests"
   cat "$RAW"
