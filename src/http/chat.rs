@@ -523,16 +523,10 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
 fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
-    let mut source = Some(e);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(ENFILE | EMFILE)) {
-                return true;
-            }
-        }
-        source = e.source();
-    }
-    false
+    std::iter::successors(Some(e), |e| e.source()).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.raw_os_error(), Some(ENFILE | EMFILE)))
+    })
 }
 
 /// An error and its sources, `outer: inner: innermost` (hyper-util's own message says only

@@ -281,6 +281,93 @@ fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
     (parse(fields[0]), parse(fields[1]))
 }
 
+/// What the descriptor tests hold: a store, a mock whose streams last about a second (four
+/// chunks 250 ms apart), and the gateway's config for them (`toml` plus `limits`, written to
+/// `config`).
+struct SlowStreams {
+    db: TestDb,
+    _mock: Mock,
+    config: std::path::PathBuf,
+    toml: String,
+}
+
+impl SlowStreams {
+    async fn start() -> Option<SlowStreams> {
+        let db = TestDb::new(Backend::Sqlite).await?;
+        let mock = Mock::start(MockOptions {
+            chunks: 4,
+            chunk_interval: Duration::from_millis(250),
+            ..Default::default()
+        })
+        .await;
+        let config = db.dir.path().join("tollgate.toml");
+        let toml = config_toml(&db.url, db.dir.path(), mock.addr);
+        Some(SlowStreams {
+            db,
+            _mock: mock,
+            config,
+            toml,
+        })
+    }
+
+    /// Writes the config with `limits` (TOML lines) and starts the gateway from it, with
+    /// `env` (see [`Server::spawn_with_env`]); returns it and its log's path.
+    async fn gateway(
+        &self,
+        limits: &str,
+        log: &str,
+        env: &[(&str, &str)],
+    ) -> (Server, std::path::PathBuf) {
+        let toml = &self.toml;
+        std::fs::write(&self.config, format!("{toml}\n[limits]\n{limits}\n")).unwrap();
+        let log = self.db.dir.path().join(log);
+        let server = Server::spawn_with_env(&self.config, free_port(), &log, "info", env).await;
+        (server, log)
+    }
+}
+
+/// One chat call; its status and body, or why it got none.
+async fn chat(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    stream: bool,
+) -> Result<(u16, String), String> {
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({
+            "model": "gpt-4o-mini",
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hold me"}],
+        }))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.text().await.map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+/// 400 streamed calls at once, each to its end; what each came to.
+async fn streams_at_once(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+) -> Vec<Result<(u16, String), String>> {
+    let calls: Vec<_> = (0..400)
+        .map(|_| {
+            let (http, base, key) = (http.clone(), base.to_owned(), key.to_owned());
+            tokio::spawn(async move { chat(&http, &base, &key, true).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(calls.len());
+    for c in calls {
+        out.push(c.await.unwrap());
+    }
+    out
+}
+
 /// A gateway started with a soft descriptor limit of 256 (what a shell may hand out) raises it
 /// to the hard limit, and then holds 400 streams at once, which need some 800 descriptors: two
 /// each, the client's and the upstream's. A `max_connections` the hard limit cannot hold is
@@ -296,25 +383,16 @@ async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the
         eprintln!("skipped: {why}");
         return;
     }
-    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+    let Some(setup) = SlowStreams::start().await else {
         return;
     };
-    let mock = Mock::start(MockOptions {
-        chunks: 4,
-        chunk_interval: Duration::from_millis(250),
-        ..Default::default()
-    })
-    .await;
-    let config = db.dir.path().join("tollgate.toml");
-    let toml = config_toml(&db.url, db.dir.path(), mock.addr);
-    std::fs::write(
-        &config,
-        format!("{toml}\n[limits]\nmax_connections = 800\n"),
-    )
-    .unwrap();
-    let log = db.dir.path().join("tollgate.log");
-    let server =
-        Server::spawn_with_env(&config, free_port(), &log, "info", &[(SOFT_NOFILE, "256")]).await;
+    let (server, log) = setup
+        .gateway(
+            "max_connections = 800",
+            "tollgate.log",
+            &[(SOFT_NOFILE, "256")],
+        )
+        .await;
     let (soft, now_hard) = nofile_limits(server.pid());
     assert_eq!(now_hard, hard);
     assert!(soft.is_none_or(|s| s > 256), "soft limit still {soft:?}");
@@ -330,38 +408,11 @@ async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the
         .build()
         .unwrap();
     let (_, key) = seed_account(&http, &server.base, "fds@example.com", "100").await;
-    let streams: Vec<_> = (0..400)
-        .map(|i| {
-            let http = http.clone();
-            let url = format!("{}/v1/chat/completions", server.base);
-            let key = key.clone();
-            tokio::spawn(async move {
-                let resp = http
-                    .post(url)
-                    .bearer_auth(&key)
-                    .json(&json!({
-                        "model": "gpt-4o-mini",
-                        "stream": true,
-                        "messages": [{"role": "user", "content": format!("stream {i}")}],
-                    }))
-                    .send()
-                    .await
-                    .map_err(|e| format!("stream {i}: {e}"))?;
-                let status = resp.status();
-                let body = resp.text().await.map_err(|e| format!("stream {i}: {e}"))?;
-                if status != 200 || !body.ends_with("data: [DONE]\n\n") {
-                    return Err(format!("stream {i}: {status} {body}"));
-                }
-                Ok(())
-            })
-        })
+    let failed: Vec<_> = streams_at_once(&http, &server.base, &key)
+        .await
+        .into_iter()
+        .filter(|r| !matches!(r, Ok((200, body)) if body.ends_with("data: [DONE]\n\n")))
         .collect();
-    let mut failed = Vec::new();
-    for s in streams {
-        if let Err(e) = s.await.unwrap() {
-            failed.push(e);
-        }
-    }
     assert!(
         failed.is_empty(),
         "{} of 400 failed, e.g. {:?}",
@@ -373,13 +424,13 @@ async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the
     // A max_connections beyond what the hard limit holds is named at start.
     let Some(hard) = hard else { return };
     let too_many = hard / 2 + 1;
-    std::fs::write(
-        &config,
-        format!("{toml}\n[limits]\nmax_connections = {too_many}\n"),
-    )
-    .unwrap();
-    let log = db.dir.path().join("tollgate-2.log");
-    let server = Server::spawn(&config, free_port(), &log, "info").await;
+    let (server, log) = setup
+        .gateway(
+            &format!("max_connections = {too_many}"),
+            "tollgate-2.log",
+            &[],
+        )
+        .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("Raise the hard limit") && text.contains(&too_many.to_string()),
@@ -394,21 +445,16 @@ async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the
 /// once the burst is over calls go through again.
 #[tokio::test]
 async fn running_out_of_descriptors_is_the_gateways_503_not_the_providers_failure() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+    let Some(setup) = SlowStreams::start().await else {
         return;
     };
-    let mock = Mock::start(MockOptions {
-        chunks: 4,
-        chunk_interval: Duration::from_millis(250),
-        ..Default::default()
-    })
-    .await;
-    let config = db.dir.path().join("tollgate.toml");
-    let toml = config_toml(&db.url, db.dir.path(), mock.addr);
-    std::fs::write(&config, &toml).unwrap();
-    let log = db.dir.path().join("tollgate.log");
-    let server =
-        Server::spawn_with_env(&config, free_port(), &log, "info", &[(NOFILE, "300")]).await;
+    let (server, _) = setup
+        .gateway(
+            "max_connections = 10000",
+            "tollgate.log",
+            &[(NOFILE, "300")],
+        )
+        .await;
     assert_eq!(nofile_limits(server.pid()), (Some(300), Some(300)));
 
     // No kept-alive connections: each would hold one of the gateway's few descriptors idle.
@@ -418,31 +464,9 @@ async fn running_out_of_descriptors_is_the_gateways_503_not_the_providers_failur
         .build()
         .unwrap();
     let (_, key) = seed_account(&http, &server.base, "few-fds@example.com", "100").await;
-    let call = |stream: bool| {
-        let http = http.clone();
-        let url = format!("{}/v1/chat/completions", server.base);
-        let key = key.clone();
-        async move {
-            let resp = http
-                .post(url)
-                .bearer_auth(&key)
-                .json(&json!({
-                    "model": "gpt-4o-mini",
-                    "stream": stream,
-                    "messages": [{"role": "user", "content": "hold me"}],
-                }))
-                .send()
-                .await
-                .map_err(|e| format!("{e}"))?;
-            let status = resp.status().as_u16();
-            let body = resp.text().await.map_err(|e| format!("{e}"))?;
-            Ok::<_, String>((status, body))
-        }
-    };
-    let streams: Vec<_> = (0..400).map(|_| tokio::spawn(call(true))).collect();
     let (mut ok, mut unavailable, mut refused) = (0, 0, 0);
-    for s in streams {
-        match s.await.unwrap() {
+    for result in streams_at_once(&http, &server.base, &key).await {
+        match result {
             Ok((200, body)) => {
                 assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
                 ok += 1;
@@ -484,7 +508,7 @@ async fn running_out_of_descriptors_is_the_gateways_503_not_the_providers_failur
     assert_eq!(mock_provider["calls_failed"], 0, "{mock_provider}");
     assert_eq!(mock_provider["consecutive_failures"], 0, "{mock_provider}");
     // The burst is over: a call goes through.
-    let (status, body) = call(false).await.unwrap();
+    let (status, body) = chat(&http, &server.base, &key, false).await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(server.terminate().await.success());
 }
