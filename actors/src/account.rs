@@ -275,7 +275,7 @@ impl Actor for AccountActor {
             Default::default()
         } else {
             let ids: Vec<String> = unconfirmed.iter().map(|(id, _)| id.clone()).collect();
-            args.store.committed_entries(&ids).await?
+            args.store.committed_calls(&ids).await?
         };
         let snapshot = args
             .store
@@ -449,19 +449,7 @@ impl AccountState {
         let mut usage = req.usage;
         usage.cost = Amount(charged);
         usage.uncollected = Amount(uncollected);
-        let ledger = (charged > 0).then(|| LedgerEntry {
-            entry_id: req.request_id.clone(),
-            account_id: self.account_id.clone(),
-            kind: EntryKind::Charge,
-            amount: Amount(-charged),
-            key_id: req.key_id.clone(),
-            reason: None,
-            created_at: usage.created_at,
-        });
-        let record = Record {
-            ledger,
-            usage: Some(usage),
-        };
+        let record = Record::Call(usage);
         Settled {
             charged: Amount(charged),
             uncollected: Amount(uncollected),
@@ -484,18 +472,15 @@ impl AccountState {
                 });
             }
         }
-        let record = Record {
-            ledger: Some(LedgerEntry {
-                entry_id: req.entry_id,
-                account_id: self.account_id.clone(),
-                kind: req.kind,
-                amount: req.amount,
-                key_id: None,
-                reason: req.reason,
-                created_at: now_ms(),
-            }),
-            usage: None,
-        };
+        let record = Record::Entry(LedgerEntry {
+            entry_id: req.entry_id,
+            account_id: self.account_id.clone(),
+            kind: req.kind,
+            amount: req.amount,
+            key_id: None,
+            reason: req.reason,
+            created_at: now_ms(),
+        });
         let inserted = self
             .ledger
             .get()

@@ -319,7 +319,7 @@ impl Actor for LedgerWriter {
         let last_queued = queue
             .iter()
             .enumerate()
-            .filter_map(|(i, q)| Some((record_account(&q.record)?.to_owned(), i as u64 + 1)))
+            .map(|(i, q)| (q.record.account_id().to_owned(), i as u64 + 1))
             .collect();
         let mut state = LedgerState {
             store: args.store,
@@ -556,12 +556,11 @@ impl LedgerState {
         arrived: Instant,
     ) {
         self.queued += 1;
-        if let Some(account) = record_account(&record) {
-            match self.last_queued.get_mut(account) {
-                Some(seq) => *seq = self.queued,
-                None => {
-                    self.last_queued.insert(account.to_owned(), self.queued);
-                }
+        let account = record.account_id();
+        match self.last_queued.get_mut(account) {
+            Some(seq) => *seq = self.queued,
+            None => {
+                self.last_queued.insert(account.to_owned(), self.queued);
             }
         }
         self.queue.push_back(Queued {
@@ -723,7 +722,7 @@ async fn ship(store: Store, batch: Batch, writer: Option<ActorRef<LedgerMsg>>) -
     );
     let accounts: Vec<String> = records
         .iter()
-        .filter_map(record_account)
+        .map(Record::account_id)
         .collect::<std::collections::BTreeSet<&str>>()
         .into_iter()
         .map(str::to_owned)
@@ -799,15 +798,6 @@ async fn open_journal(args: &LedgerArgs) -> Result<(Journal, Vec<Replayed>), Jou
 pub(crate) fn journal_write_failed(e: &JournalError) {
     metrics::counter!("tollgate_journal_write_failures_total").increment(1);
     tracing::error!(error = %e, "journal write failed; committing the charge to the store directly");
-}
-
-/// The account a record moves money of (or records usage for).
-fn record_account(record: &Record) -> Option<&str> {
-    record
-        .ledger
-        .as_ref()
-        .map(|e| e.account_id.as_str())
-        .or_else(|| record.usage.as_ref().map(|u| u.account_id.as_str()))
 }
 
 fn log_commit_failure(e: &StoreError, batch: usize, retry_in: Duration) {

@@ -104,7 +104,6 @@ pub struct KeyRow {
 #[serde(rename_all = "lowercase")]
 pub enum EntryKind {
     Credit,
-    Charge,
     Adjustment,
 }
 
@@ -112,26 +111,28 @@ impl EntryKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EntryKind::Credit => "credit",
-            EntryKind::Charge => "charge",
             EntryKind::Adjustment => "adjustment",
         }
     }
 }
 
-/// One movement of money. `entry_id` is unique: writing the same entry twice is a no-op.
+/// A movement of money that is not a call: a credit (a deposit) or an operator's adjustment.
+/// `entry_id` is unique: writing the same entry twice is a no-op. What a call is charged is
+/// in its [`UsageRecord`].
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct LedgerEntry {
     pub entry_id: String,
     pub account_id: String,
     pub kind: EntryKind,
-    /// Signed: credits positive, charges negative.
+    /// Signed: credits positive, adjustments either way.
     pub amount: Amount,
     pub key_id: Option<String>,
     pub reason: Option<String>,
     pub created_at: i64,
 }
 
-/// Metadata of one proxied call. Never content.
+/// One proxied call: its metadata (never content) and what the balance paid for it (`cost`).
+/// `request_id` is unique: writing the same call twice is a no-op.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
     pub request_id: String,
@@ -142,7 +143,9 @@ pub struct UsageRecord {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// What the balance paid: the call's charge (zero for a call that cost nothing).
     pub cost: Amount,
+    /// What the call cost beyond that, when the balance ran dry.
     pub uncollected: Amount,
     pub status: u16,
     pub stream: bool,
@@ -176,11 +179,73 @@ impl UsageSource {
     }
 }
 
-/// What the ledger writer commits for one request: a money movement, its usage metadata, or both.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct Record {
-    pub ledger: Option<LedgerEntry>,
-    pub usage: Option<UsageRecord>,
+/// What the ledger writer commits: one row in the store, of either table.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", try_from = "RecordWire")]
+pub enum Record {
+    /// A call, with its charge (a row of `usage_records`).
+    Call(UsageRecord),
+    /// A credit or an adjustment (a row of `ledger`).
+    Entry(LedgerEntry),
+}
+
+impl Record {
+    /// The account whose money the record moves.
+    pub fn account_id(&self) -> &str {
+        match self {
+            Record::Call(u) => &u.account_id,
+            Record::Entry(e) => &e.account_id,
+        }
+    }
+
+    /// Unique among records of its kind: writing a record whose id is in the store is a no-op.
+    pub fn id(&self) -> &str {
+        match self {
+            Record::Call(u) => &u.request_id,
+            Record::Entry(e) => &e.entry_id,
+        }
+    }
+}
+
+/// A record as journal lines hold it: `{"call":…}` or `{"entry":…}`, or, in a journal written
+/// before migration 0002, `{"ledger":…,"usage":…}`, where a call came with a ledger entry of
+/// kind `charge` for the same amount. Such a call reads as its usage record alone, which is
+/// how the migration left the store: it deleted those entries.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RecordWire {
+    Call {
+        call: UsageRecord,
+    },
+    Entry {
+        entry: LedgerEntry,
+    },
+    Legacy {
+        ledger: Option<serde_json::Value>,
+        usage: Option<UsageRecord>,
+    },
+}
+
+impl TryFrom<RecordWire> for Record {
+    type Error = String;
+
+    fn try_from(wire: RecordWire) -> Result<Record, String> {
+        Ok(match wire {
+            RecordWire::Call { call }
+            | RecordWire::Legacy {
+                usage: Some(call), ..
+            } => Record::Call(call),
+            RecordWire::Entry { entry } => Record::Entry(entry),
+            RecordWire::Legacy {
+                ledger: Some(entry),
+                usage: None,
+            } => Record::Entry(serde_json::from_value(entry).map_err(|e| e.to_string())?),
+            RecordWire::Legacy {
+                ledger: None,
+                usage: None,
+            } => return Err("a record with neither a call nor an entry".to_owned()),
+        })
+    }
 }
 
 /// An account's durable state, as an account actor loads it on start.
@@ -414,29 +479,26 @@ impl Store {
     /// text never changes, so each is prepared once per connection (a `VALUES` list for the
     /// batch's exact size would be parsed and planned anew for every size).
     pub async fn commit_batch(&self, records: &[Record]) -> Result<Vec<bool>, StoreError> {
-        // The same entry twice in one batch (a resend racing its original) counts once.
-        let mut seen = IdSet::with_capacity_and_hasher(records.len(), Default::default());
-        let entries: Vec<&LedgerEntry> = records
-            .iter()
-            .filter_map(|r| r.ledger.as_ref())
-            .filter(|e| seen.insert(e.entry_id.as_str()))
-            .collect();
-        let entry_ids = seen;
-        let mut seen = IdSet::with_capacity_and_hasher(records.len(), Default::default());
-        let usages: Vec<&UsageRecord> = records
-            .iter()
-            .filter_map(|r| r.usage.as_ref())
-            .filter(|u| seen.insert(u.request_id.as_str()))
-            .collect();
-        let usage_ids = seen;
-        if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &usages).await? {
+        // The same record twice in one batch (a resend racing its original) counts once.
+        let mut entry_ids = IdSet::with_capacity_and_hasher(records.len(), Default::default());
+        let mut call_ids = IdSet::with_capacity_and_hasher(records.len(), Default::default());
+        let mut entries: Vec<&LedgerEntry> = Vec::new();
+        let mut calls: Vec<&UsageRecord> = Vec::with_capacity(records.len());
+        for record in records {
+            match record {
+                Record::Call(u) if call_ids.insert(u.request_id.as_str()) => calls.push(u),
+                Record::Entry(e) if entry_ids.insert(e.entry_id.as_str()) => entries.push(e),
+                _ => {}
+            }
+        }
+        if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &calls).await? {
             // All new: each id's first record in the batch is the new one (the sets hold each
             // id once; `remove` answers true for its first record only).
-            let (mut first_entry, mut first_usage) = (entry_ids, usage_ids);
+            let (mut first_entry, mut first_call) = (entry_ids, call_ids);
             return Ok(newness(
                 records,
                 |id| first_entry.remove(id),
-                |id| first_usage.remove(id),
+                |id| first_call.remove(id),
             ));
         }
 
@@ -460,30 +522,9 @@ impl Store {
                 .collect();
             inserted_entries = keys_of(&mut *tx, sql.insert_ledger, &rows, "entry_id").await?;
         }
-
-        // Balances and per-key spend move only by entries that are new.
-        let (account_delta, key_spent) = deltas(
-            entries
-                .iter()
-                .copied()
-                .filter(|e| inserted_entries.contains(&e.entry_id)),
-        );
-        if !account_delta.is_empty() {
-            sqlx::query(sql.add_to_balances)
-                .bind(json_rows(&account_delta)?)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if !key_spent.is_empty() {
-            sqlx::query(sql.add_to_key_spent)
-                .bind(json_rows(&key_spent)?)
-                .execute(&mut *tx)
-                .await?;
-        }
-
-        let mut inserted_usage = KeySet::default();
-        if !usages.is_empty() {
-            let rows: Vec<_> = usages
+        let mut inserted_calls = KeySet::default();
+        if !calls.is_empty() {
+            let rows: Vec<_> = calls
                 .iter()
                 .map(|u| {
                     (
@@ -505,7 +546,31 @@ impl Store {
                     )
                 })
                 .collect();
-            inserted_usage = keys_of(&mut *tx, sql.insert_usage, &rows, "request_id").await?;
+            inserted_calls = keys_of(&mut *tx, sql.insert_usage, &rows, "request_id").await?;
+        }
+
+        // Balances and per-key spend move only by records that are new.
+        let (account_delta, key_spent) = deltas(
+            entries
+                .iter()
+                .copied()
+                .filter(|e| inserted_entries.contains(&e.entry_id)),
+            calls
+                .iter()
+                .copied()
+                .filter(|u| inserted_calls.contains(&u.request_id)),
+        );
+        if !account_delta.is_empty() {
+            sqlx::query(sql.add_to_balances)
+                .bind(json_rows(&account_delta)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if !key_spent.is_empty() {
+            sqlx::query(sql.add_to_key_spent)
+                .bind(json_rows(&key_spent)?)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
 
@@ -513,11 +578,11 @@ impl Store {
         Ok(newness(
             records,
             |id| inserted_entries.remove(id),
-            |id| inserted_usage.remove(id),
+            |id| inserted_calls.remove(id),
         ))
     }
 
-    /// SQLite: commits `entries` and `usages` (each free of duplicates) if none of them is in
+    /// SQLite: commits `entries` and `calls` (each free of duplicates) if none of them is in
     /// the store yet, and says whether it did; otherwise rolls back and changes nothing.
     ///
     /// Inserts that return no rows, each row's fields bound as parameters: sqlx hands every
@@ -527,7 +592,7 @@ impl Store {
     async fn commit_new_batch(
         &self,
         entries: &[&LedgerEntry],
-        usages: &[&UsageRecord],
+        calls: &[&UsageRecord],
     ) -> Result<bool, StoreError> {
         let mut tx = self.writer.begin().await?;
         let inserted = execute_values(&mut tx, &SQLITE_INSERT_LEDGER, entries, |q, e| {
@@ -544,10 +609,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
-        let (account_delta, key_spent) = deltas(entries.iter().copied());
-        execute_values(&mut tx, &SQLITE_ADD_TO_BALANCES, &account_delta, bind_delta).await?;
-        execute_values(&mut tx, &SQLITE_ADD_TO_KEY_SPENT, &key_spent, bind_delta).await?;
-        let inserted = execute_values(&mut tx, &SQLITE_INSERT_USAGE, usages, |q, u| {
+        let inserted = execute_values(&mut tx, &SQLITE_INSERT_USAGE, calls, |q, u| {
             q.bind(u.request_id.as_str())
                 .bind(u.account_id.as_str())
                 .bind(u.key_id.as_deref())
@@ -565,21 +627,24 @@ impl Store {
                 .bind(u.created_at)
         })
         .await?;
-        if inserted != usages.len() as u64 {
+        if inserted != calls.len() as u64 {
             tx.rollback().await?;
             return Ok(false);
         }
+        let (account_delta, key_spent) = deltas(entries.iter().copied(), calls.iter().copied());
+        execute_values(&mut tx, &SQLITE_ADD_TO_BALANCES, &account_delta, bind_delta).await?;
+        execute_values(&mut tx, &SQLITE_ADD_TO_KEY_SPENT, &key_spent, bind_delta).await?;
         tx.commit().await?;
         Ok(true)
     }
 
-    /// Which of these ledger entry ids are committed.
-    pub async fn committed_entries(&self, entry_ids: &[String]) -> Result<KeySet, StoreError> {
-        if entry_ids.is_empty() {
+    /// Which of these calls (by request id) are committed.
+    pub async fn committed_calls(&self, request_ids: &[String]) -> Result<KeySet, StoreError> {
+        if request_ids.is_empty() {
             return Ok(Default::default());
         }
-        let sql = BatchSql::of(self.backend).committed_entries;
-        keys_of(&self.pool, sql, entry_ids, "entry_id").await
+        let sql = BatchSql::of(self.backend).committed_calls;
+        keys_of(&self.pool, sql, request_ids, "request_id").await
     }
 
     pub async fn usage(
@@ -699,19 +764,17 @@ fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, StoreError> {
     serde_json::to_string(rows).map_err(|e| StoreError::Database(sqlx::Error::Encode(Box::new(e))))
 }
 
-/// Per record, whether it was new: asked of its ledger entry's id, or of its usage record's id
-/// for a record without an entry.
+/// Per record, whether it was new: asked of its entry id or of its call's request id.
 fn newness<'a>(
     records: &'a [Record],
     mut entry_is_new: impl FnMut(&'a str) -> bool,
-    mut usage_is_new: impl FnMut(&'a str) -> bool,
+    mut call_is_new: impl FnMut(&'a str) -> bool,
 ) -> Vec<bool> {
     records
         .iter()
-        .map(|r| match (&r.ledger, &r.usage) {
-            (Some(e), _) => entry_is_new(&e.entry_id),
-            (None, Some(u)) => usage_is_new(&u.request_id),
-            (None, None) => false,
+        .map(|r| match r {
+            Record::Call(u) => call_is_new(&u.request_id),
+            Record::Entry(e) => entry_is_new(&e.entry_id),
         })
         .collect()
 }
@@ -721,15 +784,22 @@ fn bind_delta<'q>(q: AnyQuery<'q>, (id, amount): &'q (&'q str, i64)) -> AnyQuery
     q.bind(*id).bind(*amount)
 }
 
-/// What `entries` move: per account, the sum of their amounts; per key, what its charges
-/// spent (positive). Sorted by id, so that concurrent writers would take row locks in one order.
-fn deltas<'a>(entries: impl Iterator<Item = &'a LedgerEntry>) -> (Deltas<'a>, Deltas<'a>) {
+/// What `entries` and `calls` move: per account, the entries' amounts less the calls' costs;
+/// per key, what its calls spent (positive). Calls that cost nothing move nothing. Sorted by
+/// id, so that concurrent writers would take row locks in one order.
+fn deltas<'a>(
+    entries: impl Iterator<Item = &'a LedgerEntry>,
+    calls: impl Iterator<Item = &'a UsageRecord>,
+) -> (Deltas<'a>, Deltas<'a>) {
     let mut account_delta: std::collections::BTreeMap<&str, i64> = Default::default();
     let mut key_spent: std::collections::BTreeMap<&str, i64> = Default::default();
     for e in entries {
         *account_delta.entry(e.account_id.as_str()).or_default() += e.amount.nanos();
-        if let (EntryKind::Charge, Some(key)) = (e.kind, e.key_id.as_deref()) {
-            *key_spent.entry(key).or_default() -= e.amount.nanos();
+    }
+    for u in calls.filter(|u| u.cost != Amount::ZERO) {
+        *account_delta.entry(u.account_id.as_str()).or_default() -= u.cost.nanos();
+        if let Some(key) = u.key_id.as_deref() {
+            *key_spent.entry(key).or_default() += u.cost.nanos();
         }
     }
     (
@@ -850,7 +920,7 @@ struct BatchSql {
     add_to_balances: &'static str,
     add_to_key_spent: &'static str,
     insert_usage: &'static str,
-    committed_entries: &'static str,
+    committed_calls: &'static str,
 }
 
 impl BatchSql {
@@ -880,8 +950,8 @@ static SQLITE_BATCH: BatchSql = BatchSql {
         r.value ->> 10, r.value ->> 11, r.value ->> 12, r.value ->> 13, r.value ->> 14 \
         FROM json_each(?) AS r WHERE true \
         ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-    committed_entries:
-        "SELECT entry_id FROM ledger WHERE entry_id IN (SELECT value FROM json_each(?))",
+    committed_calls: "SELECT request_id FROM usage_records \
+        WHERE request_id IN (SELECT value FROM json_each(?))",
 };
 
 static POSTGRES_BATCH: BatchSql = BatchSql {
@@ -902,11 +972,10 @@ static POSTGRES_BATCH: BatchSql = BatchSql {
         (r ->> 11)::bigint, r ->> 12, (r ->> 13)::bigint, (r ->> 14)::bigint \
         FROM jsonb_array_elements($1::jsonb) AS r \
         ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-    committed_entries: "SELECT entry_id FROM ledger WHERE entry_id IN \
+    committed_calls: "SELECT request_id FROM usage_records WHERE request_id IN \
         (SELECT jsonb_array_elements_text($1::jsonb))",
 };
 
-/// For `sqlite://path`, makes sure the file's directory exists and asks SQLite to create it.
 /// Whether a SQLite URL names an in-memory database (`sqlite::memory:`, `?mode=memory`).
 fn sqlite_in_memory(url: &str) -> bool {
     let rest = url
@@ -916,6 +985,7 @@ fn sqlite_in_memory(url: &str) -> bool {
     path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory")
 }
 
+/// For `sqlite://path`, makes sure the file's directory exists and asks SQLite to create it.
 fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {
     let path = url
         .trim_start_matches("sqlite://")

@@ -1776,7 +1776,6 @@ async fn abuse_charges_nothing(backend: Backend) {
                 charges: 0,
                 credits,
                 charge_count: 0,
-                usage_cost_sum: 0,
                 usage_count: 0,
             },
             "{id}"

@@ -58,7 +58,6 @@ async fn exact_billing_non_streamed(backend: Backend) {
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
     assert_eq!(l.charges, expected.nanos());
-    assert_eq!(l.usage_cost_sum, expected.nanos());
     pool.close().await;
     h.stop().await;
 }
@@ -161,7 +160,6 @@ async fn exact_billing_streamed(backend: Backend) {
     let pool = h.pool().await;
     let l = ledger(&pool, &account).await;
     assert_eq!(l.ledger_sum, l.balance);
-    assert_eq!(l.charges, l.usage_cost_sum);
     assert_eq!(l.charge_count, 2);
     pool.close().await;
     h.stop().await;

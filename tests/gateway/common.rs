@@ -451,12 +451,17 @@ impl Harness {
 /// What the store says about an account, straight from SQL.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Ledger {
+    /// `accounts.balance`, which every commit moves.
     pub balance: i64,
+    /// What the rows add up to: credits less charges. Equal to `balance` in a sound store.
     pub ledger_sum: i64,
+    /// The calls' costs (usage records).
     pub charges: i64,
+    /// The ledger's entries: credits and adjustments.
     pub credits: i64,
+    /// Calls that cost something.
     pub charge_count: i64,
-    pub usage_cost_sum: i64,
+    /// Calls recorded, charged or not.
     pub usage_count: i64,
 }
 
@@ -474,13 +479,20 @@ pub async fn ledger(pool: &sqlx::AnyPool, account: &str) -> Ledger {
                 .expect("i64")
         }
     };
+    let charges = one(
+        "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM usage_records WHERE account_id = $1",
+    )
+    .await;
+    let credits =
+        one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1")
+            .await;
     Ledger {
         balance: one("SELECT balance FROM accounts WHERE id = $1").await,
-        ledger_sum: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1").await,
-        charges: one("SELECT CAST(COALESCE(SUM(-amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1 AND kind = 'charge'").await,
-        credits: one("SELECT CAST(COALESCE(SUM(amount), 0) AS BIGINT) FROM ledger WHERE account_id = $1 AND kind <> 'charge'").await,
-        charge_count: one("SELECT COUNT(*) FROM ledger WHERE account_id = $1 AND kind = 'charge'").await,
-        usage_cost_sum: one("SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM usage_records WHERE account_id = $1").await,
+        ledger_sum: credits - charges,
+        charges,
+        credits,
+        charge_count: one("SELECT COUNT(*) FROM usage_records WHERE account_id = $1 AND cost > 0")
+            .await,
         usage_count: one("SELECT COUNT(*) FROM usage_records WHERE account_id = $1").await,
     }
 }

@@ -10,15 +10,15 @@ use crate::store::{LedgerEntry, Record, UsageRecord};
 
 /// Appends `record`'s JSON to `out`.
 pub(super) fn write_record(out: &mut Vec<u8>, record: &Record) {
-    out.extend_from_slice(b"{\"ledger\":");
-    match &record.ledger {
-        Some(entry) => write_entry(out, entry),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"usage\":");
-    match &record.usage {
-        Some(usage) => write_usage(out, usage),
-        None => out.extend_from_slice(b"null"),
+    match record {
+        Record::Call(usage) => {
+            out.extend_from_slice(b"{\"call\":");
+            write_usage(out, usage);
+        }
+        Record::Entry(entry) => {
+            out.extend_from_slice(b"{\"entry\":");
+            write_entry(out, entry);
+        }
     }
     out.push(b'}');
 }

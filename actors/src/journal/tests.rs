@@ -2,28 +2,46 @@
 
 use super::*;
 use crate::money::Amount;
-use crate::store::{EntryKind, LedgerEntry};
+use crate::store::{EntryKind, LedgerEntry, UsageRecord, UsageSource};
+
+fn usage(id: &str) -> UsageRecord {
+    UsageRecord {
+        request_id: id.to_owned(),
+        account_id: "acct".to_owned(),
+        key_id: Some("key".to_owned()),
+        model: "gpt-4o-mini".to_owned(),
+        provider: "openai".to_owned(),
+        prompt_tokens: 12,
+        completion_tokens: 34,
+        cached_tokens: 0,
+        cost: Amount(1_234_567),
+        uncollected: Amount::ZERO,
+        status: 200,
+        stream: false,
+        usage_source: UsageSource::Upstream,
+        latency_ms: 5,
+        created_at: 1_700_000_000_000,
+    }
+}
 
 fn charge(id: &str) -> Record {
-    Record {
-        ledger: Some(LedgerEntry {
-            entry_id: id.to_owned(),
-            account_id: "acct".to_owned(),
-            kind: EntryKind::Charge,
-            amount: Amount(-1_234_567),
-            key_id: Some("key".to_owned()),
-            reason: None,
-            created_at: 1_700_000_000_000,
-        }),
-        usage: None,
+    Record::Call(usage(id))
+}
+
+fn credit(id: &str) -> LedgerEntry {
+    LedgerEntry {
+        entry_id: id.to_owned(),
+        account_id: "acct".to_owned(),
+        kind: EntryKind::Credit,
+        amount: Amount(5_000_000_000),
+        key_id: None,
+        reason: Some("deposit".to_owned()),
+        created_at: 1_700_000_000_000,
     }
 }
 
 fn ids(replayed: &[Replayed]) -> Vec<String> {
-    replayed
-        .iter()
-        .map(|r| r.record.ledger.as_ref().unwrap().entry_id.clone())
-        .collect()
+    replayed.iter().map(|r| r.record.id().to_owned()).collect()
 }
 
 fn segment_files(dir: &Path) -> Vec<String> {
@@ -49,9 +67,10 @@ fn unshipped_records_come_back_in_order_and_exactly() {
     }
     let (j, replayed) = Journal::open(dir.path(), 1 << 20).unwrap();
     assert_eq!(ids(&replayed), ["c0", "c1", "c2", "c3", "c4"]);
-    let first = replayed[0].record.ledger.as_ref().unwrap();
-    assert_eq!(first.amount, Amount(-1_234_567));
-    assert_eq!(first.key_id.as_deref(), Some("key"));
+    let Record::Call(first) = &replayed[0].record else {
+        panic!("a call came back as {:?}", replayed[0].record);
+    };
+    assert_eq!(first, &usage("c0"));
     // The old segment is kept until shipped; new records go to a new one.
     assert_eq!(j.unshipped(), 5);
     assert_eq!(segment_files(dir.path()).len(), 2);
@@ -218,10 +237,10 @@ fn records_across_mapping_windows_and_segments_come_back_intact() {
 #[test]
 fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
-    let mut big = charge("big");
-    if let Some(l) = big.ledger.as_mut() {
-        l.reason = Some("x".repeat(10_000));
-    }
+    let big = Record::Entry(LedgerEntry {
+        reason: Some("x".repeat(10_000)),
+        ..credit("big")
+    });
     {
         let (mut j, _) = Journal::open(dir.path(), 4096).unwrap();
         let a = j.append(&charge("before")).unwrap();
@@ -231,14 +250,10 @@ fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
     }
     let (_, replayed) = Journal::open(dir.path(), 4096).unwrap();
     assert_eq!(ids(&replayed), ["before", "big", "after"]);
-    let reason = replayed[1]
-        .record
-        .ledger
-        .as_ref()
-        .unwrap()
-        .reason
-        .as_deref();
-    assert_eq!(reason.map(str::len), Some(10_000));
+    let Record::Entry(entry) = &replayed[1].record else {
+        panic!("an entry came back as {:?}", replayed[1].record);
+    };
+    assert_eq!(entry.reason.as_deref().map(str::len), Some(10_000));
 }
 
 /// The hand-written line (journal/json.rs) is exactly serde_json's text for the same record,
@@ -246,7 +261,6 @@ fn a_record_larger_than_a_segment_gets_a_segment_of_its_own() {
 /// unset, amounts of both signs, integer extremes, and strings with every kind of character.
 #[test]
 fn a_line_is_serde_json_text_exactly() {
-    use crate::store::{UsageRecord, UsageSource};
     let strings = [
         "req_01a21f42d196713c9008c270149cf96a",
         "",
@@ -255,38 +269,36 @@ fn a_line_is_serde_json_text_exactly() {
         "\u{0}\u{1}\u{1f}\u{7f} controls",
         "été 💸 \u{2028}",
     ];
-    let mut records = vec![Record::default()];
+    let mut records = Vec::new();
     for (i, s) in strings.iter().enumerate() {
         let text = (*s).to_owned();
         let amount = Amount([i64::MIN, i64::MAX, -1, 0, 1_500_000_000, -10][i]);
-        records.push(Record {
-            ledger: Some(LedgerEntry {
-                entry_id: text.clone(),
-                account_id: text.clone(),
-                kind: [EntryKind::Credit, EntryKind::Charge, EntryKind::Adjustment][i % 3],
-                amount,
-                key_id: (i % 2 == 0).then(|| text.clone()),
-                reason: (i % 2 == 1).then(|| text.clone()),
-                created_at: [i64::MIN, i64::MAX, 0, -1, 1_700_000_000_000, 42][i],
-            }),
-            usage: (i % 3 != 2).then(|| UsageRecord {
-                request_id: text.clone(),
-                account_id: text.clone(),
-                key_id: (i % 2 == 1).then(|| text.clone()),
-                model: text.clone(),
-                provider: text.clone(),
-                prompt_tokens: [u64::MAX, 0, 1, 8, 1 << 40, 7][i],
-                completion_tokens: i as u64,
-                cached_tokens: u64::MAX - i as u64,
-                cost: amount,
-                uncollected: Amount(-amount.nanos().saturating_add(1)),
-                status: [200, 0, u16::MAX, 499, 502, 1][i],
-                stream: i % 2 == 0,
-                usage_source: [UsageSource::Upstream, UsageSource::Estimated][i % 2],
-                latency_ms: u64::MAX / (i as u64 + 1),
-                created_at: i64::MAX - i as i64,
-            }),
-        });
+        records.push(Record::Entry(LedgerEntry {
+            entry_id: text.clone(),
+            account_id: text.clone(),
+            kind: [EntryKind::Credit, EntryKind::Adjustment][i % 2],
+            amount,
+            key_id: (i % 2 == 0).then(|| text.clone()),
+            reason: (i % 2 == 1).then(|| text.clone()),
+            created_at: [i64::MIN, i64::MAX, 0, -1, 1_700_000_000_000, 42][i],
+        }));
+        records.push(Record::Call(UsageRecord {
+            request_id: text.clone(),
+            account_id: text.clone(),
+            key_id: (i % 2 == 1).then(|| text.clone()),
+            model: text.clone(),
+            provider: text.clone(),
+            prompt_tokens: [u64::MAX, 0, 1, 8, 1 << 40, 7][i],
+            completion_tokens: i as u64,
+            cached_tokens: u64::MAX - i as u64,
+            cost: amount,
+            uncollected: Amount(-amount.nanos().saturating_add(1)),
+            status: [200, 0, u16::MAX, 499, 502, 1][i],
+            stream: i % 2 == 0,
+            usage_source: [UsageSource::Upstream, UsageSource::Estimated][i % 2],
+            latency_ms: u64::MAX / (i as u64 + 1),
+            created_at: i64::MAX - i as i64,
+        }));
     }
     for record in &records {
         let mut ours = Vec::new();
@@ -332,4 +344,51 @@ fn a_string_is_escaped_exactly_wherever_the_byte_falls() {
             }
         }
     }
+}
+
+/// A journal written before migration 0002 holds `{"ledger":…,"usage":…}` lines, a charged
+/// call with a ledger entry of kind `charge` beside its usage record. They replay as what the
+/// store now holds: the call alone (its cost is the charge), and a credit as an entry.
+#[test]
+fn a_journal_written_before_one_row_per_call_replays() {
+    let dir = tempfile::tempdir().unwrap();
+    let call = serde_json::to_string(&usage("r1")).unwrap();
+    let free_call = serde_json::to_string(&UsageRecord {
+        cost: Amount::ZERO,
+        status: 502,
+        ..usage("r2")
+    })
+    .unwrap();
+    let deposit = serde_json::to_string(&credit("c1")).unwrap();
+    let old_lines = [
+        format!(
+            r#"{{"ledger":{{"entry_id":"r1","account_id":"acct","kind":"charge","amount":"-0.001234567","key_id":"key","reason":null,"created_at":1700000000000}},"usage":{call}}}"#
+        ),
+        format!(r#"{{"ledger":null,"usage":{free_call}}}"#),
+        format!(r#"{{"ledger":{deposit},"usage":null}}"#),
+        // Neither: not a record; skipped like a damaged line.
+        r#"{"ledger":null,"usage":null}"#.to_owned(),
+    ];
+    let mut segment = Vec::new();
+    for json in &old_lines {
+        let crc = crc32fast::hash(json.as_bytes());
+        segment.extend_from_slice(format!("{crc:08x} {json}\n").as_bytes());
+    }
+    {
+        // A segment file named as the journal names them.
+        let (mut j, _) = Journal::open(dir.path(), 1 << 16).unwrap();
+        j.append(&charge("placeholder")).unwrap();
+    }
+    let name = segment_files(dir.path())[0].clone();
+    std::fs::write(dir.path().join(&name), &segment).unwrap();
+
+    let (_, replayed) = Journal::open(dir.path(), 1 << 16).unwrap();
+    assert_eq!(ids(&replayed), ["r1", "r2", "c1"]);
+    assert!(matches!(&replayed[0].record, Record::Call(u) if *u == usage("r1")));
+    assert!(
+        matches!(&replayed[1].record, Record::Call(u) if u.cost == Amount::ZERO && u.status == 502)
+    );
+    assert!(
+        matches!(&replayed[2].record, Record::Entry(e) if e.kind == EntryKind::Credit && e.amount == Amount(5_000_000_000))
+    );
 }

@@ -2,22 +2,40 @@
 
 use super::*;
 use crate::money::Amount;
-use crate::store::{now_ms, EntryKind, LedgerEntry};
+use crate::store::{now_ms, EntryKind, LedgerEntry, UsageRecord, UsageSource};
 use ractor::rpc::CallResult;
 
 fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
-    Record {
-        ledger: Some(LedgerEntry {
-            entry_id: id.to_owned(),
-            account_id: account.to_owned(),
-            kind,
-            amount: Amount(nanos),
-            key_id: None,
-            reason: None,
-            created_at: now_ms(),
-        }),
-        usage: None,
-    }
+    Record::Entry(LedgerEntry {
+        entry_id: id.to_owned(),
+        account_id: account.to_owned(),
+        kind,
+        amount: Amount(nanos),
+        key_id: None,
+        reason: None,
+        created_at: now_ms(),
+    })
+}
+
+/// A call of `account`'s that cost `nanos`.
+fn charge(id: &str, account: &str, nanos: i64) -> Record {
+    Record::Call(UsageRecord {
+        request_id: id.to_owned(),
+        account_id: account.to_owned(),
+        key_id: None,
+        model: "m".to_owned(),
+        provider: "p".to_owned(),
+        prompt_tokens: 1,
+        completion_tokens: 1,
+        cached_tokens: 0,
+        cost: Amount(nanos),
+        uncollected: Amount::ZERO,
+        status: 200,
+        stream: false,
+        usage_source: UsageSource::Upstream,
+        latency_ms: 1,
+        created_at: now_ms(),
+    })
 }
 
 struct Setup {
@@ -134,7 +152,7 @@ async fn appends_are_answered_from_the_journal_then_shipped() {
     assert!(matches!(credit.await.unwrap(), Ok(true)));
     for i in 0..10 {
         let rx = send(&ledger, |port| {
-            LedgerMsg::Append(entry(&format!("c{i}"), "a", EntryKind::Charge, -7), port)
+            LedgerMsg::Append(charge(&format!("c{i}"), "a", 7), port)
         });
         assert!(matches!(rx.await.unwrap(), Ok(true)));
     }
@@ -158,13 +176,11 @@ async fn a_new_writer_ships_what_the_journal_holds() {
     {
         let (mut journal, _) = Journal::open(&s.journal_dir(), 1 << 20).unwrap();
         for i in 0..3 {
-            journal
-                .append(&entry(&format!("c{i}"), "a", EntryKind::Charge, -100))
-                .unwrap();
+            journal.append(&charge(&format!("c{i}"), "a", 100)).unwrap();
         }
     }
     s.store
-        .commit_batch(&[entry("c1", "a", EntryKind::Charge, -100)])
+        .commit_batch(&[charge("c1", "a", 100)])
         .await
         .unwrap();
     assert_eq!(s.balance().await, Amount(900));

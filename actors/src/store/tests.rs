@@ -15,6 +15,17 @@ const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// A fresh Postgres database, dropped by [`drop_postgres`]. `None` (saying why) when Postgres is
 /// unreachable outside CI; under `CI=true` that fails the test instead.
 async fn postgres() -> Option<(Store, String)> {
+    let name = empty_postgres().await?;
+    let store = Store::connect(&postgres_url(&name)).await.unwrap();
+    Some((store, name))
+}
+
+fn postgres_url(name: &str) -> String {
+    format!("postgres://postgres@127.0.0.1:5432/{name}")
+}
+
+/// A fresh, empty Postgres database's name; see [`postgres`].
+async fn empty_postgres() -> Option<String> {
     sqlx::any::install_default_drivers();
     let admin = match AnyPool::connect(PG_ADMIN_URL).await {
         Ok(p) => p,
@@ -36,10 +47,7 @@ async fn postgres() -> Option<(Store, String)> {
         .await
         .unwrap();
     admin.close().await;
-    let store = Store::connect(&format!("postgres://postgres@127.0.0.1:5432/{name}"))
-        .await
-        .unwrap();
-    Some((store, name))
+    Some(name)
 }
 
 /// Runs `test` on a fresh Postgres database and drops it after.
@@ -60,19 +68,41 @@ async fn drop_postgres(store: Store, name: String) {
     admin.close().await;
 }
 
-fn charge(id: &str, account: &str, nanos: i64) -> Record {
-    Record {
-        ledger: Some(LedgerEntry {
-            entry_id: id.to_owned(),
-            account_id: account.to_owned(),
-            kind: EntryKind::Charge,
-            amount: Amount(-nanos),
-            key_id: None,
-            reason: None,
-            created_at: now_ms(),
-        }),
-        usage: None,
+/// A call of `account`'s that cost `nanos`.
+fn call(id: &str, account: &str, nanos: i64) -> UsageRecord {
+    UsageRecord {
+        request_id: id.to_owned(),
+        account_id: account.to_owned(),
+        key_id: None,
+        model: "m".to_owned(),
+        provider: "p".to_owned(),
+        prompt_tokens: 1,
+        completion_tokens: 2,
+        cached_tokens: 0,
+        cost: Amount(nanos),
+        uncollected: Amount(0),
+        status: 200,
+        stream: false,
+        usage_source: UsageSource::Upstream,
+        latency_ms: 1,
+        created_at: now_ms(),
     }
+}
+
+fn charge(id: &str, account: &str, nanos: i64) -> Record {
+    Record::Call(call(id, account, nanos))
+}
+
+fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
+    Record::Entry(LedgerEntry {
+        entry_id: id.to_owned(),
+        account_id: account.to_owned(),
+        kind,
+        amount: Amount(nanos),
+        key_id: None,
+        reason: Some("test".to_owned()),
+        created_at: now_ms(),
+    })
 }
 
 #[tokio::test]
@@ -83,18 +113,7 @@ async fn an_entry_counts_once_however_often_it_is_written() {
 
 async fn an_entry_counts_once(store: &Store) {
     store.create_account("a", "a@example.com").await.unwrap();
-    let credit = Record {
-        ledger: Some(LedgerEntry {
-            entry_id: "c1".to_owned(),
-            account_id: "a".to_owned(),
-            kind: EntryKind::Credit,
-            amount: Amount(1000),
-            key_id: None,
-            reason: Some("test".to_owned()),
-            created_at: now_ms(),
-        }),
-        usage: None,
-    };
+    let credit = entry("c1", "a", EntryKind::Credit, 1000);
     assert_eq!(
         store
             .commit_batch(std::slice::from_ref(&credit))
@@ -121,14 +140,12 @@ async fn an_entry_counts_once(store: &Store) {
         store.account("a").await.unwrap().unwrap().balance,
         Amount(1000 - 107)
     );
+    // Calls only: `c1` is an entry.
     let found = store
-        .committed_entries(&["r1".to_owned(), "r3".to_owned(), "c1".to_owned()])
+        .committed_calls(&["r1".to_owned(), "r3".to_owned(), "c1".to_owned()])
         .await
         .unwrap();
-    assert_eq!(
-        found,
-        ["r1".to_owned(), "c1".to_owned()].into_iter().collect()
-    );
+    assert_eq!(found, ["r1".to_owned()].into_iter().collect());
 }
 
 #[tokio::test]
@@ -190,7 +207,7 @@ async fn batches_committed_by_the_writer_are_read_everywhere() {
     let other = Store::connect(&format!("sqlite://{}/t.db", dir.path().display()))
         .await
         .unwrap();
-    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM ledger")
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_records")
         .fetch_one(other.pool())
         .await
         .unwrap();
@@ -223,8 +240,8 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         .await
         .unwrap();
     let reason = "top-up \"quoted\", back\\slash, new\nline, ünïcode ✓, 'single'";
-    let credit = |id: &str, account: &str, amount: i64| Record {
-        ledger: Some(LedgerEntry {
+    let credit = |id: &str, account: &str, amount: i64| {
+        Record::Entry(LedgerEntry {
             entry_id: id.to_owned(),
             account_id: account.to_owned(),
             kind: EntryKind::Credit,
@@ -232,8 +249,7 @@ async fn a_batch_round_trips_exactly(store: &Store) {
             key_id: None,
             reason: Some(reason.to_owned()),
             created_at: 1_700_000_000_123,
-        }),
-        usage: None,
+        })
     };
     let usage = UsageRecord {
         request_id: "req-1".to_owned(),
@@ -252,9 +268,6 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         latency_ms: 12,
         created_at: 1_700_000_000_456,
     };
-    let mut paid = charge("req-1", "a", big - 2);
-    paid.ledger.as_mut().unwrap().key_id = Some("k1".to_owned());
-    paid.usage = Some(usage.clone());
     let failed = UsageRecord {
         request_id: "req-2".to_owned(),
         account_id: "b".to_owned(),
@@ -270,11 +283,8 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         .commit_batch(&[
             credit("c-a", "a", 3 * big),
             credit("c-b", "b", big),
-            paid,
-            Record {
-                ledger: None,
-                usage: Some(failed.clone()),
-            },
+            Record::Call(usage.clone()),
+            Record::Call(failed.clone()),
         ])
         .await
         .unwrap();
@@ -326,8 +336,8 @@ async fn an_entry_counts_once_on_postgres() {
 }
 
 /// Batches larger than one statement's chunk, and of sizes that are no power of two, with an
-/// old record hidden among new ones: an old ledger entry, then an old usage record under a new
-/// entry. Every new record counts once and no old one again, whichever way the batch went in.
+/// old call hidden among new ones, then an old call beside a new entry. Every new record counts
+/// once and no old one again, whichever way the batch went in.
 async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
     let accounts = ["a", "b", "c"];
     for id in accounts {
@@ -342,25 +352,7 @@ async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
             .map(|i| {
                 let n = (i % 3) as usize;
                 expected[n] -= i;
-                let mut r = charge(&format!("r{i}"), accounts[n], i);
-                r.usage = Some(UsageRecord {
-                    request_id: format!("r{i}"),
-                    account_id: accounts[n].to_owned(),
-                    key_id: None,
-                    model: "m".to_owned(),
-                    provider: "p".to_owned(),
-                    prompt_tokens: 1,
-                    completion_tokens: 2,
-                    cached_tokens: 0,
-                    cost: Amount(i),
-                    uncollected: Amount(0),
-                    status: 200,
-                    stream: false,
-                    usage_source: UsageSource::Upstream,
-                    latency_ms: 1,
-                    created_at: now_ms(),
-                });
-                r
+                charge(&format!("r{i}"), accounts[n], i)
             })
             .collect()
     };
@@ -373,13 +365,15 @@ async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
     let flags = store.commit_batch(&second).await.unwrap();
     assert_eq!(flags.iter().filter(|f| **f).count(), 299);
     assert!(!flags[150]);
-    // 201 new records, then one whose entry is new but whose usage record is not.
+    // 201 new records, then a new credit beside an old call.
     let third = batch(300..501, &mut expected);
     assert_eq!(store.commit_batch(&third).await.unwrap(), vec![true; 201]);
-    let mut late = charge("late", "a", 5);
-    late.usage = third[0].usage.clone();
-    expected[0] -= 5;
-    assert_eq!(store.commit_batch(&[late]).await.unwrap(), vec![true]);
+    let late = entry("late", "a", EntryKind::Credit, 5);
+    expected[0] += 5;
+    assert_eq!(
+        store.commit_batch(&[late, third[0].clone()]).await.unwrap(),
+        vec![true, false]
+    );
 
     for (n, id) in accounts.iter().enumerate() {
         assert_eq!(
@@ -394,7 +388,7 @@ async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
     .fetch_one(store.pool())
     .await
     .unwrap();
-    assert_eq!((entries, usages), (502, 501));
+    assert_eq!((entries, usages), (1, 501));
 }
 
 #[tokio::test]
@@ -406,4 +400,107 @@ async fn large_batches_with_old_records_count_each_record_once_on_sqlite() {
 #[tokio::test]
 async fn large_batches_with_old_records_count_each_record_once_on_postgres() {
     on_postgres(large_batches_with_old_records_count_each_record_once).await;
+}
+
+/// A store from before migration 0002, where a charged call wrote a ledger entry of kind
+/// `charge` beside its usage record, upgrades in place: those entries go, every balance, key
+/// spend and call stays, and the ledger takes no charge entry after.
+async fn a_store_from_before_one_row_per_call_upgrades(url: &str, backend: &str) {
+    sqlx::any::install_default_drivers();
+    let old = tempfile::tempdir().unwrap();
+    let first = format!(
+        "{}/../migrations/{backend}/0001_core.sql",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::copy(first, old.path().join("0001_core.sql")).unwrap();
+    let pool = AnyPool::connect(url).await.unwrap();
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    for sql in [
+        "INSERT INTO accounts (id, email, balance, created_at) VALUES ('a', 'a@example.com', 893, 1)",
+        "INSERT INTO api_keys (id, account_id, name, key_hash, prefix, spent, created_at) \
+         VALUES ('k', 'a', 'k', 'h', 'p', 100, 1)",
+        "INSERT INTO ledger (entry_id, account_id, kind, amount, key_id, reason, created_at) \
+         VALUES ('c1', 'a', 'credit', 1000, NULL, 'deposit', 1), \
+         ('r1', 'a', 'charge', -100, 'k', NULL, 2), ('r2', 'a', 'charge', -7, NULL, NULL, 3)",
+        "INSERT INTO usage_records (request_id, account_id, key_id, model, provider, \
+         prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+         usage_source, latency_ms, created_at) VALUES \
+         ('r1', 'a', 'k', 'm', 'p', 1, 2, 0, 100, 0, 200, 0, 'upstream', 1, 2), \
+         ('r2', 'a', NULL, 'm', 'p', 1, 2, 0, 7, 0, 200, 1, 'upstream', 1, 3), \
+         ('r3', 'a', 'k', 'm', 'p', 1, 0, 0, 0, 0, 502, 0, 'upstream', 1, 4)",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
+
+    let store = Store::connect(url).await.unwrap();
+    let entries: Vec<(String, String)> =
+        sqlx::query_as("SELECT entry_id, kind FROM ledger ORDER BY seq")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(entries, vec![("c1".to_owned(), "credit".to_owned())]);
+    assert_eq!(store.usage("a", 10).await.unwrap().len(), 3);
+    assert_eq!(
+        store.account("a").await.unwrap().unwrap().balance,
+        Amount(893)
+    );
+    assert_eq!(store.key("k").await.unwrap().unwrap().spent, Amount(100));
+
+    // Old and new records count once, by the new rules.
+    let new_call = Record::Call(UsageRecord {
+        key_id: Some("k".to_owned()),
+        ..call("r4", "a", 3)
+    });
+    let flags = store
+        .commit_batch(&[
+            charge("r1", "a", 100),
+            new_call,
+            entry("c2", "a", EntryKind::Credit, 10),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(flags, vec![false, true, true]);
+    assert_eq!(
+        store.account("a").await.unwrap().unwrap().balance,
+        Amount(900)
+    );
+    assert_eq!(store.key("k").await.unwrap().unwrap().spent, Amount(103));
+    let snapshot = store.account_snapshot("a").await.unwrap().unwrap();
+    assert_eq!(snapshot.balance, Amount(900));
+    assert_eq!(snapshot.key_spent, vec![("k".to_owned(), Amount(103))]);
+
+    let refused = sqlx::query(
+        "INSERT INTO ledger (entry_id, account_id, kind, amount, created_at) \
+         VALUES ('r5', 'a', 'charge', -1, 5)",
+    )
+    .execute(store.pool())
+    .await
+    .map_err(StoreError::from)
+    .unwrap_err();
+    assert!(refused.is_rejection(), "{refused}");
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_sqlite_store_from_before_one_row_per_call_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/old.db?mode=rwc", dir.path().display());
+    a_store_from_before_one_row_per_call_upgrades(&url, "sqlite").await;
+}
+
+#[tokio::test]
+async fn a_postgres_store_from_before_one_row_per_call_upgrades() {
+    let Some(name) = empty_postgres().await else {
+        return;
+    };
+    let url = postgres_url(&name);
+    a_store_from_before_one_row_per_call_upgrades(&url, "postgres").await;
+    let store = Store::connect(&url).await.unwrap();
+    drop_postgres(store, name).await;
 }
