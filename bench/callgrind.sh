@@ -7,6 +7,9 @@
 #   bench/callgrind.sh --stream K    streamed calls of K content chunks each instead; the
 #                                    difference between two K's, divided by theirs, is the
 #                                    cost of one chunk passed on
+#   bench/callgrind.sh --postgres    the gateway on Postgres (a fresh database at
+#                                    127.0.0.1:5432, dropped at exit) instead of SQLite; the
+#                                    store figure is then the gateway's side of a shipment only
 #
 # Each target runs under `valgrind --tool=callgrind` with instrumentation off until it has
 # started and warmed up; then N non-streamed calls are made one after another on one kept-alive
@@ -29,11 +32,13 @@ ROOT=$PWD
 CALLS=2000
 WARMUP=200
 STREAM_CHUNKS=0
+BACKEND=sqlite
 while (( $# )); do
   case "$1" in
+    --postgres) BACKEND=postgres ;;
     --calls) CALLS=${2:?--calls needs a number}; shift ;;
     --stream) STREAM_CHUNKS=${2:?--stream needs a number of chunks}; shift ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -50,6 +55,7 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v jq >/dev/null 2>&1 || need+=(jq)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
+if [[ $BACKEND == postgres ]]; then command -v psql >/dev/null 2>&1 || need+=(postgresql-client); fi
 if (( ${#need[@]} )); then
   log "installing from Debian: ${need[*]}"
   apt-get update -qq
@@ -75,6 +81,9 @@ cleanup() {
   set +e
   trap - EXIT INT TERM
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  if [[ -n ${PG_DB:-} ]]; then
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1
+  fi
   if [[ "${BENCH_KEEP_TMP:-0}" == 1 || $status -ne 0 ]]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
   exit "$status"
 }
@@ -137,9 +146,20 @@ measure() { # pid port key → dump file of the N calls
   >"$TMP/mock.log" 2>&1 &
 PIDS+=("$!")
 
+if [[ $BACKEND == postgres ]]; then
+  PG_DB="tollgate_callgrind_$$"
+  psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB" >/dev/null \
+    || die "Postgres at 127.0.0.1:5432 (user postgres) is needed for --postgres"
+  DATABASE_URL_FOR_GW="postgres://postgres@127.0.0.1:5432/$PG_DB"
+  count_records() { psql -h 127.0.0.1 -U postgres -d "$PG_DB" -Atc 'select count(*) from usage_records'; }
+else
+  DATABASE_URL_FOR_GW="sqlite://$TMP/tollgate.db"
+  count_records() { sqlite3 "$TMP/tollgate.db" 'select count(*) from usage_records'; }
+fi
+
 cat >"$TMP/gateway.toml" <<EOF
 listen = "127.0.0.1:$GW_PORT"
-database_url = "sqlite://$TMP/tollgate.db"
+database_url = "$DATABASE_URL_FOR_GW"
 admin_token = "callgrind-admin"
 log_format = "text"
 
@@ -165,7 +185,7 @@ output_per_mtok = "0.60"
 max_output_tokens = 4096
 EOF
 
-log "gateway (SQLite) under callgrind: $WARMUP warm-up calls, then $CALLS counted"
+log "gateway ($BACKEND) under callgrind: $WARMUP warm-up calls, then $CALLS counted"
 callgrind tollgate tollgate "$TOLLGATE" serve --config "$TMP/gateway.toml"
 GW_PID=$LAST_PID
 # Valgrind starts slowly: up to 5 minutes.
@@ -178,8 +198,7 @@ GW_DUMP=$(measure "$GW_PID" "$GW_PORT" "$KEY")
 kill -TERM "$GW_PID"
 wait "$GW_PID" 2>/dev/null || true
 GW_FINAL=$(ls "$OUT"/tollgate.out."$GW_PID" 2>/dev/null) || die "no final dump from the gateway"
-RECORDS=$(sqlite3 "$TMP/tollgate.db" 'select count(*) from usage_records' 2>/dev/null \
-  || echo $((CALLS + WARMUP)))
+RECORDS=$(count_records 2>/dev/null || echo $((CALLS + WARMUP)))
 
 log "hyper-bare under callgrind: $WARMUP warm-up calls, then $CALLS counted"
 callgrind hyper-bare hyper-bare "$BARE" "127.0.0.1:$BARE_PORT" "http://127.0.0.1:$MOCK_PORT"
@@ -192,7 +211,7 @@ kill -KILL "$BARE_PID" 2>/dev/null || true
 gw=$(total_ir "$GW_DUMP"); store=$(total_ir "$GW_FINAL"); bare=$(total_ir "$BARE_DUMP")
 per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a / b }'; }
 {
-  printf '\nInstructions (callgrind Ir), %s calls at concurrency 1 after %s warm-up calls\n' "$CALLS" "$WARMUP"
+  printf '\nInstructions (callgrind Ir), %s calls at concurrency 1 after %s warm-up calls; the gateway on %s\n' "$CALLS" "$WARMUP" "$BACKEND"
   if (( STREAM_CHUNKS )); then printf '  (streamed calls of %s content chunks each)\n' "$STREAM_CHUNKS"; fi
   printf '  %-44s %12s\n' figure 'Ir'
   printf '  %-44s %12s\n' 'gateway request path, per call' "$(per "$gw" "$CALLS")"
