@@ -13,7 +13,7 @@ use crate::ledger::LedgerMsg;
 use crate::metered::Mailbox;
 use crate::money::{Amount, Price};
 use crate::slot::Slot;
-use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store, UsageRecord};
+use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -48,24 +48,22 @@ pub struct Reservation {
     pub lowered: bool,
 }
 
-/// The actual cost of a finished request, and its metadata.
+/// The actual cost of a finished request. The call's metadata stays with the caller, which
+/// writes it down with what the settlement charged.
 #[derive(Clone, Debug)]
 pub struct SettleRequest {
     pub request_id: String,
     pub key_id: Option<String>,
     pub cost: Amount,
-    pub usage: UsageRecord,
 }
 
 /// How a settlement came out.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct Settled {
     pub charged: Amount,
     /// Cost the balance could not cover (the upstream used more than was reserved and the
     /// account had nothing left). Recorded, never taken below zero.
     pub uncollected: Amount,
-    /// The record to write down (the caller journals it); writing it twice is harmless.
-    pub record: Record,
 }
 
 #[derive(Clone, Debug)]
@@ -91,7 +89,8 @@ pub enum AccountMsg {
         Box<ReserveRequest>,
         RpcReplyPort<Result<Reservation, BillingError>>,
     ),
-    Settle(Box<SettleRequest>, RpcReplyPort<Settled>),
+    // Not boxed: no larger than `Credit`.
+    Settle(SettleRequest, RpcReplyPort<Settled>),
     Release(String),
     Credit(
         CreditRequest,
@@ -326,7 +325,7 @@ impl Actor for AccountActor {
                 let _ = reply.send(state.reserve(*req));
             }
             AccountMsg::Settle(req, reply) => {
-                let settled = state.settle(*req);
+                let settled = state.settle(req);
                 let _ = reply.send(settled);
             }
             AccountMsg::Release(request_id) => {
@@ -413,9 +412,9 @@ impl AccountState {
         })
     }
 
-    /// Applies the charge in memory and returns the record for the caller to journal. The
-    /// charge stays unconfirmed in the book until the caller has. Never awaits: a kill between
-    /// messages cannot split it.
+    /// Applies the charge in memory and says what it came to; the caller journals the call's
+    /// record with it. The charge stays unconfirmed in the book until the caller has. Never
+    /// awaits: a kill between messages cannot split it.
     fn settle(&mut self, req: SettleRequest) -> Settled {
         let mut book = self.book.lock();
         let held = book.take(&req.request_id).map(|h| h.amount).unwrap_or(0);
@@ -446,14 +445,9 @@ impl AccountState {
                 }
             }
         }
-        let mut usage = req.usage;
-        usage.cost = Amount(charged);
-        usage.uncollected = Amount(uncollected);
-        let record = Record::Call(usage);
         Settled {
             charged: Amount(charged),
             uncollected: Amount(uncollected),
-            record,
         }
     }
 

@@ -150,30 +150,32 @@ impl Billing {
         }
     }
 
-    /// Charges `cost` for a finished request and waits until the charge is journaled; returns
-    /// what the balance paid (all of `cost`, unless the account ran dry: see
-    /// [`crate::account::Settled`]).
+    /// Charges `cost` for a finished request and waits until the charge is journaled, as the
+    /// call's `usage` record with what was charged in it; returns what the balance paid (all of
+    /// `cost`, unless the account ran dry: see [`crate::account::Settled`]).
     pub async fn settle(
         &self,
         account_id: &str,
         key_id: Option<&str>,
         cost: Amount,
-        usage: UsageRecord,
+        mut usage: UsageRecord,
     ) -> Result<Amount, BillingError> {
-        let request = SettleRequest {
-            request_id: usage.request_id.clone(),
-            key_id: key_id.map(str::to_owned),
-            cost,
-            usage,
-        };
         let settled = self
             .ask(account_id, |port| {
-                AccountMsg::Settle(Box::new(request.clone()), port)
+                let request = SettleRequest {
+                    request_id: usage.request_id.clone(),
+                    key_id: key_id.map(str::to_owned),
+                    cost,
+                };
+                AccountMsg::Settle(request, port)
             })
             .await?;
-        self.write_down(settled.record).await?;
+        usage.cost = settled.charged;
+        usage.uncollected = settled.uncollected;
+        let request_id = usage.request_id.clone();
+        self.write_down(Record::Call(usage)).await?;
         if let Some(book) = self.books.get(account_id) {
-            book.confirm(&request.request_id);
+            book.confirm(&request_id);
         }
         Ok(settled.charged)
     }
