@@ -100,6 +100,9 @@ pub enum AccountMsg {
     IdleCheck,
 }
 
+// `Settle` carries its request unboxed; it must stay no larger than `Credit`'s.
+const _: () = assert!(std::mem::size_of::<SettleRequest>() <= std::mem::size_of::<CreditRequest>());
+
 impl crate::metered::Kind for AccountMsg {
     const KIND: &'static str = "account";
 }
