@@ -1010,4 +1010,4 @@ fn sqlite_url_with_create(url: &str) -> std::io::Result<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

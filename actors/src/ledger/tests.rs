@@ -2,41 +2,9 @@
 
 use super::*;
 use crate::money::Amount;
-use crate::store::{now_ms, EntryKind, LedgerEntry, UsageRecord, UsageSource};
+use crate::store::tests::{charge, entry};
+use crate::store::EntryKind;
 use ractor::rpc::CallResult;
-
-fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
-    Record::Entry(LedgerEntry {
-        entry_id: id.to_owned(),
-        account_id: account.to_owned(),
-        kind,
-        amount: Amount(nanos),
-        key_id: None,
-        reason: None,
-        created_at: now_ms(),
-    })
-}
-
-/// A call of `account`'s that cost `nanos`.
-fn charge(id: &str, account: &str, nanos: i64) -> Record {
-    Record::Call(UsageRecord {
-        request_id: id.to_owned(),
-        account_id: account.to_owned(),
-        key_id: None,
-        model: "m".to_owned(),
-        provider: "p".to_owned(),
-        prompt_tokens: 1,
-        completion_tokens: 1,
-        cached_tokens: 0,
-        cost: Amount(nanos),
-        uncollected: Amount::ZERO,
-        status: 200,
-        stream: false,
-        usage_source: UsageSource::Upstream,
-        latency_ms: 1,
-        created_at: now_ms(),
-    })
-}
 
 struct Setup {
     dir: tempfile::TempDir,

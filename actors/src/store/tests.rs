@@ -69,7 +69,7 @@ async fn drop_postgres(store: Store, name: String) {
 }
 
 /// A call of `account`'s that cost `nanos`.
-fn call(id: &str, account: &str, nanos: i64) -> UsageRecord {
+pub(crate) fn call(id: &str, account: &str, nanos: i64) -> UsageRecord {
     UsageRecord {
         request_id: id.to_owned(),
         account_id: account.to_owned(),
@@ -89,11 +89,13 @@ fn call(id: &str, account: &str, nanos: i64) -> UsageRecord {
     }
 }
 
-fn charge(id: &str, account: &str, nanos: i64) -> Record {
+/// The same as a record.
+pub(crate) fn charge(id: &str, account: &str, nanos: i64) -> Record {
     Record::Call(call(id, account, nanos))
 }
 
-fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
+/// A credit or adjustment of `account`'s.
+pub(crate) fn entry(id: &str, account: &str, kind: EntryKind, nanos: i64) -> Record {
     Record::Entry(LedgerEntry {
         entry_id: id.to_owned(),
         account_id: account.to_owned(),
