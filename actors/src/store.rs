@@ -197,14 +197,6 @@ impl Record {
             Record::Entry(e) => &e.account_id,
         }
     }
-
-    /// Unique among records of its kind: writing a record whose id is in the store is a no-op.
-    pub fn id(&self) -> &str {
-        match self {
-            Record::Call(u) => &u.request_id,
-            Record::Entry(e) => &e.entry_id,
-        }
-    }
 }
 
 /// A record as journal lines hold it: `{"call":…}` or `{"entry":…}`, or, in a journal written

@@ -521,11 +521,11 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
 /// Whether an upstream call failed because this process (EMFILE) or the machine (ENFILE)
 /// has no descriptor left for its socket.
 fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
-    const ENFILE: i32 = 23;
-    const EMFILE: i32 = 24;
+    use rustix::io::Errno;
     std::iter::successors(Some(e), |e| e.source()).any(|e| {
         e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| matches!(io.raw_os_error(), Some(ENFILE | EMFILE)))
+            .and_then(Errno::from_io_error)
+            .is_some_and(|errno| errno == Errno::MFILE || errno == Errno::NFILE)
     })
 }
 

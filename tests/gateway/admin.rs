@@ -169,12 +169,8 @@ async fn admin_api(backend: Backend) {
         .http
         .get(url("/v1/models"))
         .bearer_auth(&full)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let mini = models["data"]
         .as_array()
         .unwrap()
@@ -192,12 +188,8 @@ async fn admin_api(backend: Backend) {
     }
     let v: Value = h
         .admin(Method::GET, &format!("/admin/accounts/{id}/usage?limit=2"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let data = v["data"].as_array().unwrap();
     assert_eq!(data.len(), 2);
     assert_eq!(data[0]["completion_tokens"], 3);
@@ -212,14 +204,7 @@ async fn admin_api(backend: Backend) {
     );
 
     // Operators' views.
-    let p: Value = h
-        .admin(Method::GET, "/admin/providers")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p: Value = h.admin(Method::GET, "/admin/providers").send_json().await;
     assert_eq!(p["data"][0]["name"], "mock");
     assert_eq!(
         h.http.get(url("/readyz")).send().await.unwrap().status(),

@@ -448,6 +448,22 @@ impl Harness {
     }
 }
 
+/// Sends a request and reads its body as JSON (whatever the status).
+pub trait SendJson {
+    async fn send_json(self) -> Value;
+}
+
+impl SendJson for reqwest::RequestBuilder {
+    async fn send_json(self) -> Value {
+        self.send()
+            .await
+            .expect("request sent")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+}
+
 /// What the store says about an account, straight from SQL.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Ledger {

@@ -492,12 +492,8 @@ async fn running_out_of_descriptors_is_the_gateways_503_not_the_providers_failur
 
     let providers: Value = server
         .admin(&http, reqwest::Method::GET, "/admin/providers")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     let mock_provider = providers["data"]
         .as_array()
         .unwrap()

@@ -82,12 +82,8 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
     // The restarted gateway's view is the store's.
     let v: Value = server
         .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(v["balance"], tollgate_actors::Amount(l.balance).to_string());
     assert!(server.terminate().await.success(), "SIGTERM exits 0");
     pool.close().await;

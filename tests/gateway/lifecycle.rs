@@ -31,12 +31,8 @@ async fn idle_account_actors_passivate_and_reload(backend: Backend) {
     let before = h.balance(&account).await;
     let tree = || async {
         h.admin(reqwest::Method::GET, "/admin/actors")
-            .send()
+            .send_json()
             .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
     };
     assert_eq!(account_children(&tree().await), 1);
 
@@ -98,12 +94,8 @@ async fn provider_concurrency_cap_answers_429(backend: Backend) {
     );
     let p: Value = h
         .admin(reqwest::Method::GET, "/admin/providers")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(p["data"][0]["leases_refused"], 4);
     assert_eq!(p["data"][0]["in_flight"], 0);
     h.stop().await;
@@ -202,12 +194,8 @@ async fn provider_health_follows_outcomes() {
     let health = || async {
         let v: Value = h
             .admin(reqwest::Method::GET, "/admin/providers")
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .send_json()
+            .await;
         v["data"][0].clone()
     };
     assert_eq!(health().await["health"], "unknown");

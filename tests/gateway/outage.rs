@@ -280,12 +280,8 @@ async fn postgres_outage_journals_then_refuses_then_recovers() {
     let v: Value = http
         .get(format!("{base}/admin/accounts/{account}"))
         .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(v["balance"], Amount(l.balance).to_string());
     assert_eq!(v["reserved"], "0", "no reservation leaked");
     pool.close().await;

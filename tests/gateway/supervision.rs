@@ -48,12 +48,8 @@ async fn killed_account_actor_restarts_with_balance_intact(backend: Backend) {
 
     let tree: Value = h
         .admin(reqwest::Method::GET, "/admin/actors")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     assert_eq!(
         restarts_of(&tree, &format!("account:{account}")),
         Some(1),

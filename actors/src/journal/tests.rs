@@ -40,8 +40,15 @@ fn credit(id: &str) -> LedgerEntry {
     }
 }
 
+/// The records' ids: a call's request id, an entry's entry id.
 fn ids(replayed: &[Replayed]) -> Vec<String> {
-    replayed.iter().map(|r| r.record.id().to_owned()).collect()
+    replayed
+        .iter()
+        .map(|r| match &r.record {
+            Record::Call(u) => u.request_id.clone(),
+            Record::Entry(e) => e.entry_id.clone(),
+        })
+        .collect()
 }
 
 fn segment_files(dir: &Path) -> Vec<String> {
