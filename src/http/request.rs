@@ -1,13 +1,15 @@
 //! Parsing and validating a client's chat request, before anything is reserved or sent.
 //! Pure: no I/O, no panics on any input (a property test in `tests/` holds it to that).
 //!
-//! The request is not turned into a tree of JSON values: the body is first checked as
-//! strictly as a full parse would check it (every string decoded into one reused buffer, every
-//! number in range), then split into its top-level fields, each kept as the bytes the client
-//! sent. The fields the gateway reads are
-//! small and parsed on their own; `messages`, which is nearly all of a request, is only
-//! checked to be an array of objects. What goes upstream is those same bytes, with the
-//! gateway's few edits: no conversation is decoded and encoded again.
+//! The request is not turned into a tree of JSON values: the body is split into its top-level
+//! fields, each kept as the bytes the client sent, and refused exactly when a full parse
+//! would refuse it. The split checks the syntax as it goes; the few things it does not check
+//! (surrogate escapes, numbers beyond f64, deep nesting) are looked for by a scan, and only a
+//! body that may hold one goes through the strict pass (every string decoded into one reused
+//! buffer, every number parsed). The fields the gateway reads are small and parsed on their
+//! own; `messages`, which is nearly all of a request, is only checked to be an array of
+//! objects. What goes upstream is those same bytes, with the gateway's few edits: no
+//! conversation is decoded and encoded again.
 
 use crate::error::ApiError;
 use serde::de::{self, Deserialize, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -195,10 +197,22 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest<'_>, ApiError> {
         let lines = valid.iter().filter(|&&b| b == b'\n').count();
         not_json(lines + 1, valid.len() - line_start + 1)
     })?;
-    // The strict pass: exactly what a full parse would refuse, refused with its position.
-    serde_json::from_str::<Checked>(text).map_err(|e| not_json(e.line(), e.column()))?;
-    let fields = serde_json::from_str::<Fields<'_>>(text)
-        .map_err(|_| invalid("The request body must be a JSON object."))?;
+    // The split checks the syntax as it goes (strings, escapes, numbers, nesting). A body it
+    // refuses is either not JSON, said with the position the strict pass finds, or not an
+    // object.
+    let fields = match serde_json::from_str::<Fields<'_>>(text) {
+        Ok(fields) => fields,
+        Err(_) => {
+            strict(text)?;
+            return Err(invalid("The request body must be a JSON object."));
+        }
+    };
+    // What the split lets through and a full parse would refuse: a surrogate escape without
+    // its pair, a number beyond f64, nesting beyond serde_json's limit. Only a body that may
+    // hold one of these goes through the strict pass.
+    if !plainly_valid(text) {
+        strict(text)?;
+    }
     let model = match fields.parse::<String>("model") {
         Ok(Some(m)) if !m.is_empty() => m,
         Ok(None) if !fields.contains("model") => {
@@ -247,6 +261,118 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest<'_>, ApiError> {
         wants_usage,
     })
 }
+
+/// The strict pass: exactly what a full parse would refuse, refused with its position.
+fn strict(text: &str) -> Result<(), ApiError> {
+    serde_json::from_str::<Checked>(text)
+        .map(|_| ())
+        .map_err(|e| not_json(e.line(), e.column()))
+}
+
+/// Whether `text`, which the split has read as valid JSON syntax, surely passes the strict
+/// pass too. It looks only for what the split does not check: `\\u` escapes of surrogates
+/// (accepted here only as a high one directly followed by a low one), numbers with an
+/// exponent or of 300 digits or more in a row (a full parse refuses those beyond f64), and
+/// nesting deeper than [`PLAIN_DEPTH`] (serde_json refuses beyond 128). `false` means "maybe
+/// not", never "not": the strict pass then decides.
+///
+/// Valid syntax is what makes this short. A backslash stands only in a string and always
+/// starts an escape, so a quote or a backslash is escaped exactly when an odd run of
+/// backslashes comes before it; the quotes that are not tell strings from the rest, and
+/// outside strings there is only structure, literals and numbers. Both scans are `memchr`'s.
+pub(crate) fn plainly_valid(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let escaped = |at: usize| {
+        bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count()
+            % 2
+            == 1
+    };
+    let unit = |at: usize| {
+        bytes.get(at + 2..at + 6).and_then(|hex| {
+            hex.iter().try_fold(0u16, |unit, &b| {
+                Some(unit << 4 | char::from(b).to_digit(16)? as u16)
+            })
+        })
+    };
+    let mut escapes = memchr::memmem::find_iter(bytes, b"\\u")
+        .filter(|&at| !escaped(at))
+        .peekable();
+    while let Some(at) = escapes.next() {
+        match unit(at) {
+            Some(0xD800..=0xDBFF) => {
+                // Its low half must be the very next thing in the string.
+                let low = escapes.next_if(|&next| next == at + 6).and_then(unit);
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return false;
+                }
+            }
+            Some(0xDC00..=0xDFFF) | None => return false,
+            Some(_) => {}
+        }
+    }
+    let mut outside = Outside::default();
+    let mut in_string = false;
+    let mut outside_from = 0;
+    for at in memchr::memchr_iter(b'"', bytes).filter(|&at| !escaped(at)) {
+        if in_string {
+            outside_from = at + 1;
+        } else if !outside.read(&bytes[outside_from..at]) {
+            return false;
+        }
+        in_string = !in_string;
+    }
+    !in_string && outside.read(&bytes[outside_from..])
+}
+
+/// What [`plainly_valid`] keeps across the stretches of a body outside its strings.
+#[derive(Default)]
+struct Outside {
+    depth: usize,
+}
+
+impl Outside {
+    /// Reads one stretch outside strings; false if it holds a number with an exponent, 300
+    /// digits in a row, or nesting beyond [`PLAIN_DEPTH`]. A number never spans two stretches
+    /// (a string ends it).
+    fn read(&mut self, stretch: &[u8]) -> bool {
+        // In a number: how many digits in a row (its integer part's, then its fraction's).
+        let mut number: Option<usize> = None;
+        for &b in stretch {
+            number = match (b, number) {
+                (b'0'..=b'9', digits) => {
+                    let digits = digits.unwrap_or(0) + 1;
+                    if digits >= 300 {
+                        return false;
+                    }
+                    Some(digits)
+                }
+                (b'-', None) | (b'.', Some(_)) => Some(0),
+                (b'e' | b'E', Some(_)) => return false,
+                (b'[' | b'{', _) => {
+                    self.depth += 1;
+                    if self.depth > PLAIN_DEPTH {
+                        return false;
+                    }
+                    None
+                }
+                (b']' | b'}', _) => {
+                    self.depth = self.depth.saturating_sub(1);
+                    None
+                }
+                _ => None,
+            };
+        }
+        true
+    }
+}
+
+/// Nesting that [`plainly_valid`] lets through without the strict pass (serde_json's limit is
+/// 128; any body deeper than this goes through the strict pass, which knows the exact rule).
+const PLAIN_DEPTH: usize = 64;
 
 /// Any JSON value, checked as strictly as `serde_json::Value` would be (strings decoded,
 /// surrogates paired, numbers in range, nesting limited) and then forgotten: strings are
@@ -300,5 +426,182 @@ impl<'de> Visitor<'de> for CheckedVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
         while map.next_entry::<Checked, Checked>()?.is_some() {}
         Ok(Checked)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the strict pass says of `text`.
+    fn strictly_valid(text: &str) -> bool {
+        serde_json::from_str::<Checked>(text).is_ok()
+    }
+
+    /// A chat body with `content` as its one message's text (JSON string body, as written)
+    /// and `extra` as the value of one more field.
+    fn body(content: &str, extra: &str) -> String {
+        format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{content}"}}],"extra":{extra}}}"#
+        )
+    }
+
+    /// `plainly_valid`'s verdict on a body the split accepts, held to the strict pass: a
+    /// `true` it was not entitled to fails the test.
+    fn verdict(text: &str) -> bool {
+        assert!(
+            serde_json::from_str::<Fields<'_>>(text).is_ok(),
+            "the split refused {text}"
+        );
+        let plain = plainly_valid(text);
+        assert!(
+            !plain || strictly_valid(text),
+            "plainly valid but refused: {text}"
+        );
+        plain
+    }
+
+    #[test]
+    fn a_plain_chat_body_needs_no_strict_pass() {
+        for content in [
+            "Say hello",
+            r#"line\nbreak, a \"quote\", a tab\t, \u00e9t\u00e9, a backslash \\ and \/"#,
+            r#"ends in a backslash \\"#,
+            r#"\\\\\" quotes after backslash runs \\\\\\\""#,
+            "ünïcödé and 😀 as they are",
+            r#"a pair \ud83d\ude00 and \uD83D\uDE00"#,
+            r#"an escaped backslash then u: \\ud800"#,
+        ] {
+            assert!(verdict(&body(content, "1")), "{content}");
+        }
+        for extra in [
+            "true",
+            "false",
+            "null",
+            "-0.25",
+            "0",
+            "[1, [2, {\"a\": [3]}]]",
+            "\"e\"",
+        ] {
+            assert!(verdict(&body("x", extra)), "{extra}");
+        }
+        assert!(verdict(&body("x", &"9".repeat(299))));
+    }
+
+    #[test]
+    fn what_the_split_lets_through_goes_to_the_strict_pass() {
+        for content in [
+            r#"lone high \ud800 then text"#,
+            r#"lone high at the end \ud800"#,
+            r#"lone low \udc00"#,
+            r#"two highs \ud83d\ud83d"#,
+            r#"high then not a low \ud83d\u0041"#,
+            r#"high then another escape \ud83d\n"#,
+            r#"reversed \ude00\ud83d"#,
+        ] {
+            let text = body(content, "1");
+            assert!(!verdict(&text), "{content}");
+            assert!(!strictly_valid(&text), "serde_json took {content}");
+        }
+        // Maybe-nots: the strict pass decides, and here it accepts.
+        for extra in ["1e5", "1E-3", "-2.5e+10", &"9".repeat(300)] {
+            let text = body("x", extra);
+            assert!(!verdict(&text), "{extra}");
+            assert!(strictly_valid(&text), "{extra}");
+        }
+        for extra in ["1e400", "-1e309", &format!("{}.5", "9".repeat(400))] {
+            let text = body("x", extra);
+            assert!(!verdict(&text), "{extra}");
+            assert!(!strictly_valid(&text), "serde_json took {extra}");
+        }
+        let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        // The body's own object is one level, `extra`'s arrays the rest.
+        assert!(verdict(&body("x", &nested(PLAIN_DEPTH - 1))));
+        assert!(!verdict(&body("x", &nested(PLAIN_DEPTH))));
+        assert!(!strictly_valid(&body("x", &nested(200))));
+    }
+
+    #[test]
+    fn parse_chat_refuses_what_a_full_parse_refuses_and_says_where() {
+        for (content, extra) in [(r#"\ud800"#, "1"), ("x", "1e400"), ("x", &"[".repeat(200))] {
+            let extra = if extra.starts_with('[') {
+                format!("{extra}{}", "]".repeat(200))
+            } else {
+                extra.to_owned()
+            };
+            let text = body(content, &extra);
+            let err = parse_chat(text.as_bytes()).expect_err(&text);
+            assert!(
+                err.to_string().contains("not valid JSON (line 1, column"),
+                "{err}"
+            );
+        }
+        // Not an object: the split refuses, the strict pass accepts.
+        let err = parse_chat(b"[1, 2]").expect_err("an array");
+        assert!(err.to_string().contains("must be a JSON object"), "{err}");
+        // Not JSON at all: the position comes from the strict pass.
+        let err = parse_chat(b"{\"model\": }").expect_err("broken");
+        assert!(
+            err.to_string()
+                .contains("not valid JSON (line 1, column 11)"),
+            "{err}"
+        );
+    }
+
+    /// Pieces of a JSON string's text: plain, escaped, and every kind of surrogate escape.
+    fn string_piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z é😀]{0,6}",
+            Just(r"\n".to_owned()),
+            Just(r#"\""#.to_owned()),
+            Just(r"\\".to_owned()),
+            Just(r"\\u".to_owned()),
+            Just(r"\/".to_owned()),
+            Just(r"\u00e9".to_owned()),
+            "\\\\u[dD][89abAB][0-9a-fA-F]{2}",
+            "\\\\u[dD][c-fC-F][0-9a-fA-F]{2}",
+            "\\\\u[0-9a-fA-F]{4}",
+        ]
+    }
+
+    /// JSON values whose numbers and nesting cross the lines `plainly_valid` draws.
+    fn value() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            "-?(0|[1-9][0-9]{0,3}|[1-9][0-9]{295,310})(\\.[0-9]{1,4})?([eE][+-]?[0-9]{1,3})?",
+            Just("true".to_owned()),
+            Just("null".to_owned()),
+            prop::collection::vec(string_piece(), 0..6).prop_map(|p| format!("\"{}\"", p.concat())),
+        ];
+        (leaf, 0..140usize)
+            .prop_map(|(leaf, depth)| format!("{}{leaf}{}", "[".repeat(depth), "]".repeat(depth)))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// `plainly_valid` never says yes to what the strict pass refuses, and `parse_chat`
+        /// refuses as not JSON exactly what the strict pass refuses.
+        #[test]
+        fn the_scan_never_lets_through_what_a_full_parse_refuses(
+            content in prop::collection::vec(string_piece(), 0..12),
+            extra in value(),
+        ) {
+            let text = body(&content.concat(), &extra);
+            let strict = strictly_valid(&text);
+            if serde_json::from_str::<Fields<'_>>(&text).is_ok() {
+                prop_assert!(!plainly_valid(&text) || strict, "plainly valid but refused: {}", text);
+            }
+            let not_json = parse_chat(text.as_bytes())
+                .err()
+                .is_some_and(|e| e.to_string().contains("not valid JSON"));
+            prop_assert_eq!(not_json, !strict, "{}", text);
+        }
+
+        #[test]
+        fn the_scan_never_panics(text in "\\PC{0,64}") {
+            let _ = plainly_valid(&text);
+        }
     }
 }
