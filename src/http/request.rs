@@ -67,9 +67,17 @@ impl Fields<'_> {
         Ok(())
     }
 
-    /// The request body to send upstream.
+    /// The request body to send upstream. Its buffer is sized for the fields up front: a long
+    /// conversation would otherwise be copied again each time the buffer doubled.
     pub fn to_body(&self) -> Result<Vec<u8>, ApiError> {
-        serde_json::to_vec(self).map_err(|_| ApiError::Internal)
+        let size = self
+            .0
+            .iter()
+            .map(|(name, field)| name.len() + 4 + field.text_len())
+            .sum::<usize>();
+        let mut body = Vec::with_capacity(size + 2);
+        serde_json::to_writer(&mut body, self).map_err(|_| ApiError::Internal)?;
+        Ok(body)
     }
 
     /// Parses one field as `T`; `None` when absent or `null`, an error when it is not a `T`.
@@ -83,6 +91,18 @@ impl Fields<'_> {
             }
         };
         serde_json::from_str::<Option<T>>(raw)
+    }
+}
+
+impl Field<'_> {
+    /// About how long the field's value is as JSON text (exact unless it is refused anyway).
+    fn text_len(&self) -> usize {
+        match self {
+            Field::Sent(raw) => raw.get().len(),
+            Field::Items(items) => items.iter().map(|item| item.get().len() + 1).sum::<usize>() + 1,
+            Field::NotArray => 0,
+            Field::Set(raw) => raw.get().len(),
+        }
     }
 }
 
