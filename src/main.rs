@@ -96,7 +96,9 @@ async fn serve(config_path: PathBuf, listen: Option<String>, demo: bool) -> anyh
         config.listen = l;
     }
     init_logging(config.log_format);
-    tollgate::server::raise_descriptor_limit(config.limits.max_connections);
+    // Two descriptors a connection: the client's, and its upstream call's.
+    let descriptors = tollgate::server::raise_descriptor_limit();
+    tollgate::server::warn_if_descriptors_short(descriptors, config.limits.max_connections, 2);
     if demo {
         let mock = TcpListener::bind("127.0.0.1:0").await?;
         tollgate::demo::configure(&mut config, mock.local_addr()?);
@@ -163,8 +165,12 @@ async fn main() -> anyhow::Result<()> {
             stamp_chunks,
         } => {
             init_logging(LogFormat::Text);
-            // The mock serves load tests: the same backlog as the gateway's default.
-            let backlog = tollgate::config::Limits::default().listen_backlog;
+            // The mock serves load tests: the same backlog and connection limit as the
+            // gateway's defaults, and as many descriptors as the machine lets it have.
+            let limits = tollgate::config::Limits::default();
+            let descriptors = tollgate::server::raise_descriptor_limit();
+            tollgate::server::warn_if_descriptors_short(descriptors, limits.max_connections, 1);
+            let backlog = limits.listen_backlog;
             let listener = tollgate::server::bind(&listen, backlog)
                 .await
                 .with_context(|| format!("binding {listen}"))?;

@@ -53,51 +53,57 @@ pub async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
 pub const RESERVED_DESCRIPTORS: u64 = 256;
 
 /// Raises the soft limit on open descriptors to the hard limit, as a server that holds one
-/// descriptor per client connection and one per upstream call must: the soft limit a shell or
-/// systemd hands out (often 1,024) is there for programs that never need more, and would
-/// fail calls with "too many open files" at about 500 held streams. Where the hard limit is
-/// unlimited, the kernel's own ceiling (`/proc/sys/fs/nr_open`) is taken. Logs what it did,
-/// and warns when even the raised limit cannot hold `max_connections` connections.
-pub fn raise_descriptor_limit(max_connections: usize) {
+/// descriptor per client connection (and, in the gateway, one per upstream call) must: the
+/// soft limit a shell or systemd hands out (often 1,024) is there for programs that never need
+/// more, and would fail calls with "too many open files" at about 500 held streams. Where the
+/// hard limit is unlimited, the kernel's own ceiling (`/proc/sys/fs/nr_open`) is taken. Logs
+/// what it did; returns the soft limit now in force (`None`: unlimited).
+pub fn raise_descriptor_limit() -> Option<u64> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let needed = (max_connections as u64)
-        .saturating_mul(2)
-        .saturating_add(RESERVED_DESCRIPTORS);
     let limit = getrlimit(Resource::Nofile);
     let ceiling = limit.maximum.or_else(|| {
         std::fs::read_to_string("/proc/sys/fs/nr_open")
             .ok()
             .and_then(|s| s.trim().parse().ok())
     });
-    let mut now = limit.current;
-    if let (Some(current), Some(ceiling)) = (limit.current, ceiling) {
-        if current < ceiling {
-            match setrlimit(
-                Resource::Nofile,
-                Rlimit {
-                    current: Some(ceiling),
-                    maximum: limit.maximum,
-                },
-            ) {
-                Ok(()) => {
-                    now = Some(ceiling);
-                    tracing::info!(from = current, to = ceiling, "descriptor limit raised");
-                }
-                Err(e) => {
-                    tracing::warn!(limit = current, error = %e, "could not raise the descriptor limit")
-                }
-            }
+    let (Some(current), Some(ceiling)) = (limit.current, ceiling) else {
+        return limit.current;
+    };
+    if current >= ceiling {
+        return Some(current);
+    }
+    let raised = Rlimit {
+        current: Some(ceiling),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => {
+            tracing::info!(from = current, to = ceiling, "descriptor limit raised");
+            Some(ceiling)
+        }
+        Err(e) => {
+            tracing::warn!(limit = current, error = %e, "could not raise the descriptor limit");
+            Some(current)
         }
     }
-    // Two descriptors a connection: the client's, and its upstream call's.
-    if let Some(n) = now.filter(|&n| n < needed) {
+}
+
+/// Warns when a descriptor `limit` cannot hold `max_connections` connections of
+/// `per_connection` descriptors each (the gateway's: two, the client's socket and its upstream
+/// call's; the mock upstream's: one) besides [`RESERVED_DESCRIPTORS`].
+pub fn warn_if_descriptors_short(limit: Option<u64>, max_connections: usize, per_connection: u64) {
+    let needed = (max_connections as u64)
+        .saturating_mul(per_connection)
+        .saturating_add(RESERVED_DESCRIPTORS);
+    if let Some(n) = limit.filter(|&n| n < needed) {
         tracing::warn!(
             limit = n,
             max_connections,
-            "the descriptor limit holds about {} connections with an upstream call in flight, \
-             fewer than limits.max_connections; beyond that, calls fail with \"too many open \
-             files\". Raise the hard limit (ulimit -Hn, systemd LimitNOFILE=) to at least {needed}",
-            n.saturating_sub(RESERVED_DESCRIPTORS) / 2
+            "the descriptor limit holds about {} connections at {per_connection} descriptors \
+             each, fewer than limits.max_connections; beyond that, connections wait to be \
+             accepted and calls fail with \"too many open files\". Raise the hard limit \
+             (ulimit -Hn, systemd LimitNOFILE=) to at least {needed}",
+            n.saturating_sub(RESERVED_DESCRIPTORS) / per_connection.max(1)
         );
     }
 }

@@ -593,6 +593,49 @@ pub const SOFT_NOFILE: &str = "TEST_SOFT_NOFILE";
 /// As [`SOFT_NOFILE`], for both the soft and the hard limit.
 pub const NOFILE: &str = "TEST_NOFILE";
 
+/// Starts `tollgate ARGS…` with its stdout and stderr appended to `log`, `RUST_LOG` set to
+/// `rust_log`, and these environment variables. With [`SOFT_NOFILE`] or [`NOFILE`] among
+/// `env`, it starts from a shell that first lowers its descriptor limit (the soft one, or both)
+/// to that.
+pub fn spawn_tollgate(
+    args: &[std::ffi::OsString],
+    log: &std::path::Path,
+    rust_log: &str,
+    env: &[(&str, &str)],
+) -> tokio::process::Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let err = out.try_clone().unwrap();
+    let limit = env.iter().find_map(|(k, v)| match *k {
+        SOFT_NOFILE => Some(format!("ulimit -Sn {v}")),
+        NOFILE => Some(format!("ulimit -n {v}")),
+        _ => None,
+    });
+    let mut command = match limit {
+        Some(ulimit) => {
+            let mut c = tokio::process::Command::new("sh");
+            c.args(["-c", &format!("{ulimit} && exec \"$0\" \"$@\"")])
+                .arg(env!("CARGO_BIN_EXE_tollgate"));
+            c
+        }
+        None => tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")),
+    };
+    command
+        .args(args)
+        .env("RUST_LOG", rust_log)
+        .env_remove("DATABASE_URL")
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .envs(env.iter().copied())
+        .stdout(out)
+        .stderr(err)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tollgate")
+}
+
 impl Server {
     /// Starts `tollgate serve` and waits until it answers `/healthz`. Its stdout and stderr
     /// are appended to `log`.
@@ -613,41 +656,10 @@ impl Server {
         rust_log: &str,
         env: &[(&str, &str)],
     ) -> Server {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        // With SOFT_NOFILE or NOFILE among `env`, the gateway starts from a shell that first
-        // lowers its descriptor limit (the soft one, or both) to that.
-        let limit = env.iter().find_map(|(k, v)| match *k {
-            SOFT_NOFILE => Some(format!("ulimit -Sn {v}")),
-            NOFILE => Some(format!("ulimit -n {v}")),
-            _ => None,
-        });
-        let mut command = match limit {
-            Some(ulimit) => {
-                let mut c = tokio::process::Command::new("sh");
-                c.args(["-c", &format!("{ulimit} && exec \"$0\" \"$@\"")])
-                    .arg(env!("CARGO_BIN_EXE_tollgate"));
-                c
-            }
-            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate")),
-        };
-        let child = command
-            .args(["serve", "--config"])
-            .arg(config)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .env("RUST_LOG", rust_log)
-            .env_remove("DATABASE_URL")
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .envs(env.iter().copied())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tollgate");
+        let mut args: Vec<std::ffi::OsString> = vec!["serve".into(), "--config".into()];
+        args.push(config.into());
+        args.extend(["--listen".into(), format!("127.0.0.1:{port}").into()]);
+        let child = spawn_tollgate(&args, log, rust_log, env);
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         for _ in 0..400 {

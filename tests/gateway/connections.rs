@@ -281,6 +281,21 @@ fn nofile_limits(pid: u32) -> (Option<u64>, Option<u64>) {
     (parse(fields[0]), parse(fields[1]))
 }
 
+/// This process's hard descriptor limit (`None`: unlimited) if it is at least `needed`;
+/// otherwise `None`, after saying so (under `CI=true`, a failure: CI must run the test).
+fn hard_limit_of_at_least(needed: u64) -> Option<Option<u64>> {
+    let (_, hard) = nofile_limits(std::process::id());
+    if hard.is_some_and(|h| h < needed) {
+        let why = format!(
+            "this machine's hard descriptor limit is {hard:?}, below the {needed} this test needs"
+        );
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
+        eprintln!("skipped: {why}");
+        return None;
+    }
+    Some(hard)
+}
+
 /// What the descriptor tests hold: a store, a mock whose streams last about a second (four
 /// chunks 250 ms apart), and the gateway's config for them (`toml` plus `limits`, written to
 /// `config`).
@@ -326,15 +341,14 @@ impl SlowStreams {
     }
 }
 
-/// One chat call; its status and body, or why it got none.
-async fn chat(
+/// Sends one chat call; its response, or why it got none.
+async fn send_chat(
     http: &reqwest::Client,
     base: &str,
     key: &str,
     stream: bool,
-) -> Result<(u16, String), String> {
-    let resp = http
-        .post(format!("{base}/v1/chat/completions"))
+) -> Result<reqwest::Response, String> {
+    http.post(format!("{base}/v1/chat/completions"))
         .bearer_auth(key)
         .json(&json!({
             "model": "gpt-4o-mini",
@@ -343,7 +357,17 @@ async fn chat(
         }))
         .send()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+/// One chat call; its status and body, or why it got none.
+async fn chat(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    stream: bool,
+) -> Result<(u16, String), String> {
+    let resp = send_chat(http, base, key, stream).await?;
     let status = resp.status().as_u16();
     let body = resp.text().await.map_err(|e| e.to_string())?;
     Ok((status, body))
@@ -374,15 +398,9 @@ async fn streams_at_once(
 /// named in a warning at start.
 #[tokio::test]
 async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the_soft_limit() {
-    let (_, hard) = nofile_limits(std::process::id());
-    if hard.is_some_and(|h| h < 2_000) {
-        let why = format!(
-            "this machine's hard descriptor limit is {hard:?}, below the 2,000 this test needs"
-        );
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{why}");
-        eprintln!("skipped: {why}");
+    let Some(hard) = hard_limit_of_at_least(2_000) else {
         return;
-    }
+    };
     let Some(setup) = SlowStreams::start().await else {
         return;
     };
@@ -437,6 +455,101 @@ async fn the_gateway_raises_its_descriptor_limit_and_holds_more_streams_than_the
         "{text}"
     );
     assert!(server.terminate().await.success());
+}
+
+/// `tollgate mock-upstream`, started with a soft descriptor limit of 64, raises it to the hard
+/// limit as the gateway does, so that a load test can hold more streams through it than a
+/// shell's soft limit allows: 200 streams of two seconds, every one of which has its first
+/// chunk before any has ended. With the soft limit kept, the connections past it would wait to
+/// be accepted until earlier streams ended.
+#[tokio::test]
+async fn the_mock_upstream_raises_its_descriptor_limit_and_holds_more_streams_than_the_soft_limit()
+{
+    const STREAMS: usize = 200;
+    let Some(hard) = hard_limit_of_at_least(1_000) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("mock.log");
+    let addr = format!("127.0.0.1:{}", free_port());
+    // Four chunks 500 ms apart: each stream lasts about two seconds.
+    let args: Vec<std::ffi::OsString> = [
+        "mock-upstream",
+        "--listen",
+        &addr,
+        "--chunks",
+        "4",
+        "--chunk-interval-ms",
+        "500",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    let mut mock = spawn_tollgate(&args, &log, "info", &[(SOFT_NOFILE, "64")]);
+    let pid = mock.id().expect("the mock is running");
+    let mut up = false;
+    for _ in 0..400 {
+        if TcpStream::connect(&addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        up,
+        "the mock did not listen: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (soft, now_hard) = nofile_limits(pid);
+    assert_eq!(now_hard, hard);
+    assert!(soft.is_none_or(|s| s > 64), "soft limit still {soft:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("descriptor limit raised"), "{text}");
+
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let base = format!("http://{addr}");
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|_| {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                // The mock takes any key.
+                let resp = send_chat(&http, &base, "none", true).await?;
+                if resp.status() != 200 {
+                    return Err(format!("status {}", resp.status()));
+                }
+                let mut body = resp.bytes_stream();
+                let mut first = None;
+                let mut all = Vec::new();
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(|e| e.to_string())?;
+                    first.get_or_insert_with(tokio::time::Instant::now);
+                    all.extend_from_slice(&chunk);
+                }
+                if !all.ends_with(b"data: [DONE]\n\n") {
+                    return Err(format!("cut short: {}", String::from_utf8_lossy(&all)));
+                }
+                let first = first.ok_or("no chunk")?;
+                Ok((first, tokio::time::Instant::now()))
+            })
+        })
+        .collect();
+    let mut spans = Vec::with_capacity(STREAMS);
+    for s in streams {
+        spans.push(s.await.unwrap().expect("a stream through the mock"));
+    }
+    let last_first_chunk = spans.iter().map(|s| s.0).max().unwrap();
+    let first_end = spans.iter().map(|s| s.1).min().unwrap();
+    assert!(
+        last_first_chunk < first_end,
+        "a stream ended {:?} before the last one got its first chunk: not all {STREAMS} were \
+         held at once",
+        last_first_chunk - first_end
+    );
+    mock.start_kill().unwrap();
+    let _ = mock.wait().await;
 }
 
 /// A gateway whose hard descriptor limit (300) cannot hold the streams it is asked for: the
