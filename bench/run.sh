@@ -3,6 +3,8 @@
 #
 #   bench/run.sh            full run (3 interleaved rounds, 5 s per wrk run; ~8 minutes)
 #   bench/run.sh --quick    smoke check (1 round, short runs, 500 held streams; ~2.5 minutes)
+#   bench/run.sh --smoke    every part once, as briefly as it can run (what the test suite runs,
+#                           against the debug build: tests/bench_smoke.rs); its figures mean nothing
 #   bench/run.sh --summarize bench/results/latest.txt   redo the summary from saved raw lines
 #   bench/run.sh --peers    also LiteLLM (PyPI) and Portkey's gateway (npm) on the same mock
 #
@@ -11,7 +13,8 @@
 # Postgres (a fresh database at 127.0.0.1:5432, dropped at exit). Every request to a gateway is
 # authenticated, reserved, settled and durably recorded (a real funded account and key).
 # Raw numbers go to bench/results/latest.txt; a summary table is printed at the end.
-# See BENCHMARKS.md for the method and the latest figures. Never run by `cargo test`.
+# See BENCHMARKS.md for the method and the latest figures. `cargo test` runs `--smoke` only, on
+# the debug build, to keep the harness working; its figures are never judged there.
 #
 # Knobs (environment): BENCH_ROUNDS, BENCH_LAT_SECS, BENCH_THR_SECS, BENCH_THR_CONNS,
 # BENCH_STREAMS (sequential streams per round), BENCH_HELD (concurrent held streams),
@@ -20,26 +23,35 @@
 # dir with configs and logs), BENCH_SKIP_BUILD=1, BENCH_PEER_DIR (where --peers installs the peer
 # gateways; default ~/.cache/tollgate-bench), BENCH_GATEWAY_WORKERS=N (the gateways' tokio
 # worker threads, as TOKIO_WORKER_THREADS; default: one per core; the other processes keep
-# theirs).
+# theirs). BENCH_BIN_DIR (where `tollgate` and `examples/` are; default target/release),
+# BENCH_OUT (the results file; default bench/results/latest.txt), BENCH_NO_INSTALL=1 (a missing
+# tool is an error, not something to install from Debian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 QUICK=0
+SMOKE=0
 PEERS=0
 SUMMARIZE=""
 while (( $# )); do
   case "$1" in
     --quick) QUICK=1 ;;
+    --smoke) SMOKE=1 ;;
     --peers) PEERS=1 ;;
     --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
-if (( QUICK )); then
+# The held streams' mock: 40 chunks 500 ms apart (see section 2); the smoke run's are short.
+LONG_CHUNKS=40; LONG_INTERVAL_MS=500
+if (( SMOKE )); then
+  ROUNDS=1; LAT_SECS=1; THR_SECS=1; STREAMS=5; HELD=50; WARM_SECS=1
+  LONG_CHUNKS=4; LONG_INTERVAL_MS=250
+elif (( QUICK )); then
   ROUNDS=${BENCH_ROUNDS:-1}; LAT_SECS=${BENCH_LAT_SECS:-2}; THR_SECS=${BENCH_THR_SECS:-2}
   STREAMS=${BENCH_STREAMS:-20}; HELD=${BENCH_HELD:-500}; WARM_SECS=1
 else
@@ -301,6 +313,7 @@ command -v jq     >/dev/null 2>&1 || need+=(jq)
 command -v psql   >/dev/null 2>&1 || need+=(postgresql-client)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 if (( ${#need[@]} )); then
+  [[ ${BENCH_NO_INSTALL:-0} == 1 ]] && die "missing (Debian packages): ${need[*]}"
   log "installing from Debian: ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -341,10 +354,11 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
   # in dev-dependency features, which would otherwise be unified into the binary.
   cargo build --release --quiet --example stream_probe --example bare_proxy
 fi
-TOLLGATE=$ROOT/target/release/tollgate
-PROBE=$ROOT/target/release/examples/stream_probe
-BARE=$ROOT/target/release/examples/bare_proxy
-[[ -x $TOLLGATE && -x $PROBE && -x $BARE ]] || die "release binaries missing"
+BIN_DIR=${BENCH_BIN_DIR:-$ROOT/target/release}
+TOLLGATE=$BIN_DIR/tollgate
+PROBE=$BIN_DIR/examples/stream_probe
+BARE=$BIN_DIR/examples/bare_proxy
+[[ -x $TOLLGATE && -x $PROBE && -x $BARE ]] || die "binaries missing in $BIN_DIR (tollgate, examples/stream_probe, examples/bare_proxy)"
 
 pg_isready -h 127.0.0.1 -p 5432 -U postgres -q 2>/dev/null \
   || psql -h 127.0.0.1 -U postgres -Atqc 'select 1' >/dev/null \
@@ -435,7 +449,7 @@ spawn mock-stream "$TOLLGATE" mock-upstream \
   --listen "127.0.0.1:$STREAM_PORT" --chunks 32 --chunk-interval-ms 5 --stamp-chunks
 STREAM_MOCK_PID=$LAST_PID
 spawn mock-long "$TOLLGATE" mock-upstream \
-  --listen "127.0.0.1:$LONG_PORT" --chunks 40 --chunk-interval-ms 500
+  --listen "127.0.0.1:$LONG_PORT" --chunks "$LONG_CHUNKS" --chunk-interval-ms "$LONG_INTERVAL_MS"
 LONG_MOCK_PID=$LAST_PID
 wait_port "$MOCK_PORT" "$MOCK_PID" mock
 wait_port "$STREAM_PORT" "$STREAM_MOCK_PID" mock-stream
@@ -900,9 +914,9 @@ SUMMARY=$TMP/summary.txt
 summarize "$RAW" >"$SUMMARY"
 
 mkdir -p "$ROOT/bench/results"
-OUT=$ROOT/bench/results/latest.txt
+OUT=${BENCH_OUT:-$ROOT/bench/results/latest.txt}
 {
-  echo "# bench/run.sh$( ((QUICK)) && echo ' --quick') — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "# bench/run.sh$( ((QUICK)) && echo ' --quick')$( ((SMOKE)) && echo ' --smoke') — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "# git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (working tree modified)')"
   echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
   echo "# tools: $("$NGINX" -v 2>&1), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), $(psql -h 127.0.0.1 -U postgres -Atc 'show server_version'| sed 's/^/PostgreSQL /'), sqlite $(sqlite3 --version | cut -d' ' -f1), $(cargo --version 2>/dev/null)"
@@ -915,3 +929,9 @@ OUT=$ROOT/bench/results/latest.txt
 } >"$OUT"
 cat "$SUMMARY"
 log "raw numbers in $OUT"
+# The one check that fails the run: every 2xx a client saw has its record in the store.
+for t in tollgate-sqlite tollgate-postgres; do
+  line=$(grep "^durable target=$t " "$RAW")
+  (( $(field "$line" records_200) >= $(field "$line" client_2xx) )) \
+    || die "$t: fewer usage records than 2xx responses after kill -9 ($line)"
+done

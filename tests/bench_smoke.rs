@@ -1,0 +1,129 @@
+//! The benchmark harness, run once as briefly as it can (`bench/run.sh --smoke`) against the
+//! debug build, so that it keeps working as the gateway changes: the mocks, nginx, the bare
+//! proxy and both gateways start, every kind of run completes, and after `kill -9` and a
+//! restart every 2xx a client saw has its usage record in both stores (the harness exits
+//! non-zero otherwise). Its own test binary, so that it runs alone: `cargo test` runs test
+//! binaries one after another. Its figures are never judged: a debug build on a shared machine
+//! says nothing about speed (BENCHMARKS.md says how the real runs are made).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The tools the harness drives, and the Debian packages that have them.
+const TOOLS: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("nginx", "nginx-light"),
+    ("curl", "curl"),
+    ("jq", "jq"),
+    ("sqlite3", "sqlite3"),
+    ("psql", "postgresql-client"),
+];
+
+fn on_path(tool: &str) -> bool {
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&dirs)
+        .chain([PathBuf::from("/usr/sbin")])
+        .any(|d| d.join(tool).is_file())
+}
+
+/// `cargo test` builds the examples beside the binary; a filtered run may not have.
+fn binaries_ready(bin_dir: &Path) -> Result<(), String> {
+    for example in ["stream_probe", "bare_proxy"] {
+        let path = bin_dir.join("examples").join(example);
+        if !path.is_file() {
+            return Err(format!(
+                "{} is not built (`cargo test` builds it; `cargo build --examples` does too)",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Skipped, saying why, where a tool is missing, except under `CI=true`, where it fails.
+fn unavailable(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the harness smoke run cannot run: {why}"
+    );
+    eprintln!("skipped: {why}");
+}
+
+#[test]
+fn the_benchmark_harness_runs_every_part_and_loses_no_charge() {
+    let missing: Vec<_> = TOOLS
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        return unavailable(&format!(
+            "missing tools; install them with `apt-get install {}`",
+            missing.join(" ")
+        ));
+    }
+    let tollgate = PathBuf::from(env!("CARGO_BIN_EXE_tollgate"));
+    let bin_dir = tollgate.parent().unwrap().to_path_buf();
+    if let Err(why) = binaries_ready(&bin_dir) {
+        return unavailable(&why);
+    }
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("smoke.txt");
+    let run = Command::new(root.join("bench/run.sh"))
+        .arg("--smoke")
+        .env("BENCH_SKIP_BUILD", "1")
+        .env("BENCH_NO_INSTALL", "1")
+        .env("BENCH_BIN_DIR", &bin_dir)
+        .env("BENCH_OUT", &out)
+        .output()
+        .expect("run bench/run.sh");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "bench/run.sh --smoke failed ({}):\n{stderr}",
+        run.status
+    );
+    let results = std::fs::read_to_string(&out).expect("the results file");
+
+    // Every part ran and wrote its raw lines.
+    for kind in ["lat", "paced", "thr", "big", "stream", "held", "durable"] {
+        assert!(
+            results.lines().any(|l| l.starts_with(&format!("{kind} "))),
+            "no `{kind}` line in the results:\n{results}"
+        );
+    }
+    for section in [
+        "Latency at concurrency 1",
+        "Throughput (wrk",
+        "Streaming, ",
+        "Held streams",
+        "Durability",
+        "Against the targets",
+    ] {
+        assert!(results.contains(section), "no {section:?} in:\n{results}");
+    }
+    // Each gateway answered every held stream, and charged for every 2xx.
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .unwrap_or_else(|| panic!("no {name} in {line}"))
+            .parse()
+            .unwrap()
+    };
+    for target in ["tollgate-sqlite", "tollgate-postgres"] {
+        let durable = results
+            .lines()
+            .find(|l| l.starts_with(&format!("durable target={target} ")))
+            .unwrap();
+        let (records, seen) = (field(durable, "records_200"), field(durable, "client_2xx"));
+        assert!(records >= seen && seen > 1, "{durable}");
+    }
+    let held = results
+        .lines()
+        .find(|l| l.starts_with("held target=tollgate-sqlite "))
+        .unwrap();
+    assert_eq!(field(held, "ok"), 50, "{held}");
+}
