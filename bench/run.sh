@@ -194,7 +194,9 @@ summarize() { # raw-file → summary on stdout
     s_e50=$(med stream direct gap_excess_p50_us); s_e99=$(med stream direct gap_excess_p99_us)
     stream_rows transit_p50_us transit_p99_us gap_excess_p50_us gap_excess_p99_us
   fi
-  printf '\nHeld streams (mock: 40 chunks, 500 ms apart; started 2000/s; descriptor limit %s)\n' "$FD_LIMIT"
+  # Older results files do not record the long mock's settings: theirs were 40 and 500.
+  printf '\nHeld streams (mock: %s chunks, %s ms apart; started 2000/s; descriptor limit %s)\n' \
+    "${LONG_CHUNKS:-40}" "${LONG_INTERVAL_MS:-500}" "$FD_LIMIT"
   printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %8s\n' target streams ok failed 'peak' 'TTFT' 'TTFT' \
     'length' 'peak' 'RSS' 'peak' 'cpu' 'machine'
   printf '  %-20s %6s %6s %6s %6s %8s %8s %8s %9s %9s %8s %6s %8s\n' '' '' '' '' open 'p50 ms' 'p99 ms' \
@@ -654,6 +656,7 @@ done
 RAW=$TMP/raw.txt
 echo "settings rounds=$ROUNDS lat_secs=$LAT_SECS thr_secs=$THR_SECS thr_threads=$THR_THREADS" \
   "thr_conns=$THR_CONNS big_bytes=$BIG_BYTES streams=$STREAMS held=$HELD fd_limit=$FD_LIMIT" \
+  "long_chunks=$LONG_CHUNKS long_interval_ms=$LONG_INTERVAL_MS" \
   "target_list=$(IFS=,; echo "${TARGETS[*]}")" >"$RAW"
 for t in tollgate-sqlite tollgate-postgres; do
   echo "rss target=$t phase=idle kb=$(rss_kb "${PID[$t]}")" >>"$RAW"
@@ -864,7 +867,7 @@ held_run() { # target base key model sampled-pid streams
 # descriptor limit, a run at the largest round count that fits goes first (so that its peak RSS
 # is not the 10k run's leftover heap), then the full count as asked.
 HELD_FIT=$(( (FD_LIMIT - 200) / 2 / 500 * 500 ))
-log "held streams: $HELD at once, straight at the mock, then through tollgate-sqlite (each ~20 s; fd limit $FD_LIMIT)"
+log "held streams: $HELD at once, straight at the mock, then through tollgate-sqlite (each ~$((LONG_CHUNKS * LONG_INTERVAL_MS / 1000)) s; fd limit $FD_LIMIT)"
 held_run direct "http://127.0.0.1:$LONG_PORT" none gpt-4o-mini "$LONG_MOCK_PID" "$HELD"
 if (( HELD_FIT < HELD )); then
   sleep 3
