@@ -285,6 +285,8 @@ async fn records_left_in_the_inbox_ship_without_being_asked() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     append("last".to_owned());
     until_balance(202).await;
+    // The store commits before the writer hears of it; a barrier waits for the writer's books.
+    barrier(&ledger).await;
     assert_eq!(s.backlog.load(Ordering::Relaxed), 0);
     ledger.stop_and_wait(None, None).await.unwrap();
 }
