@@ -7,6 +7,7 @@
 #                           against the debug build: tests/bench_smoke.rs); its figures mean nothing
 #   bench/run.sh --summarize bench/results/latest.txt   redo the summary from saved raw lines
 #   bench/run.sh --peers    also LiteLLM (PyPI) and Portkey's gateway (npm) on the same mock
+#   bench/run.sh --install-tools   install the tools a run needs where missing, and stop (.ci/run)
 #
 # Targets: the mock upstream directly, nginx in front of it, the gateway's HTTP stack with
 # nothing else (hyper-bare, examples/bare_proxy.rs), Tollgate on SQLite, Tollgate on
@@ -25,22 +26,25 @@
 # worker threads, as TOKIO_WORKER_THREADS; default: one per core; the other processes keep
 # theirs). BENCH_BIN_DIR (where `tollgate` and `examples/` are; default target/release),
 # BENCH_OUT (the results file; default bench/results/latest.txt), BENCH_NO_INSTALL=1 (a missing
-# tool is an error, not something to install from Debian).
+# tool is an error, not something to install from Debian). A run that cannot start here (a
+# tool, a binary or PostgreSQL missing) exits with 3, any other failure with 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 QUICK=0
 SMOKE=0
+INSTALL_ONLY=0
 PEERS=0
 SUMMARIZE=""
 while (( $# )); do
   case "$1" in
     --quick) QUICK=1 ;;
     --smoke) SMOKE=1 ;;
+    --install-tools) INSTALL_ONLY=1 ;;
     --peers) PEERS=1 ;;
     --summarize) SUMMARIZE=${2:?--summarize needs a results file}; shift ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -71,6 +75,9 @@ PORTKEY_VERSION=1.15.2
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
+# Something this machine lacks, not something that went wrong: exit 3 (tests/bench_smoke.rs
+# skips on it, or fails under CI=true).
+cannot_run() { log "CANNOT RUN: $*"; exit 3; }
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
@@ -308,19 +315,21 @@ fi
 # 1. Tools and builds
 # ---------------------------------------------------------------------------------------------
 need=()
-command -v nginx  >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+command -v nginx  >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 command -v wrk    >/dev/null 2>&1 || need+=(wrk)
 command -v curl   >/dev/null 2>&1 || need+=(curl)
 command -v jq     >/dev/null 2>&1 || need+=(jq)
 command -v psql   >/dev/null 2>&1 || need+=(postgresql-client)
 command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 if (( ${#need[@]} )); then
-  [[ ${BENCH_NO_INSTALL:-0} == 1 ]] && die "missing (Debian packages): ${need[*]}"
+  [[ ${BENCH_NO_INSTALL:-0} == 1 ]] \
+    && cannot_run "missing tools; install them with \`apt-get install ${need[*]}\`"
   log "installing from Debian: ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+(( INSTALL_ONLY )) && exit 0
 
 # Peer gateways, installed once into BENCH_PEER_DIR: LiteLLM's proxy in a Python venv, Portkey's
 # gateway with npm. Both need the registries the first time.
@@ -360,11 +369,12 @@ BIN_DIR=${BENCH_BIN_DIR:-$ROOT/target/release}
 TOLLGATE=$BIN_DIR/tollgate
 PROBE=$BIN_DIR/examples/stream_probe
 BARE=$BIN_DIR/examples/bare_proxy
-[[ -x $TOLLGATE && -x $PROBE && -x $BARE ]] || die "binaries missing in $BIN_DIR (tollgate, examples/stream_probe, examples/bare_proxy)"
+[[ -x $TOLLGATE && -x $PROBE && -x $BARE ]] \
+  || cannot_run "binaries missing in $BIN_DIR (tollgate, examples/stream_probe, examples/bare_proxy; \`cargo test\` and \`cargo build --examples\` build the examples)"
 
 pg_isready -h 127.0.0.1 -p 5432 -U postgres -q 2>/dev/null \
   || psql -h 127.0.0.1 -U postgres -Atqc 'select 1' >/dev/null \
-  || die "PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, trust auth)"
+  || cannot_run "PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, trust auth)"
 
 # ---------------------------------------------------------------------------------------------
 # Process bookkeeping: everything started here is killed at exit; the Postgres database dropped.
