@@ -19,6 +19,8 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
 
+mod split;
+
 /// A chat request that passed validation. `fields` is the whole request, passed upstream
 /// after the gateway's edits (model name, usage option, lowered max_tokens).
 #[derive(Debug, Clone)]
@@ -36,23 +38,32 @@ pub struct ChatRequest<'a> {
 
 /// A request's top-level fields, each value as JSON text: borrowed from the client's body
 /// until the gateway sets it. A field sent twice is the last one sent (as in a full parse).
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Fields<'a>(BTreeMap<String, Field<'a>>);
 
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 enum Field<'a> {
-    /// As the client sent it.
-    Sent(&'a RawValue),
+    /// As the client sent it: checked JSON text.
+    Sent(&'a str),
     /// `messages` as the client sent it, item by item (so that each item's kind is known
     /// without reading the array twice).
-    Items(Vec<&'a RawValue>),
+    Items(Vec<&'a str>),
     /// `messages` that is not an array: the request is refused, nothing is sent.
-    #[serde(skip)]
     NotArray,
     /// Set by the gateway.
     Set(Box<RawValue>),
+}
+
+impl PartialEq for Field<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Field::Sent(a), Field::Sent(b)) => a == b,
+            (Field::Items(a), Field::Items(b)) => a == b,
+            (Field::NotArray, Field::NotArray) => true,
+            (Field::Set(a), Field::Set(b)) => a.get() == b.get(),
+            _ => false,
+        }
+    }
 }
 
 impl Fields<'_> {
@@ -67,8 +78,9 @@ impl Fields<'_> {
         Ok(())
     }
 
-    /// The request body to send upstream. Its buffer is sized for the fields up front: a long
-    /// conversation would otherwise be copied again each time the buffer doubled.
+    /// The request body to send upstream: the fields' texts, joined. Its buffer is sized for
+    /// them up front: a long conversation would otherwise be copied again each time the
+    /// buffer doubled.
     pub fn to_body(&self) -> Result<Vec<u8>, ApiError> {
         let size = self
             .0
@@ -76,7 +88,31 @@ impl Fields<'_> {
             .map(|(name, field)| name.len() + 4 + field.text_len())
             .sum::<usize>();
         let mut body = Vec::with_capacity(size + 2);
-        serde_json::to_writer(&mut body, self).map_err(|_| ApiError::Internal)?;
+        body.push(b'{');
+        for (i, (name, field)) in self.0.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, name).map_err(|_| ApiError::Internal)?;
+            body.push(b':');
+            match field {
+                Field::Sent(text) => body.extend_from_slice(text.as_bytes()),
+                Field::Set(raw) => body.extend_from_slice(raw.get().as_bytes()),
+                Field::Items(items) => {
+                    body.push(b'[');
+                    for (j, item) in items.iter().enumerate() {
+                        if j > 0 {
+                            body.push(b',');
+                        }
+                        body.extend_from_slice(item.as_bytes());
+                    }
+                    body.push(b']');
+                }
+                // Refused by `parse_chat`; never sent.
+                Field::NotArray => return Err(ApiError::Internal),
+            }
+        }
+        body.push(b'}');
         Ok(body)
     }
 
@@ -84,7 +120,7 @@ impl Fields<'_> {
     pub fn parse<T: DeserializeOwned>(&self, name: &str) -> serde_json::Result<Option<T>> {
         let raw = match self.0.get(name) {
             None => return Ok(None),
-            Some(Field::Sent(raw)) => raw.get(),
+            Some(Field::Sent(text)) => text,
             Some(Field::Set(raw)) => raw.get(),
             Some(Field::Items(_) | Field::NotArray) => {
                 return Err(de::Error::custom("`messages` is read item by item"))
@@ -98,8 +134,8 @@ impl Field<'_> {
     /// About how long the field's value is as JSON text (exact unless it is refused anyway).
     fn text_len(&self) -> usize {
         match self {
-            Field::Sent(raw) => raw.get().len(),
-            Field::Items(items) => items.iter().map(|item| item.get().len() + 1).sum::<usize>() + 1,
+            Field::Sent(text) => text.len(),
+            Field::Items(items) => items.iter().map(|item| item.len() + 1).sum::<usize>() + 1,
             Field::NotArray => 0,
             Field::Set(raw) => raw.get().len(),
         }
@@ -125,7 +161,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
                             Messages(None) => Field::NotArray,
                         }
                     } else {
-                        Field::Sent(map.next_value()?)
+                        Field::Sent(map.next_value::<&RawValue>()?.get())
                     };
                     fields.insert(name, value);
                 }
@@ -137,7 +173,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 }
 
 /// An array's items as sent, or `None` for any other kind of value.
-struct Messages<'a>(Option<Vec<&'a RawValue>>);
+struct Messages<'a>(Option<Vec<&'a str>>);
 
 impl<'de> Deserialize<'de> for Messages<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -151,8 +187,8 @@ impl<'de> Deserialize<'de> for Messages<'de> {
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Messages<'de>, A::Error> {
                 let mut items = Vec::new();
-                while let Some(item) = seq.next_element()? {
-                    items.push(item);
+                while let Some(item) = seq.next_element::<&RawValue>()? {
+                    items.push(item.get());
                 }
                 Ok(Messages(Some(items)))
             }
@@ -217,22 +253,11 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest<'_>, ApiError> {
         let lines = valid.iter().filter(|&&b| b == b'\n').count();
         not_json(lines + 1, valid.len() - line_start + 1)
     })?;
-    // The split checks the syntax as it goes (strings, escapes, numbers, nesting). A body it
-    // refuses is either not JSON, said with the position the strict pass finds, or not an
-    // object.
-    let fields = match serde_json::from_str::<Fields<'_>>(text) {
-        Ok(fields) => fields,
-        Err(_) => {
-            strict(text)?;
-            return Err(invalid("The request body must be a JSON object."));
-        }
+    let fields = match split::split(text) {
+        // Nearly every body: checked and split in one pass.
+        Some(fields) => fields,
+        None => serde_split(text)?,
     };
-    // What the split lets through and a full parse would refuse: a surrogate escape without
-    // its pair, a number beyond f64, nesting beyond serde_json's limit. Only a body that may
-    // hold one of these goes through the strict pass.
-    if !plainly_valid(text) {
-        strict(text)?;
-    }
     let model = match fields.parse::<String>("model") {
         Ok(Some(m)) if !m.is_empty() => m,
         Ok(None) if !fields.contains("model") => {
@@ -245,7 +270,7 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest<'_>, ApiError> {
             return Err(invalid("`messages` must not be empty."))
         }
         Some(Field::Items(m)) => {
-            if !m.iter().all(|item| item.get().starts_with('{')) {
+            if !m.iter().all(|item| item.starts_with('{')) {
                 return Err(invalid("Each item of `messages` must be an object."));
             }
         }
@@ -280,6 +305,26 @@ pub fn parse_chat(body: &[u8]) -> Result<ChatRequest<'_>, ApiError> {
         n,
         wants_usage,
     })
+}
+
+/// serde_json's split, for the bodies [`split::split`] does not vouch for. It checks the
+/// syntax as it goes (strings, escapes, numbers, nesting). A body it refuses is either not
+/// JSON, said with the position the strict pass finds, or not an object.
+fn serde_split(text: &str) -> Result<Fields<'_>, ApiError> {
+    let fields = match serde_json::from_str::<Fields<'_>>(text) {
+        Ok(fields) => fields,
+        Err(_) => {
+            strict(text)?;
+            return Err(invalid("The request body must be a JSON object."));
+        }
+    };
+    // What the split lets through and a full parse would refuse: a surrogate escape without
+    // its pair, a number beyond f64, nesting beyond serde_json's limit. Only a body that may
+    // hold one of these goes through the strict pass.
+    if !plainly_valid(text) {
+        strict(text)?;
+    }
+    Ok(fields)
 }
 
 /// The strict pass: exactly what a full parse would refuse, refused with its position.
@@ -469,18 +514,117 @@ mod tests {
     }
 
     /// `plainly_valid`'s verdict on a body the split accepts, held to the strict pass: a
-    /// `true` it was not entitled to fails the test.
+    /// `true` it was not entitled to fails the test. The one-pass split must answer for the
+    /// same bodies (these have no escaped names), with serde_json's fields.
     fn verdict(text: &str) -> bool {
-        assert!(
-            serde_json::from_str::<Fields<'_>>(text).is_ok(),
-            "the split refused {text}"
-        );
+        let fields = serde_json::from_str::<Fields<'_>>(text);
+        assert!(fields.is_ok(), "the split refused {text}");
         let plain = plainly_valid(text);
         assert!(
             !plain || strictly_valid(text),
             "plainly valid but refused: {text}"
         );
+        let one_pass = split::split(text);
+        assert_eq!(one_pass.is_some(), plain, "the one-pass split on {text}");
+        if let Some(one_pass) = one_pass {
+            assert_eq!(Ok(one_pass), fields.map_err(|e| e.to_string()), "{text}");
+        }
         plain
+    }
+
+    /// What `parse_chat` would have said before the one-pass split: serde_json's split, then
+    /// the scan and the strict pass.
+    fn agrees_with_serde(text: &str) -> Result<(), TestCaseError> {
+        if let Some(one_pass) = split::split(text) {
+            prop_assert!(strictly_valid(text), "vouched for, but not JSON: {}", text);
+            let serde = serde_split(text).map_err(|e| e.to_string());
+            prop_assert_eq!(Ok(one_pass), serde, "{}", text);
+        }
+        Ok(())
+    }
+
+    /// A body like bench/chat.lua's long conversations: turns of prose with the escapes real
+    /// chat histories carry.
+    fn conversation(bytes: usize) -> String {
+        let turn = r#"The gateway forwards each call upstream and charges its exact cost.\n"#
+            .to_owned()
+            + r#"A \"quoted\" phrase,\ta tab, and unicode: \u00e9t\u00e9. "#;
+        let mut turns = Vec::new();
+        let mut size = 0;
+        while size < bytes {
+            let role = if turns.len() % 2 == 0 {
+                "user"
+            } else {
+                "assistant"
+            };
+            let m = format!(r#"{{"role":"{role}","content":"{}"}}"#, turn.repeat(8));
+            size += m.len() + 1;
+            turns.push(m);
+        }
+        format!(
+            r#"{{"model":"gpt-4o-mini","messages":[{}],"max_tokens":16}}"#,
+            turns.join(",")
+        )
+    }
+
+    #[test]
+    fn the_one_pass_split_takes_what_clients_send() {
+        for text in [
+            conversation(32_768),
+            conversation(10),
+            " {\n\t\"model\" : \"m\" ,\r\n \"messages\" : [ {\"role\":\"user\"} , [] , 1 ] } \n"
+                .to_owned(),
+            r#"{"model":"m","messages":[],"a":{},"b":[],"c":{"d":[null,false,true,-0,0.5]}}"#
+                .to_owned(),
+            r#"{"model":"m","model":"n","messages":{"not":"an array"}}"#.to_owned(),
+            r#"{}"#.to_owned(),
+        ] {
+            let one_pass = split::split(&text);
+            assert!(one_pass.is_some(), "{text}");
+            assert_eq!(
+                one_pass.ok_or(()),
+                serde_split(&text).map_err(|_| ()),
+                "{text}"
+            );
+        }
+        let long = conversation(32_768);
+        let request = parse_chat(long.as_bytes()).expect("a long conversation");
+        let sent: Value =
+            serde_json::from_slice(&request.fields.to_body().expect("a body")).expect("JSON");
+        let original: Value = serde_json::from_str(&long).expect("JSON");
+        assert_eq!(sent, original, "what goes upstream is what was sent");
+    }
+
+    #[test]
+    fn the_one_pass_split_leaves_the_rest_to_serde_json() {
+        for text in [
+            // Not JSON, or not quite.
+            "",
+            "{",
+            r#"{"model":"m",}"#,
+            r#"{"model" "m"}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":01}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":.5}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":"\x"}"#,
+            r#"{"a":"\u12"}"#,
+            "{\"a\":\"tab\there\"}",
+            r#"{"a":1} x"#,
+            r#"[{"a":1}]"#,
+            // JSON, but for serde_json's path to judge.
+            r#"{"mod\u0065l":"m"}"#,
+            r#"{"a":1e5}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\udc00\ud800"}"#,
+        ] {
+            assert!(split::split(text).is_none(), "{text}");
+        }
+        let nested = |n: usize| format!(r#"{{"a":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert!(split::split(&nested(PLAIN_DEPTH - 1)).is_some());
+        assert!(split::split(&nested(PLAIN_DEPTH)).is_none());
     }
 
     #[test]
@@ -613,6 +757,7 @@ mod tests {
             if serde_json::from_str::<Fields<'_>>(&text).is_ok() {
                 prop_assert!(!plainly_valid(&text) || strict, "plainly valid but refused: {}", text);
             }
+            agrees_with_serde(&text)?;
             let not_json = parse_chat(text.as_bytes())
                 .err()
                 .is_some_and(|e| e.to_string().contains("not valid JSON"));
@@ -622,6 +767,24 @@ mod tests {
         #[test]
         fn the_scan_never_panics(text in "\\PC{0,64}") {
             let _ = plainly_valid(&text);
+            agrees_with_serde(&text)?;
+        }
+
+        /// A body, one byte of it replaced by something JSON cares about: the one-pass split
+        /// vouches only for what serde_json's path takes, and splits it the same.
+        #[test]
+        fn the_one_pass_split_vouches_only_for_what_serde_json_takes(
+            content in prop::collection::vec(string_piece(), 0..8),
+            extra in value(),
+            at in any::<prop::sample::Index>(),
+            byte in prop::sample::select(b"\"\\{}[],: \n\t0123456789-+.eEutfnlrsax\x01\x1f".to_vec()),
+        ) {
+            let mut bytes = body(&content.concat(), &extra).into_bytes();
+            let at = at.index(bytes.len());
+            bytes[at] = byte;
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                agrees_with_serde(text)?;
+            }
         }
     }
 }
