@@ -7,6 +7,8 @@
 #   bench/callgrind.sh --stream K    streamed calls of K content chunks each instead; the
 #                                    difference between two K's, divided by theirs, is the
 #                                    cost of one chunk passed on
+#   bench/callgrind.sh --prompt-bytes B   each call carries a conversation of about B bytes,
+#                                    built as bench/chat.lua builds it for TG_PROMPT_BYTES
 #   bench/callgrind.sh --postgres    the gateway on Postgres (a fresh database at
 #                                    127.0.0.1:5432, dropped at exit) instead of SQLite; the
 #                                    store figure is then the gateway's side of a shipment only
@@ -32,13 +34,15 @@ ROOT=$PWD
 CALLS=2000
 WARMUP=200
 STREAM_CHUNKS=0
+PROMPT_BYTES=0
 BACKEND=sqlite
 while (( $# )); do
   case "$1" in
     --postgres) BACKEND=postgres ;;
     --calls) CALLS=${2:?--calls needs a number}; shift ;;
     --stream) STREAM_CHUNKS=${2:?--stream needs a number of chunks}; shift ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --prompt-bytes) PROMPT_BYTES=${2:?--prompt-bytes needs a number of bytes}; shift ;;
+    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -96,14 +100,24 @@ alloc_port MOCK_PORT; alloc_port GW_PORT; alloc_port BARE_PORT
 
 # N sequential calls on one kept-alive connection; fails on anything but 200.
 calls() { # port key n
-  python3 - "$@" "$STREAM_CHUNKS" <<'EOF'
+  python3 - "$@" "$STREAM_CHUNKS" "$PROMPT_BYTES" <<'EOF'
 import http.client, sys
-port, key, n, chunks = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-body = ('{"model":"gpt-4o-mini","messages":[{"role":"user",'
-        '"content":"Say hello to the benchmark please"}],"max_tokens":16}')
-if chunks:
-    body = ('{"model":"gpt-4o-mini","messages":[{"role":"user",'
-            '"content":"Say hello to the benchmark please"}],"max_tokens":%d,"stream":true}' % chunks)
+port, key, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+chunks, prompt_bytes = int(sys.argv[4]), int(sys.argv[5])
+messages = '{"role":"user","content":"Say hello to the benchmark please"}'
+if prompt_bytes:
+    # As bench/chat.lua builds it: turns of prose with the escapes chat histories carry.
+    turn = (r'The gateway forwards each call upstream and charges its exact cost.\n'
+            r'A \"quoted\" phrase,\ta tab, and unicode: \u00e9t\u00e9. ')
+    turns, size = [], 0
+    while size < prompt_bytes:
+        role = "user" if len(turns) % 2 == 0 else "assistant"
+        m = '{"role":"%s","content":"%s"}' % (role, turn * 8)
+        turns.append(m)
+        size += len(m) + 1
+    messages = ",".join(turns)
+body = '{"model":"gpt-4o-mini","messages":[%s],"max_tokens":%d%s}' % (
+    messages, chunks or 16, ',"stream":true' if chunks else '')
 headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 for i in range(n):
@@ -213,6 +227,7 @@ per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a / b }'; }
 {
   printf '\nInstructions (callgrind Ir), %s calls at concurrency 1 after %s warm-up calls; the gateway on %s\n' "$CALLS" "$WARMUP" "$BACKEND"
   if (( STREAM_CHUNKS )); then printf '  (streamed calls of %s content chunks each)\n' "$STREAM_CHUNKS"; fi
+  if (( PROMPT_BYTES )); then printf '  (each call with a conversation of about %s bytes)\n' "$PROMPT_BYTES"; fi
   printf '  %-44s %12s\n' figure 'Ir'
   printf '  %-44s %12s\n' 'gateway request path, per call' "$(per "$gw" "$CALLS")"
   printf '  %-44s %12s\n' 'hyper-bare, per call' "$(per "$bare" "$CALLS")"
