@@ -3,13 +3,15 @@
 //!
 //! The request is not turned into a tree of JSON values: the body is split into its top-level
 //! fields, each kept as the bytes the client sent, and refused exactly when a full parse
-//! would refuse it. The split checks the syntax as it goes; the few things it does not check
-//! (surrogate escapes, numbers beyond f64, deep nesting) are looked for by a scan, and only a
-//! body that may hold one goes through the strict pass (every string decoded into one reused
-//! buffer, every number parsed). The fields the gateway reads are small and parsed on their
-//! own; `messages`, which is nearly all of a request, is only checked to be an array of
-//! objects. What goes upstream is those same bytes, with the gateway's few edits: no
-//! conversation is decoded and encoded again.
+//! would refuse it. Nearly every body is checked and split in one pass of our own
+//! ([`split`]), which answers only for bodies it is sure of. Any other goes the longer way:
+//! serde_json's split, which checks the syntax as it goes; a scan for the few things that
+//! split does not check (surrogate escapes, numbers beyond f64, deep nesting); and, only for a
+//! body that may hold one, the strict pass (every string decoded into one reused buffer, every
+//! number parsed), which says what is wrong and where. The fields the gateway reads are small
+//! and parsed on their own; `messages`, which is nearly all of a request, is only checked to
+//! be an array of objects. What goes upstream is those same bytes, with the gateway's few
+//! edits: no conversation is decoded and encoded again.
 
 use crate::error::ApiError;
 use serde::de::{self, Deserialize, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
