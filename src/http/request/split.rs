@@ -22,30 +22,19 @@ pub(super) fn split(text: &str) -> Option<Fields<'_>> {
     p.whitespace();
     p.expect(b'{')?;
     let mut fields = BTreeMap::new();
-    p.whitespace();
-    if !p.eat(b'}') {
-        loop {
-            let name = p.key()?;
-            p.whitespace();
-            p.expect(b':')?;
-            p.whitespace();
-            let field = if name == "messages" {
-                p.messages()?
-            } else {
-                let start = p.at;
-                p.value(2)?;
-                Field::Sent(&text[start..p.at])
-            };
-            fields.insert(name.to_owned(), field);
-            p.whitespace();
-            if p.eat(b',') {
-                p.whitespace();
-            } else {
-                p.expect(b'}')?;
-                break;
-            }
-        }
-    }
+    p.sequence(b'}', |p| {
+        let name = p.key()?;
+        p.whitespace();
+        p.expect(b':')?;
+        p.whitespace();
+        let field = if name == "messages" {
+            p.messages()?
+        } else {
+            Field::Sent(p.spanned(|p| p.value(2))?)
+        };
+        fields.insert(name.to_owned(), field);
+        Some(())
+    })?;
     p.whitespace();
     (p.at == p.bytes.len()).then_some(Fields(fields))
 }
@@ -93,21 +82,35 @@ impl<'a> Parser<'a> {
             return Some(Field::NotArray);
         }
         let mut items = Vec::new();
+        self.sequence(b']', |p| {
+            items.push(p.spanned(|p| p.value(3))?);
+            Some(())
+        })?;
+        Some(Field::Items(items))
+    }
+
+    /// The rest of an object or an array, after its opening bracket: `item`s between commas,
+    /// up to `close`.
+    fn sequence(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.whitespace();
-        if self.eat(b']') {
-            return Some(Field::Items(items));
+        if self.eat(close) {
+            return Some(());
         }
         loop {
-            self.whitespace();
-            let start = self.at;
-            self.value(3)?;
-            items.push(self.text.get(start..self.at)?);
+            item(self)?;
             self.whitespace();
             if !self.eat(b',') {
-                self.expect(b']')?;
-                return Some(Field::Items(items));
+                return self.expect(close);
             }
+            self.whitespace();
         }
+    }
+
+    /// The text that `read` went over.
+    fn spanned(&mut self, read: impl FnOnce(&mut Self) -> Option<()>) -> Option<&'a str> {
+        let start = self.at;
+        read(self)?;
+        self.text.get(start..self.at)
     }
 
     /// One value; an object or an array would be at nesting `depth` (the body's own object
@@ -118,37 +121,17 @@ impl<'a> Parser<'a> {
             b'{' | b'[' if depth > PLAIN_DEPTH => None,
             b'{' => {
                 self.at += 1;
-                self.whitespace();
-                if self.eat(b'}') {
-                    return Some(());
-                }
-                loop {
-                    self.string()?;
-                    self.whitespace();
-                    self.expect(b':')?;
-                    self.whitespace();
-                    self.value(depth + 1)?;
-                    self.whitespace();
-                    if !self.eat(b',') {
-                        return self.expect(b'}');
-                    }
-                    self.whitespace();
-                }
+                self.sequence(b'}', |p| {
+                    p.string()?;
+                    p.whitespace();
+                    p.expect(b':')?;
+                    p.whitespace();
+                    p.value(depth + 1)
+                })
             }
             b'[' => {
                 self.at += 1;
-                self.whitespace();
-                if self.eat(b']') {
-                    return Some(());
-                }
-                loop {
-                    self.value(depth + 1)?;
-                    self.whitespace();
-                    if !self.eat(b',') {
-                        return self.expect(b']');
-                    }
-                    self.whitespace();
-                }
+                self.sequence(b']', |p| p.value(depth + 1))
             }
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
