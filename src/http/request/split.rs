@@ -9,7 +9,7 @@
 //! says what is wrong and where. So a `Some` must be exactly what that path returns: the same
 //! fields, each the same text; the tests hold it to that.
 
-use super::{Field, Fields, PLAIN_DEPTH};
+use super::{code_unit, Field, Fields, PLAIN_DEPTH};
 use std::collections::BTreeMap;
 
 /// The body's fields, or `None` when serde_json's path must decide.
@@ -206,10 +206,7 @@ impl<'a> Parser<'a> {
 
     /// The code unit of a `uXXXX` escape, `self.at` on the `u`.
     fn unit(&mut self) -> Option<u16> {
-        let hex = self.bytes.get(self.at + 1..self.at + 5)?;
-        let unit = hex.iter().try_fold(0u16, |unit, &b| {
-            Some(unit << 4 | char::from(b).to_digit(16)? as u16)
-        })?;
+        let unit = code_unit(self.bytes.get(self.at + 1..self.at + 5)?)?;
         self.at += 5;
         Some(unit)
     }
