@@ -66,6 +66,9 @@ pub struct ProviderConfig {
     /// Longest silence allowed between two chunks of a stream.
     #[serde(default = "default_stream_idle_timeout_ms")]
     pub stream_idle_timeout_ms: u64,
+    /// How long an upstream connection is kept open between calls.
+    #[serde(default = "default_idle_connection_timeout_ms")]
+    pub idle_connection_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -198,6 +201,9 @@ fn default_request_timeout_ms() -> u64 {
 fn default_stream_idle_timeout_ms() -> u64 {
     120_000
 }
+fn default_idle_connection_timeout_ms() -> u64 {
+    90_000
+}
 fn default_max_output_tokens() -> u64 {
     16_384
 }
@@ -298,6 +304,10 @@ impl std::fmt::Debug for ProviderConfig {
             .field("proxy", &self.proxy.as_ref().map(|_| "(set)"))
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("stream_idle_timeout_ms", &self.stream_idle_timeout_ms)
+            .field(
+                "idle_connection_timeout_ms",
+                &self.idle_connection_timeout_ms,
+            )
             .finish()
     }
 }
@@ -432,6 +442,9 @@ impl Config {
                     ca_file: p.ca_file.clone(),
                     request_timeout: Duration::from_millis(p.request_timeout_ms),
                     proxy: proxy_for(p)?,
+                    idle_connection_timeout: Duration::from_millis(
+                        p.idle_connection_timeout_ms.max(1),
+                    ),
                 })
             })
             .collect()

@@ -24,6 +24,7 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
         proxy: Some("direct".to_owned()),
         request_timeout_ms: 60_000,
         stream_idle_timeout_ms: 60_000,
+        idle_connection_timeout_ms: 90_000,
     }];
     config.models = vec![
         ModelConfig {

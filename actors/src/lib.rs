@@ -4,7 +4,8 @@
 //! - [`directory`]: supervises the account actors; starts, restarts and forgets them.
 //! - [`ledger`]: the ledger writer; journals charges, ships them to the store in batches.
 //! - [`journal`]: the node-local append-only log a charge is durable in before the store.
-//! - [`provider`]: one actor per upstream; pooled client and concurrency cap.
+//! - [`provider`]: one actor per upstream; its connections and concurrency cap.
+//! - [`upstream`]: a provider's HTTP/1.1 connections, each driven by the call using it.
 //! - [`supervisor`]: the root of the tree; restarts children with backoff and a limit.
 //! - [`billing`]: the handle request handlers use to reserve, settle and credit.
 //! - [`keys`]: API keys: generation, hashing, and the in-memory lookup.
@@ -26,6 +27,7 @@ pub mod restart;
 pub mod slot;
 pub mod store;
 pub mod supervisor;
+pub mod upstream;
 
 pub use billing::{Billing, BillingError};
 

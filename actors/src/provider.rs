@@ -1,6 +1,7 @@
-//! Provider actors: one per configured upstream. Each owns its pooled HTTP client and its
-//! concurrency cap, and hands out [`Lease`]s; a request holds its lease (and so its slot under
-//! the cap) for as long as its upstream call lasts, streaming included.
+//! Provider actors: one per configured upstream. Each owns its upstream connections (a
+//! [`Pool`]) and its concurrency cap, and hands out [`Lease`]s; a request holds its lease (and
+//! so its slot under the cap) for as long as its upstream call lasts, streaming included. The
+//! actor closes the pool's expired idle connections on a timer.
 //!
 //! The actor builds a [`Leaser`] when it starts and posts it on its [`Desk`]: request handlers
 //! take leases there, without a message to the actor and back (two task wake-ups on the hot
@@ -11,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::upstream::Pool;
 
 #[derive(Clone, Debug)]
 pub struct ProviderSpec {
@@ -27,6 +30,8 @@ pub struct ProviderSpec {
     pub request_timeout: Duration,
     /// The HTTP proxy the provider's connections go through, if any ([`proxy_for`]).
     pub proxy: Option<Proxy>,
+    /// How long an upstream connection is kept open between calls.
+    pub idle_connection_timeout: Duration,
 }
 
 /// An HTTP proxy: connections are tunnelled through it with CONNECT, for http:// upstreams as
@@ -106,12 +111,6 @@ pub fn read_roots(
     Ok(certs)
 }
 
-/// The pooled HTTP/1.1 and HTTP/2 (by ALPN) client a provider's calls go through.
-pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<Dial>,
-    http_body_util::Full<bytes::Bytes>,
->;
-
 type HttpConnector = hyper_util::client::legacy::connect::HttpConnector;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -186,7 +185,7 @@ pub enum ProviderError {
 
 /// Permission to make one upstream call, with everything needed to make it.
 pub struct Lease {
-    pub client: UpstreamClient,
+    pub pool: Arc<Pool>,
     pub spec: Arc<ProviderSpec>,
     /// `{base_url}/chat/completions`, parsed once when the provider starts.
     pub completions_uri: http::Uri,
@@ -267,10 +266,16 @@ pub struct ProviderStatus {
     pub calls_failed: u64,
     /// Unix milliseconds of the last failure, if any.
     pub last_failure_ms: Option<i64>,
+    /// Upstream connections open and waiting for a call.
+    pub idle_connections: u64,
+    /// Upstream connections opened since the actor (re)started.
+    pub connections_opened: u64,
 }
 
 pub enum ProviderMsg {
     Status(RpcReplyPort<ProviderStatus>),
+    /// Close the idle connections that expired or that the upstream closed (on a timer).
+    Prune,
 }
 
 impl crate::metered::Kind for ProviderMsg {
@@ -296,7 +301,7 @@ impl Desk {
 /// Everything needed to grant a lease: the client, the cap, the counters.
 pub struct Leaser {
     spec: Arc<ProviderSpec>,
-    client: UpstreamClient,
+    pool: Arc<Pool>,
     completions_uri: http::Uri,
     authorization: Option<http::HeaderValue>,
     permits: Arc<Semaphore>,
@@ -343,19 +348,22 @@ impl Leaser {
         .map_err(|_| failed())?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        // HTTP/1.1 only: the pool drives each connection from the call using it (see
+        // `upstream`), which HTTP/2's shared connections would not allow.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(dial);
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(spec.max_concurrency.min(1024))
-                .build(https);
         let completions_uri = completions_uri(&spec.base_url).ok_or_else(failed)?;
+        let pool = Pool::new(
+            https,
+            completions_uri.clone(),
+            spec.max_concurrency.min(1024),
+            spec.idle_connection_timeout,
+            metrics::counter!("tollgate_provider_connections_opened_total", "provider" => spec.name.clone()),
+        )
+        .ok_or_else(failed)?;
         let authorization = match &spec.api_key {
             Some(key) => {
                 let mut value =
@@ -373,7 +381,7 @@ impl Leaser {
             health: Arc::new(Health::default()),
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
-            client,
+            pool: Arc::new(pool),
             completions_uri,
             authorization,
             in_flight: Arc::new(AtomicU64::new(0)),
@@ -389,7 +397,7 @@ impl Leaser {
                 self.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.in_flight_gauge.increment(1.0);
                 Ok(Lease {
-                    client: self.client.clone(),
+                    pool: self.pool.clone(),
                     spec: self.spec.clone(),
                     completions_uri: self.completions_uri.clone(),
                     authorization: self.authorization.clone(),
@@ -426,6 +434,8 @@ impl Leaser {
             calls_failed: self.health.failures.load(Ordering::Relaxed),
             last_failure_ms: Some(self.health.last_failure_ms.load(Ordering::Relaxed))
                 .filter(|t| *t > 0),
+            idle_connections: self.pool.idle() as u64,
+            connections_opened: self.pool.opened(),
         }
     }
 }
@@ -437,6 +447,7 @@ pub struct ProviderArgs {
 
 pub struct ProviderState {
     leaser: Arc<Leaser>,
+    pruning: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub struct ProviderActor;
@@ -453,7 +464,33 @@ impl Actor for ProviderActor {
     ) -> Result<ProviderState, ActorProcessingErr> {
         let leaser = Arc::new(Leaser::new(args.spec)?);
         args.desk.post(leaser.clone());
-        Ok(ProviderState { leaser })
+        Ok(ProviderState {
+            leaser,
+            pruning: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<ProviderMsg>,
+        state: &mut ProviderState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A few looks per timeout: an idle connection outlives its timeout by at most a
+        // quarter of it.
+        let every = (state.leaser.spec.idle_connection_timeout / 4).max(Duration::from_millis(50));
+        state.pruning = Some(myself.send_interval(every, || ProviderMsg::Prune));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ProviderMsg>,
+        state: &mut ProviderState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(timer) = state.pruning.take() {
+            timer.abort();
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -466,6 +503,7 @@ impl Actor for ProviderActor {
             ProviderMsg::Status(reply) => {
                 let _ = reply.send(state.leaser.status());
             }
+            ProviderMsg::Prune => state.leaser.pool.prune(),
         }
         Ok(())
     }

@@ -55,6 +55,8 @@ pub async fn route(
                         "health": p.health, "consecutive_failures": p.consecutive_failures,
                         "calls_succeeded": p.calls_succeeded, "calls_failed": p.calls_failed,
                         "last_failure_ms": p.last_failure_ms,
+                        "idle_connections": p.idle_connections,
+                        "connections_opened": p.connections_opened,
                     })
                 })
                 .collect();

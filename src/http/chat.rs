@@ -322,8 +322,7 @@ async fn proxy(
         headers.insert(http::header::AUTHORIZATION, authorization.clone());
     }
     let timeout = lease.spec.request_timeout;
-    let upstream = match tokio::time::timeout(timeout, lease.client.request(upstream_request)).await
-    {
+    let upstream = match tokio::time::timeout(timeout, lease.pool.send(upstream_request)).await {
         Err(_) => {
             lease.report(false);
             return Err(call.fail(504, ApiError::UpstreamTimeout).await);
@@ -549,7 +548,7 @@ impl std::fmt::Display for ErrorChain<'_> {
 /// itself was wrong) passes through as the upstream said it; the rest become 502.
 async fn upstream_refused(
     call: &Call,
-    upstream: http::Response<hyper::body::Incoming>,
+    upstream: http::Response<tollgate_actors::upstream::Body>,
     timeout: Duration,
 ) -> ApiError {
     let status = upstream.status();

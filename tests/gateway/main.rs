@@ -25,3 +25,4 @@ mod proxy;
 mod streaming;
 mod supervision;
 mod tls;
+mod upstream_pool;

@@ -99,6 +99,7 @@ pub(crate) fn https_provider(
         proxy: Some("direct".to_owned()),
         request_timeout_ms: 3_000,
         stream_idle_timeout_ms: 3_000,
+        idle_connection_timeout_ms: 90_000,
     }
 }
 
