@@ -128,7 +128,7 @@ enum Failed {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -213,7 +213,9 @@ impl Pool {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, Error> {
+    /// A new connection, boxed: a connection is several hundred bytes, and it moves from the
+    /// call to its response body, into the pool and out again (each move a `memcpy` of it).
+    async fn connect(&self) -> Result<Box<Conn>, Error> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -227,12 +229,12 @@ impl Pool {
             .map_err(|e| Error::Connect(e.into()))?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         self.opened_counter.increment(1);
-        Ok(Conn { send, io: Some(io) })
+        Ok(Box::new(Conn { send, io: Some(io) }))
     }
 
     /// The newest idle connection that is still usable; those found expired or closed are
     /// closed on the way.
-    fn take(&self) -> Option<Conn> {
+    fn take(&self) -> Option<Box<Conn>> {
         let mut stale = Vec::new();
         let found = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -250,7 +252,7 @@ impl Pool {
         found
     }
 
-    fn put(&self, conn: Conn) {
+    fn put(&self, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
             idle.push(Idle {
@@ -302,7 +304,7 @@ fn origin_form(uri: &mut Uri) {
 pub struct Body {
     body: Incoming,
     /// `None` once the connection has ended or gone back to the pool.
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
     pool: Arc<Pool>,
 }
 
