@@ -1,23 +1,21 @@
 //! The benchmark harness's "bare hyper proxy": the gateway's HTTP stack and nothing else.
 //!
 //! It serves HTTP/1 with the same hyper server settings as the gateway, reads each request's
-//! body whole, sends it to one upstream through the same pooled client the gateway uses
-//! (hyper-util's, over plain TCP), and passes the upstream's answer back as it arrives. No
-//! authentication, no parsing, no reservation, no journal, no store: the difference between
-//! this target and the gateway in `bench/run.sh` is what the gateway's own work costs, and the
-//! difference between this target and nginx is what the Rust HTTP stack costs.
+//! body whole, sends it to one upstream through the same upstream connections the gateway
+//! uses (`tollgate_actors::upstream::Pool`, over plain TCP), and passes the upstream's answer
+//! back as it arrives. No authentication, no parsing, no reservation, no journal, no store:
+//! the difference between this target and the gateway in `bench/run.sh` is what the gateway's
+//! own work costs, and the difference between this target and nginx is what the Rust HTTP
+//! stack costs.
 //!
 //! ```sh
 //! cargo run --release --example bare_proxy -- 127.0.0.1:8090 http://127.0.0.1:8081
-//! cargo run --release --example bare_proxy -- 127.0.0.1:8090 http://127.0.0.1:8081 --inline
+//! cargo run --release --example bare_proxy -- 127.0.0.1:8090 http://127.0.0.1:8081 --hyper-util
 //! ```
-//! With `--inline`, an experiment rather than a baseline: each client connection gets an
-//! upstream connection of its own, and the client connection's task drives it (hyper's
-//! `client::conn::http1`, polled beside the request and the response body), where the pooled
-//! client runs every upstream connection in a task of its own and hands each response and
-//! each piece of body across to the caller's task. What that hand-over costs is the difference
-//! between the two modes (BENCHMARKS.md). No pool across client connections, no reconnect
-//! beyond "the last one closed, dial again", plain TCP only.
+//! With `--hyper-util`, the upstream client the gateway used before BENCHMARKS.md item 42
+//! (hyper-util's pooled client, each connection in a task of its own), which was hyper-bare
+//! in every round before the fifteenth: the difference between the two modes is what that
+//! client's hand-offs between tasks cost.
 //!
 //! Never run by `cargo test` (which only compiles it).
 
@@ -30,6 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
+use tollgate_actors::upstream::Pool;
 
 type Upstream = Client<HttpConnector, Full<Bytes>>;
 
@@ -38,26 +37,78 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: bare_proxy LISTEN_ADDR UPSTREAM_BASE_URL [--inline]";
+    let usage = "usage: bare_proxy LISTEN_ADDR UPSTREAM_BASE_URL [--hyper-util]";
     let listen: std::net::SocketAddr = args.next().ok_or(usage)?.parse()?;
     let upstream: http::Uri = args.next().ok_or(usage)?.parse()?;
     let (scheme, authority) = match (upstream.scheme(), upstream.authority()) {
         (Some(s), Some(a)) if s == &http::uri::Scheme::HTTP => (s.clone(), a.clone()),
         _ => return Err("the upstream must be an http:// URL with a host".into()),
     };
-    let inline = match args.next().as_deref() {
+    let hyper_util = match args.next().as_deref() {
         None => false,
-        Some("--inline") => true,
+        Some("--hyper-util") => true,
         Some(_) => return Err(usage.into()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if inline {
-        runtime.block_on(inline::serve(listen, authority))
-    } else {
+    if hyper_util {
         runtime.block_on(serve(listen, scheme, authority))
+    } else {
+        runtime.block_on(serve_pooled(listen, upstream))
     }
+}
+
+/// The gateway's upstream connections: one pool, plain TCP, the gateway's connector.
+async fn serve_pooled(
+    listen: std::net::SocketAddr,
+    upstream: http::Uri,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut dial = HttpConnector::new();
+    dial.set_nodelay(true);
+    dial.enforce_http(false);
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tollgate_actors::provider::Dial::Direct(dial));
+    let pool = Arc::new(
+        Pool::new(
+            connector,
+            upstream,
+            1024,
+            Duration::from_secs(90),
+            metrics::Counter::noop(),
+        )
+        .ok_or("the upstream must be an http:// URL with a host")?,
+    );
+    accept(listen, || {
+        let pool = pool.clone();
+        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let pool = pool.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let body = match body.collect().await {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(_) => return Ok(status(http::StatusCode::BAD_REQUEST)),
+                };
+                match pool
+                    .send(http::Request::from_parts(parts, Full::new(body)))
+                    .await
+                {
+                    Ok(resp) => Ok(resp.map(BodyExt::boxed)),
+                    Err(_) => Ok(status(http::StatusCode::BAD_GATEWAY)),
+                }
+            }
+        })
+    })
+    .await
 }
 
 async fn serve(
@@ -152,158 +203,4 @@ fn status(code: http::StatusCode) -> Reply {
     );
     *resp.status_mut() = code;
     resp
-}
-
-/// `--inline`: the upstream connection driven by the client connection's task.
-mod inline {
-    use super::{status, Reply};
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    use hyper::body::{Body, Frame, Incoming};
-    use hyper::client::conn::http1::{Connection, SendRequest};
-    use hyper_util::rt::TokioIo;
-    use std::convert::Infallible;
-    use std::future::Future;
-    use std::pin::Pin;
-    use std::sync::{Arc, Mutex};
-    use std::task::{Context, Poll};
-
-    /// One upstream connection: the half that sends requests and the half that does the I/O,
-    /// which whoever waits on it polls.
-    struct Upstream {
-        send: SendRequest<Full<Bytes>>,
-        conn: Connection<TokioIo<tokio::net::TcpStream>, Full<Bytes>>,
-    }
-
-    impl Upstream {
-        async fn dial(authority: &http::uri::Authority) -> Option<Upstream> {
-            let stream = tokio::net::TcpStream::connect(authority.as_str())
-                .await
-                .ok()?;
-            let _ = stream.set_nodelay(true);
-            let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .ok()?;
-            Some(Upstream { send, conn })
-        }
-
-        /// Drives the connection's I/O; false once it has ended.
-        fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-            matches!(self.conn.poll_without_shutdown(cx), Poll::Pending)
-        }
-    }
-
-    /// Where a client connection keeps its upstream connection between requests.
-    type Slot = Arc<Mutex<Option<Upstream>>>;
-
-    pub async fn serve(
-        listen: std::net::SocketAddr,
-        authority: http::uri::Authority,
-    ) -> Result<(), Box<dyn std::error::Error>> {
-        let authority = Arc::new(authority);
-        super::accept(listen, || {
-            let authority = authority.clone();
-            let slot: Slot = Arc::default();
-            hyper::service::service_fn(move |req| forward(slot.clone(), authority.clone(), req))
-        })
-        .await
-    }
-
-    async fn forward(
-        slot: Slot,
-        authority: Arc<http::uri::Authority>,
-        req: http::Request<Incoming>,
-    ) -> Result<Reply, Infallible> {
-        let (mut parts, body) = req.into_parts();
-        let body = match body.collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(_) => return Ok(status(http::StatusCode::BAD_REQUEST)),
-        };
-        let idle = slot.lock().ok().and_then(|mut s| s.take());
-        let mut upstream = match idle {
-            Some(u) if !u.send.is_closed() => u,
-            _ => match Upstream::dial(&authority).await {
-                Some(u) => u,
-                None => return Ok(status(http::StatusCode::BAD_GATEWAY)),
-            },
-        };
-        let Ok(path) = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .parse::<http::Uri>()
-        else {
-            return Ok(status(http::StatusCode::BAD_REQUEST));
-        };
-        parts.uri = path;
-        if let Ok(host) = http::HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(http::header::HOST, host);
-        }
-        let mut sent = std::pin::pin!(upstream
-            .send
-            .send_request(http::Request::from_parts(parts, Full::new(body))));
-        let answer = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = sent.as_mut().poll(cx) {
-                return Poll::Ready(r.ok());
-            }
-            if upstream.drive(cx) {
-                // The connection may have moved the answer along; look again.
-                sent.as_mut().poll(cx).map(Result::ok)
-            } else {
-                Poll::Ready(None)
-            }
-        })
-        .await;
-        let Some(answer) = answer else {
-            return Ok(status(http::StatusCode::BAD_GATEWAY));
-        };
-        let (parts, body) = answer.into_parts();
-        let body = Relay {
-            body,
-            upstream: Some(upstream),
-            slot,
-        };
-        Ok(http::Response::from_parts(parts, body.boxed()))
-    }
-
-    /// The upstream's body, read by the client connection's task, which drives the upstream
-    /// connection as it reads; at the body's end the connection goes back to the slot.
-    struct Relay {
-        body: Incoming,
-        upstream: Option<Upstream>,
-        slot: Slot,
-    }
-
-    impl Body for Relay {
-        type Data = Bytes;
-        type Error = hyper::Error;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-            let this = &mut *self;
-            if let Some(upstream) = &mut this.upstream {
-                if !upstream.drive(cx) {
-                    this.upstream = None;
-                }
-            }
-            let frame = Pin::new(&mut this.body).poll_frame(cx);
-            if matches!(frame, Poll::Ready(None)) || this.body.is_end_stream() {
-                if let Some(mut upstream) = this.upstream.take() {
-                    // Let the connection see the body's end before it waits for the next call.
-                    if upstream.drive(cx) && !upstream.send.is_closed() {
-                        if let Ok(mut slot) = this.slot.lock() {
-                            *slot = Some(upstream);
-                        }
-                    }
-                }
-            }
-            frame
-        }
-
-        fn is_end_stream(&self) -> bool {
-            self.body.is_end_stream()
-        }
-    }
 }
