@@ -72,6 +72,7 @@ async fn metrics_cover_actors_ledger_http_and_billing() {
         "tollgate_billed_nanousdt_total{model=\"gpt-4o-mini\",provider=\"mock\"}",
         "tollgate_provider_in_flight{provider=\"mock\"}",
         "tollgate_provider_max_concurrency{provider=\"mock\"}",
+        "tollgate_provider_connections_opened_total{provider=\"mock\"}",
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }
