@@ -30,6 +30,15 @@ impl Seen {
     fn closed_by_gateway(&self) -> usize {
         self.closed_by_gateway.load(Ordering::SeqCst)
     }
+    /// Waits until the gateway has closed a connection; the 5 s bound only guards against
+    /// a hang.
+    async fn wait_for_a_close_by_the_gateway(&self, otherwise: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.closed_by_gateway() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "{otherwise}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// A loopback port in front of `target` (the mock upstream) that counts the connections made
@@ -331,15 +340,9 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let _ = ok_completion(&h, &key).await;
     assert_eq!(provider(&h).await["idle_connections"], 1);
     // Closed by the gateway's timer, with no call to notice it: at most 300 ms plus a
-    // quarter of it; the bound only guards against a hang.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while seen.closed_by_gateway() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the idle connection is still open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // quarter of it.
+    seen.wait_for_a_close_by_the_gateway("the idle connection is still open")
+        .await;
     assert_eq!(provider(&h).await["idle_connections"], 0);
     let _ = ok_completion(&h, &key).await;
     assert_eq!(seen.accepted(), 2);
@@ -364,14 +367,8 @@ async fn a_stream_its_client_leaves_closes_its_upstream_connection_and_the_next_
     let first = body.next().await.unwrap().unwrap();
     assert!(!first.is_empty());
     drop(body); // the client leaves mid-stream
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while seen.closed_by_gateway() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "upstream connection left open"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    seen.wait_for_a_close_by_the_gateway("the upstream connection was left open")
+        .await;
     let v = ok_completion(&h, &key).await;
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(seen.accepted(), 2);
