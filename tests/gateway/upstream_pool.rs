@@ -185,6 +185,23 @@ async fn provider(h: &Harness) -> Value {
     v["data"][0].clone()
 }
 
+/// Waits until the provider has `n` idle connections; the 5 s bound only guards against a
+/// hang.
+async fn idle_connections_reach(h: &Harness, n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let idle = provider(h).await["idle_connections"].as_u64().unwrap();
+        if idle == n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{idle} idle connections, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn ask(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "stream": stream, "max_tokens": 5,
            "messages": [{"role": "user", "content": "hello there"}]})
@@ -223,14 +240,14 @@ async fn calls_one_after_another_share_one_upstream_connection_streamed_or_not()
                 })
                 .collect();
             assert!(text.contains("hello") && text.contains("there"), "{text}");
+            // The connection goes back once the rest of the upstream body is read, in the
+            // background just after [DONE]; the next call would otherwise open another.
+            idle_connections_reach(&h, 1).await;
         } else {
             let v = ok_completion(&h, &key).await;
             assert_eq!(v["object"], "chat.completion");
         }
     }
-    // A streamed call hands its connection back once the rest of the upstream body is read
-    // (just after [DONE]); give it that moment before the last look.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = ok_completion(&h, &key).await;
     assert_eq!(seen.accepted(), 1, "one connection served all 13 calls");
     assert_eq!(seen.closed_by_gateway(), 0);
@@ -264,14 +281,13 @@ async fn concurrent_calls_open_no_more_connections_than_calls_and_then_reuse_the
         assert_eq!(r.status(), 200);
         let _ = r.bytes().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let opened = seen.accepted();
     assert!(
         (1..=16).contains(&opened),
         "{opened} connections for 16 calls"
     );
-    let idle = provider(&h).await["idle_connections"].as_u64().unwrap() as usize;
-    assert_eq!(idle, opened, "every connection went back to the pool");
+    // Every connection goes back to the pool (the streamed calls' just after their [DONE]).
+    idle_connections_reach(&h, opened as u64).await;
     // The same again, one at a time: nothing new is opened.
     for _ in 0..8 {
         let _ = ok_completion(&h, &key).await;
@@ -303,20 +319,20 @@ async fn an_upstream_that_says_connection_close_gets_a_new_connection_each_call(
 
 #[tokio::test]
 async fn a_connection_the_upstream_hung_up_while_idle_is_not_used_again() {
-    // The upstream keeps an idle connection 100 ms; the calls come 300 ms apart, so each
+    // The upstream keeps an idle connection 500 ms; the calls come 800 ms apart, so each
     // finds its pooled connection closed by the upstream, without having been told.
     let (upstream, seen) = raw_upstream(Ending::HangsUpIdle {
-        after: Duration::from_millis(100),
+        after: Duration::from_millis(500),
     })
     .await;
     let h = gateway_at(upstream, 90_000).await;
     let (account, key) = h.funded("1").await;
-    for _ in 0..5 {
+    for _ in 0..4 {
         let v = ok_completion(&h, &key).await;
         assert_eq!(v["usage"]["completion_tokens"], 3);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
     }
-    assert_eq!(seen.accepted(), 5);
+    assert_eq!(seen.accepted(), 4);
     let p = provider(&h).await;
     assert_eq!(
         p["calls_failed"], 0,
@@ -327,20 +343,20 @@ async fn a_connection_the_upstream_hung_up_while_idle_is_not_used_again() {
     for _ in 0..5 {
         let _ = ok_completion(&h, &key).await;
     }
-    assert_eq!(seen.accepted(), 6);
-    assert_eq!(h.usage_once_n_settled(&account, 10).await.len(), 10);
+    assert_eq!(seen.accepted(), 5);
+    assert_eq!(h.usage_once_n_settled(&account, 9).await.len(), 9);
     h.stop().await;
 }
 
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let (_mock, front, seen) = counted_mock(MockOptions::default()).await;
-    let h = gateway_at(front, 300).await;
+    let h = gateway_at(front, 1_000).await;
     let (_, key) = h.funded("1").await;
     let _ = ok_completion(&h, &key).await;
     assert_eq!(provider(&h).await["idle_connections"], 1);
-    // Closed by the gateway's timer, with no call to notice it: at most 300 ms plus a
-    // quarter of it.
+    // Closed by the gateway's timer, with no call to notice it: at most 1 s plus a quarter
+    // of it.
     seen.wait_for_a_close_by_the_gateway("the idle connection is still open")
         .await;
     assert_eq!(provider(&h).await["idle_connections"], 0);
