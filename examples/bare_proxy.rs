@@ -67,17 +67,10 @@ async fn serve_pooled(
     let mut dial = HttpConnector::new();
     dial.set_nodelay(true);
     dial.enforce_http(false);
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(rustls::RootCertStore::empty())
-    .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tollgate_actors::provider::Dial::Direct(dial));
+    let connector = tollgate_actors::provider::https_connector(
+        tollgate_actors::provider::Dial::Direct(dial),
+        rustls::RootCertStore::empty(),
+    )?;
     let pool = Arc::new(
         Pool::new(
             connector,

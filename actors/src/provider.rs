@@ -112,6 +112,26 @@ pub fn read_roots(
 }
 
 type HttpConnector = hyper_util::client::legacy::connect::HttpConnector;
+
+/// What opens a provider's connections: `dial`, then TLS (ring) trusting `roots` for an
+/// https:// upstream. HTTP/1.1 only: the pool drives each connection from the call using it
+/// ([`crate::upstream`]), which HTTP/2's shared connections would not allow.
+pub fn https_connector(
+    dial: Dial,
+    roots: rustls::RootCertStore,
+) -> Result<hyper_rustls::HttpsConnector<Dial>, rustls::Error> {
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(dial))
+}
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How a provider's connections are opened: a TCP connection to the upstream, or one to its
@@ -187,8 +207,9 @@ pub enum ProviderError {
 pub struct Lease {
     pub pool: Arc<Pool>,
     pub spec: Arc<ProviderSpec>,
-    /// `{base_url}/chat/completions`, parsed once when the provider starts.
-    pub completions_uri: http::Uri,
+    /// The path of `{base_url}/chat/completions` (origin form, as the request line carries
+    /// it), parsed once when the provider starts.
+    pub completions_path: http::Uri,
     /// `Bearer {api_key}`, built once (and marked sensitive, so that it is never logged).
     pub authorization: Option<http::HeaderValue>,
     health: Arc<Health>,
@@ -302,7 +323,7 @@ impl Desk {
 pub struct Leaser {
     spec: Arc<ProviderSpec>,
     pool: Arc<Pool>,
-    completions_uri: http::Uri,
+    completions_path: http::Uri,
     authorization: Option<http::HeaderValue>,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
@@ -341,24 +362,16 @@ impl Leaser {
                 roots.add(cert).map_err(|_| failed())?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|_| failed())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        // HTTP/1.1 only: the pool drives each connection from the call using it (see
-        // `upstream`), which HTTP/2's shared connections would not allow.
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(dial);
+        let https = https_connector(dial, roots).map_err(|_| failed())?;
         let completions_uri = completions_uri(&spec.base_url).ok_or_else(failed)?;
+        // What the request line carries; the pool knows where to send it.
+        let completions_path = completions_uri.path_and_query().map_or_else(
+            || http::Uri::from_static("/"),
+            |p| http::Uri::from(p.clone()),
+        );
         let pool = Pool::new(
             https,
-            completions_uri.clone(),
+            completions_uri,
             spec.max_concurrency.min(1024),
             spec.idle_connection_timeout,
             metrics::counter!("tollgate_provider_connections_opened_total", "provider" => spec.name.clone()),
@@ -382,7 +395,7 @@ impl Leaser {
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             pool: Arc::new(pool),
-            completions_uri,
+            completions_path,
             authorization,
             in_flight: Arc::new(AtomicU64::new(0)),
             granted: AtomicU64::new(0),
@@ -399,7 +412,7 @@ impl Leaser {
                 Ok(Lease {
                     pool: self.pool.clone(),
                     spec: self.spec.clone(),
-                    completions_uri: self.completions_uri.clone(),
+                    completions_path: self.completions_path.clone(),
                     authorization: self.authorization.clone(),
                     health: self.health.clone(),
                     _permit: permit,

@@ -132,6 +132,13 @@ struct Idle {
     since: Instant,
 }
 
+impl Idle {
+    /// Whether the connection may serve another call: not expired, and not closed.
+    fn reusable(&mut self, timeout: Duration) -> bool {
+        self.since.elapsed() < timeout && self.conn.usable()
+    }
+}
+
 /// A provider's idle upstream connections, and how to open another.
 pub struct Pool {
     connector: HttpsConnector<Dial>,
@@ -242,7 +249,7 @@ impl Pool {
                 let Some(mut entry) = idle.pop() else {
                     break None;
                 };
-                if entry.since.elapsed() < self.idle_timeout && entry.conn.usable() {
+                if entry.reusable(self.idle_timeout) {
                     break Some(entry.conn);
                 }
                 stale.push(entry);
@@ -265,15 +272,13 @@ impl Pool {
     /// Closes the idle connections that have waited longer than the idle timeout, or that the
     /// upstream has closed.
     pub fn prune(&self) {
-        let stale: Vec<Idle> = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            let (keep, stale) = std::mem::take(&mut *idle)
-                .into_iter()
-                .partition(|entry| entry.since.elapsed() < self.idle_timeout);
-            *idle = keep;
-            idle.retain_mut(|entry| entry.conn.usable());
-            stale
-        };
+        let stale: Vec<Idle> = self
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extract_if(.., |entry| !entry.reusable(self.idle_timeout))
+            .collect();
+        // Closed here, outside the lock.
         drop(stale);
     }
 
@@ -351,20 +356,11 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn connector() -> HttpsConnector<Dial> {
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
+        crate::provider::https_connector(
+            Dial::Direct(hyper_util::client::legacy::connect::HttpConnector::new()),
+            rustls::RootCertStore::empty(),
+        )
         .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-        hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(Dial::Direct(
-                hyper_util::client::legacy::connect::HttpConnector::new(),
-            ))
     }
 
     fn pool(target: &str) -> Arc<Pool> {

@@ -312,7 +312,7 @@ async fn proxy(
     let mut upstream_request =
         http::Request::new(http_body_util::Full::new(Bytes::from(upstream_body)));
     *upstream_request.method_mut() = http::Method::POST;
-    *upstream_request.uri_mut() = lease.completions_uri.clone();
+    *upstream_request.uri_mut() = lease.completions_path.clone();
     let headers = upstream_request.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
