@@ -32,8 +32,9 @@ use tollgate_actors::upstream::Pool;
 
 type Upstream = Client<HttpConnector, Full<Bytes>>;
 
+// The gateway's allocator, so that the difference between the two is the gateway's own work.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::allocator::Allocator = tollgate::allocator::Allocator;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);

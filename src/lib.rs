@@ -11,6 +11,7 @@
 //! with [`start`] on a `127.0.0.1:0` listener, or spawn the real binary.
 
 pub mod admin_cli;
+pub mod allocator;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -1,7 +1,7 @@
 //! The `tollgate` command line. Everything it runs lives in the library.
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tollgate::allocator::Allocator = tollgate::allocator::Allocator;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
