@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde_json::json;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
@@ -62,11 +63,51 @@ impl App {
     }
 }
 
+/// The path of nearly every request.
+const CHAT_PATH: &str = "/v1/chat/completions";
+
 pub fn filter(
     app: Arc<App>,
 ) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone + Send + Sync + 'static {
     let body_timeout_ms = app.config.limits.body_read_timeout_ms;
-    warp::method()
+    // The body's clock starts once the headers are in (hyper bounds those).
+    let body_deadline = move || {
+        (body_timeout_ms > 0).then(|| BodyDeadline {
+            at: tokio::time::Instant::now() + std::time::Duration::from_millis(body_timeout_ms),
+            ms: body_timeout_ms,
+        })
+    };
+    // `POST /v1/chat/completions` on a filter of its own: no path to copy, and no query string
+    // to look for (the route reads none), whose absence warp answers with a boxed rejection
+    // that the general filter then recovers from. Any other request (that path with another
+    // method or spelled otherwise, `/v1/chat/completions/` say) goes on to the general filter
+    // and is routed as it always was.
+    let chat = {
+        let app = app.clone();
+        warp::post()
+            .and(warp::path::full())
+            .and_then(|path: warp::path::FullPath| async move {
+                if path.as_str() == CHAT_PATH {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            })
+            .untuple_one()
+            .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
+            .then(move |headers: HeaderMap, body| {
+                let request = Request {
+                    method: Method::POST,
+                    path: Cow::Borrowed(CHAT_PATH),
+                    query: String::new(),
+                    headers,
+                    body_deadline: body_deadline(),
+                };
+                handle(app.clone(), request, body)
+            })
+    };
+    let general = warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::headers_cloned())
@@ -77,22 +118,17 @@ pub fn filter(
                   query: String,
                   headers: HeaderMap,
                   body| {
-                // The body's clock starts once the headers are in (hyper bounds those).
-                let body_deadline = (body_timeout_ms > 0).then(|| BodyDeadline {
-                    at: tokio::time::Instant::now()
-                        + std::time::Duration::from_millis(body_timeout_ms),
-                    ms: body_timeout_ms,
-                });
                 let request = Request {
                     method,
-                    path: path.as_str().to_owned(),
+                    path: Cow::Owned(path.as_str().to_owned()),
                     query,
                     headers,
-                    body_deadline,
+                    body_deadline: body_deadline(),
                 };
                 handle(app.clone(), request, body)
             },
-        )
+        );
+    chat.or(general).unify()
 }
 
 async fn handle<S, B>(app: Arc<App>, request: Request, body: S) -> Response
@@ -134,9 +170,45 @@ pub struct CallLabels {
     pub model: Arc<Model>,
 }
 
+/// A path's segments, in an array rather than a `Vec` (two allocations a call less). No route
+/// has more than four; a path with more than [`Segments::MAX`] keeps its first ones and the
+/// rest as one last segment, and so still matches nothing but what it matched before.
+struct Segments<'a> {
+    all: [&'a str; Segments::MAX],
+    len: usize,
+}
+
+impl<'a> Segments<'a> {
+    const MAX: usize = 8;
+
+    /// As `path.trim_matches('/').split('/')` would give them.
+    fn of(path: &'a str) -> Segments<'a> {
+        let mut all = [""; Segments::MAX];
+        let mut len = 0;
+        let mut rest = path.trim_matches('/');
+        loop {
+            match rest.split_once('/') {
+                Some((segment, tail)) if len + 1 < Segments::MAX => {
+                    all[len] = segment;
+                    len += 1;
+                    rest = tail;
+                }
+                _ => {
+                    all[len] = rest;
+                    return Segments { all, len: len + 1 };
+                }
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[&'a str] {
+        &self.all[..self.len]
+    }
+}
+
 /// The route's template, never the raw path (which can carry ids).
 fn route_label(method: &Method, path: &str) -> &'static str {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let segments = Segments::of(path);
     match (method.as_str(), segments.as_slice()) {
         ("POST", ["v1", "chat", "completions"]) => "/v1/chat/completions",
         ("GET", ["v1", "models"]) => "/v1/models",
@@ -157,7 +229,7 @@ fn route_label(method: &Method, path: &str) -> &'static str {
 
 pub struct Request {
     pub method: Method,
-    pub path: String,
+    pub path: Cow<'static, str>,
     pub query: String,
     pub headers: HeaderMap,
     pub body_deadline: Option<BodyDeadline>,
@@ -167,7 +239,7 @@ async fn route<S, E>(app: Arc<App>, req: Request, body: S) -> Response
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
 {
-    let segments: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let segments = Segments::of(&req.path);
     let limit = app.config.limits.max_body_bytes;
     let m = &req.method;
     // Every body is read (within the limits) before anything else: a body left unread would
@@ -338,4 +410,34 @@ pub fn with_request_id(mut resp: Response, request_id: &str) -> Response {
         resp.headers_mut().insert(X_REQUEST_ID, v);
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Segments;
+
+    /// The segments are split's, for every path up to the limit, and a longer path keeps its
+    /// first segments, with the rest as the last one.
+    #[test]
+    fn segments_are_what_splitting_the_trimmed_path_gives() {
+        for path in [
+            "",
+            "/",
+            "//",
+            "/v1/chat/completions",
+            "/v1/chat/completions/",
+            "v1//chat",
+            "/admin/accounts/acc_1/keys",
+            "/a/b/c/d/e/f/g/h",
+            "/a/b/c/d/e/f/g/h/",
+        ] {
+            let split: Vec<&str> = path.trim_matches('/').split('/').collect();
+            assert_eq!(Segments::of(path).as_slice(), split.as_slice(), "{path:?}");
+        }
+        let long = Segments::of("/admin/a/b/c/d/e/f/g/h/i");
+        assert_eq!(
+            long.as_slice(),
+            ["admin", "a", "b", "c", "d", "e", "f", "g/h/i"].as_slice()
+        );
+    }
 }

@@ -195,3 +195,58 @@ async fn key_limits(backend: Backend) {
     h.stop().await;
 }
 both_stores!(key_limits);
+
+/// The chat route is found however its path is spelled, with or without a query string (the
+/// common spelling takes a filter of its own, every other the general router), and only for
+/// POST; every spelling charges one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chat_route_answers_every_spelling_of_its_path() {
+    let Some(h) = Harness::start(Backend::Sqlite).await else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    let spellings = [
+        "/v1/chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions?trace=1",
+        "//v1/chat/completions",
+    ];
+    for path in spellings {
+        let resp = h
+            .http
+            .post(format!("{}{path}", h.base))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+        assert!(resp.headers().contains_key("x-tollgate-cost"), "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["object"], "chat.completion", "{path}");
+    }
+    for method in [reqwest::Method::GET, reqwest::Method::PUT] {
+        let resp = h
+            .http
+            .request(method.clone(), format!("{}/v1/chat/completions", h.base))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 405, "{method}");
+        assert_error_shape(&resp.json().await.unwrap(), "method_not_allowed");
+    }
+    let resp = h
+        .http
+        .post(format!("{}/v1/chat/completion", h.base))
+        .bearer_auth(&key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(h.usage(&account).await.len(), spellings.len());
+    h.stop().await;
+}
