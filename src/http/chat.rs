@@ -109,7 +109,7 @@ where
     }
 }
 
-#[derive(Deserialize, Default, Clone, Copy)]
+#[derive(Deserialize, Default, Clone, Copy, Debug, PartialEq)]
 struct Usage {
     #[serde(default)]
     prompt_tokens: u64,
@@ -119,7 +119,7 @@ struct Usage {
     prompt_tokens_details: Option<PromptDetails>,
 }
 
-#[derive(Deserialize, Default, Clone, Copy)]
+#[derive(Deserialize, Default, Clone, Copy, Debug, PartialEq)]
 struct PromptDetails {
     #[serde(default)]
     cached_tokens: Option<u64>,
@@ -421,21 +421,13 @@ async fn proxy(
     };
     lease.report(true);
     drop(lease);
-    // The usage alone, skipping the answer's text without building it; the choices are read
-    // only when there is no usage to go by.
-    #[derive(Deserialize)]
-    struct Completion {
-        usage: Option<Usage>,
-    }
+    // The choices are read only when there is no usage to go by.
     #[derive(Deserialize)]
     struct Choices {
         #[serde(default)]
         choices: Vec<Value>,
     }
-    let usage = serde_json::from_slice::<Completion>(&bytes)
-        .ok()
-        .and_then(|c| c.usage);
-    let (usage, source) = match usage {
+    let (usage, source) = match usage_of(&bytes) {
         Some(u) => (u, UsageSource::Upstream),
         None => (
             Usage {
@@ -464,6 +456,26 @@ async fn proxy(
         h.insert(X_TOLLGATE_COST, v);
     }
     Ok(resp)
+}
+
+/// The usage an upstream's answer reports: the answer read by serde_json, skipping all but
+/// `usage` without building it.
+///
+/// UTF-8 is checked once for the whole answer: serde_json's slice reader checks each string it
+/// reads, a few hundred instructions a call for the keys alone. The result is the same either
+/// way; an answer that is not UTF-8 throughout (serde_json does not look inside the strings
+/// it skips) is read as bytes.
+fn usage_of(answer: &[u8]) -> Option<Usage> {
+    #[derive(Deserialize)]
+    struct Completion {
+        usage: Option<Usage>,
+    }
+    match std::str::from_utf8(answer) {
+        Ok(text) => serde_json::from_str::<Completion>(text),
+        Err(_) => serde_json::from_slice::<Completion>(answer),
+    }
+    .ok()?
+    .usage
 }
 
 /// The body sent upstream: the client's, with the upstream's name for the model, the usage
@@ -834,4 +846,41 @@ fn prompt_tokens(body: &[u8]) -> u64 {
 fn error_event(message: &str, code: &str) -> Bytes {
     let body = json!({"error": {"message": message, "type": code, "code": code}});
     Bytes::from(format!("data: {body}\n\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The usage of an answer, whether it is UTF-8 throughout or not; none from an answer
+    /// serde_json refuses or one without a valid usage.
+    #[test]
+    fn usage_is_read_from_any_answer_serde_json_takes() {
+        let usage = r#""usage":{"prompt_tokens":16,"completion_tokens":9,"prompt_tokens_details":{"cached_tokens":4}}"#;
+        let plain =
+            format!(r#"{{"id":"x","choices":[{{"message":{{"content":"Hi \u00e9"}}}}],{usage}}}"#);
+        let mut not_utf8 = plain.clone().into_bytes();
+        let at = plain.find("Hi").map(|i| i + 1).unwrap_or_default();
+        not_utf8[at] = 0xFF;
+        let expected = Some(Usage {
+            prompt_tokens: 16,
+            completion_tokens: 9,
+            prompt_tokens_details: Some(PromptDetails {
+                cached_tokens: Some(4),
+            }),
+        });
+        assert_eq!(usage_of(plain.as_bytes()), expected);
+        assert!(std::str::from_utf8(&not_utf8).is_err());
+        assert_eq!(usage_of(&not_utf8), expected);
+        for refused in [
+            format!(r#"{{{usage},"x":tru}}"#),
+            format!(r#"{{{usage},{usage}}}"#),
+            r#"{"usage":{"prompt_tokens":-1}}"#.to_owned(),
+            r#"{"usage":null}"#.to_owned(),
+            r#"{"choices":[]}"#.to_owned(),
+            "not json".to_owned(),
+        ] {
+            assert_eq!(usage_of(refused.as_bytes()), None, "{refused}");
+        }
+    }
 }
