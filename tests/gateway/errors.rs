@@ -212,38 +212,26 @@ async fn the_chat_route_answers_every_spelling_of_its_path() {
         "/v1/chat/completions?trace=1",
         "//v1/chat/completions",
     ];
-    for path in spellings {
-        let resp = h
-            .http
-            .post(format!("{}{path}", h.base))
+    let send = |method: reqwest::Method, path: &str| {
+        h.http
+            .request(method, format!("{}{path}", h.base))
             .bearer_auth(&key)
             .json(&body)
             .send()
-            .await
-            .unwrap();
+    };
+    for path in spellings {
+        let resp = send(reqwest::Method::POST, path).await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
         assert!(resp.headers().contains_key("x-tollgate-cost"), "{path}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["object"], "chat.completion", "{path}");
     }
     for method in [reqwest::Method::GET, reqwest::Method::PUT] {
-        let resp = h
-            .http
-            .request(method.clone(), format!("{}/v1/chat/completions", h.base))
-            .bearer_auth(&key)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let resp = send(method.clone(), "/v1/chat/completions").await.unwrap();
         assert_eq!(resp.status(), 405, "{method}");
         assert_error_shape(&resp.json().await.unwrap(), "method_not_allowed");
     }
-    let resp = h
-        .http
-        .post(format!("{}/v1/chat/completion", h.base))
-        .bearer_auth(&key)
-        .json(&body)
-        .send()
+    let resp = send(reqwest::Method::POST, "/v1/chat/completion")
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
