@@ -10,8 +10,9 @@
 //! larger than the size, the test std's `System` allocator makes for `malloc`. Larger
 //! alignments (tokio's cache-padded task cells) still go to `mi_malloc_aligned`.
 //!
-//! This is the only unsafe code of ours: `GlobalAlloc` is an unsafe trait, and its methods
-//! here forward to mimalloc's C functions.
+//! One of the two places with unsafe code of ours (the other maps the journal's segments,
+//! `actors/src/journal.rs`): `GlobalAlloc` is an unsafe trait, and its methods here forward to
+//! mimalloc's C functions.
 #![allow(unsafe_code)]
 
 use libmimalloc_sys::{
