@@ -93,6 +93,21 @@ med() {
     | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
         if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
+# paired KIND TARGET FIELD: the median across rounds of TARGET's FIELD less the direct mock's in
+# the same round (a round without both is left out). Beside an "added" figure, which is the
+# median of TARGET's rounds less the median of the mock's: the two differ when the rounds do.
+paired() {
+  awk -v k="$1" -v t="$2" -v f="$3" '$1 == k {
+      tgt = ""; val = ""; rnd = ""
+      for (i = 2; i <= NF; i++) {
+        split($i, a, "="); if (a[1] == "target") tgt = a[2]; if (a[1] == f) val = a[2]; if (a[1] == "round") rnd = a[2]
+      }
+      if (val == "" || rnd == "") next
+      if (tgt == t) tv[rnd] = val; else if (tgt == "direct") dv[rnd] = val }
+      END { for (r in tv) if (r in dv) print tv[r] - dv[r] }' "$RAW" \
+    | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
 calc() { awk "BEGIN { printf \"%.${2:-0}f\", $1 }"; }
 verdict() { awk "BEGIN { print (($1) ? \"met\" : \"MISSED\") }"; }
@@ -273,6 +288,8 @@ summarize() { # raw-file → summary on stdout
     row '  ... / nginx'"'"'s added p99' 'n/a' 'n/a' "≤ 2x (nginx's added p99, $n99, is within the noise)"
   fi
   row '  (added p50 @c=1, us)' "${A50[$s]}" "${A50[$p]}" ''
+  row '  (added p99 @c=1, round by round)' "$(paired lat "$s" p99_us)" "$(paired lat "$p" p99_us)" \
+    'median of each round'"'"'s target − mock'
   row 'throughput / nginx' "$(cell "${R[$s]}" "${R[$s]} >= 0.8")" "$(cell "${R[$p]}" "${R[$p]} >= 0.8")" '≥ 0.8'
   # The same against the gateway's own HTTP stack with nothing else (no target: BENCHMARKS.md,
   # "The budget"). Results from before the hyper-bare target have no such line.
@@ -283,6 +300,8 @@ summarize() { # raw-file → summary on stdout
   fi
   row 'added TTFT p99 (us)' "$(cell "${T99[$s]}" "${T99[$s]} <= 200")" "$(cell "${T99[$p]}" "${T99[$p]} <= 200")" '≤ 200'
   row '  (added TTFT p50, us)' "${T50[$s]}" "${T50[$p]}" ''
+  row '  (added TTFT p99, round by round)' "$(paired stream "$s" ttft_p99_us)" "$(paired stream "$p" ttft_p99_us)" \
+    'median of each round'"'"'s target − mock'
   if (( stamped )); then
     # Each gap less the mock's own gap between the two sends, less the same for the mock
     # called directly: what the target adds to a gap, without the mock timer's spread.
