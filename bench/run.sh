@@ -84,14 +84,17 @@ source "$ROOT/bench/lib.sh"
 # ---------------------------------------------------------------------------------------------
 # The summary, computed from the raw lines alone (so `--summarize FILE` can redo it).
 # ---------------------------------------------------------------------------------------------
+# median: the median of the numbers on stdin, one a line ("nan" if none).
+median() {
+  sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
+      if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 # med KIND TARGET FIELD: the median across rounds.
 med() {
   awk -v k="$1" -v t="$2" -v f="$3" '$1 == k {
       tgt = ""; val = ""
       for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == "target") tgt = a[2]; if (a[1] == f) val = a[2] }
-      if (tgt == t && val != "") print val }' "$RAW" \
-    | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+      if (tgt == t && val != "") print val }' "$RAW" | median
 }
 # paired KIND TARGET FIELD: the median across rounds of TARGET's FIELD less the direct mock's in
 # the same round (a round without both is left out). Beside an "added" figure, which is the
@@ -104,9 +107,7 @@ paired() {
       }
       if (val == "" || rnd == "") next
       if (tgt == t) tv[rnd] = val; else if (tgt == "direct") dv[rnd] = val }
-      END { for (r in tv) if (r in dv) print tv[r] - dv[r] }' "$RAW" \
-    | sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "nan"; exit }
-        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+      END { for (r in tv) if (r in dv) print tv[r] - dv[r] }' "$RAW" | median
 }
 field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
 calc() { awk "BEGIN { printf \"%.${2:-0}f\", $1 }"; }

@@ -77,9 +77,15 @@ impl Conn {
         false
     }
 
-    /// Whether the connection can take another request, as far as one look can tell.
+    /// Whether the connection can take another request, as far as one look (driving it with
+    /// `cx`) can tell.
+    fn open(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && !self.send.is_closed()
+    }
+
+    /// [`Conn::open`] for a connection nobody waits on (in the pool).
     fn usable(&mut self) -> bool {
-        self.drive(&mut Context::from_waker(Waker::noop())) && !self.send.is_closed()
+        self.open(&mut Context::from_waker(Waker::noop()))
     }
 
     /// Sends `req` and waits for the response head, driving the connection meanwhile.
@@ -332,7 +338,7 @@ impl hyper::body::Body for Body {
         if ended {
             if let Some(mut conn) = this.conn.take() {
                 // The connection sees the body's end, and waits for the next request.
-                if conn.drive(cx) && !conn.send.is_closed() {
+                if conn.open(cx) {
                     this.pool.put(conn);
                 }
             }

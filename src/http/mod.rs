@@ -138,8 +138,7 @@ where
 {
     let body = Box::pin(body.map(|r| r.map(|mut b| b.copy_to_bytes(b.remaining()))));
     let started = std::time::Instant::now();
-    let route_name = route_label(&request.method, &request.path);
-    let resp = route(app, request, body).await;
+    let (route_name, resp) = route(app, request, body).await;
     let status = resp.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
     match resp
@@ -209,9 +208,8 @@ impl<'a> Segments<'a> {
 }
 
 /// The route's template, never the raw path (which can carry ids).
-fn route_label(method: &Method, path: &str) -> &'static str {
-    let segments = Segments::of(path);
-    match (method.as_str(), segments.as_slice()) {
+fn route_label(method: &Method, segments: &[&str]) -> &'static str {
+    match (method.as_str(), segments) {
         ("POST", ["v1", "chat", "completions"]) => "/v1/chat/completions",
         ("GET", ["v1", "models"]) => "/v1/models",
         ("GET", ["healthz"]) => "/healthz",
@@ -237,11 +235,14 @@ pub struct Request {
     pub body_deadline: Option<BodyDeadline>,
 }
 
-async fn route<S, E>(app: Arc<App>, req: Request, body: S) -> Response
+/// The response, and the route's template for the metrics ([`route_label`]): the path is
+/// split once for both.
+async fn route<S, E>(app: Arc<App>, req: Request, body: S) -> (&'static str, Response)
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
 {
     let segments = Segments::of(&req.path);
+    let label = route_label(&req.method, segments.as_slice());
     let limit = app.config.limits.max_body_bytes;
     let m = &req.method;
     // Every body is read (within the limits) before anything else: a body left unread would
@@ -251,16 +252,17 @@ where
         Err(e) => {
             let is_chat = matches!(segments.as_slice(), ["v1", "chat", "completions"]);
             let resp = e.into_response();
-            return if is_chat {
+            let resp = if is_chat {
                 with_request_id(resp, &chat::new_request_id())
             } else {
                 resp
             };
+            return (label, resp);
         }
     };
     let result = match segments.as_slice() {
         ["v1", "chat", "completions"] if m == Method::POST => {
-            return chat::completions(app, req.headers, body).await;
+            return (label, chat::completions(app, req.headers, body).await);
         }
         ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
         ["healthz"] if m == Method::GET => {
@@ -289,7 +291,7 @@ where
             req.method, req.path
         ))),
     };
-    result.unwrap_or_else(ApiError::into_response)
+    (label, result.unwrap_or_else(ApiError::into_response))
 }
 
 /// When the request's body must have arrived whole (`limits.body_read_timeout_ms`).

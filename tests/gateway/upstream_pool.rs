@@ -174,14 +174,10 @@ async fn gateway_at(upstream: SocketAddr, idle_ms: u64) -> Harness {
 }
 
 async fn provider(h: &Harness) -> Value {
-    let v: Value = h
+    let v = h
         .admin(reqwest::Method::GET, "/admin/providers")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .send_json()
+        .await;
     v["data"][0].clone()
 }
 
