@@ -3,11 +3,18 @@
 //! Only actors and the admin paths talk to it; the request hot path never does. Queries are
 //! written once in the SQL both databases accept (`$N` parameters, `ON CONFLICT`, `RETURNING`),
 //! except the ledger's batch statements, which unpack a JSON parameter in each one's dialect
-//! (and, on SQLite, a faster form for a batch whose records are all new).
+//! (and, for a batch whose records are all new, a faster form in each: plain inserts on
+//! SQLite, binary `COPY` on Postgres).
+
+mod copy;
 
 use crate::money::Amount;
+use copy::BinaryRows;
 use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AnyPool, Row};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -74,6 +81,12 @@ pub struct Store {
     /// Batches are committed one at a time anyway (the ledger writer ships one shipment at a
     /// time, and SQLite takes one writer at a time). On Postgres, the shared pool.
     writer: AnyPool,
+    /// Postgres: one connection of the driver's own, for the batches that go in by `COPY`
+    /// (sqlx's `Any` connections cannot). The same one every time, for the reason above.
+    copier: Option<PgPool>,
+    /// Batches that could not go the fast way because one of their records was stored
+    /// already (a replay after a crash), and were committed record by record.
+    rechecked: Arc<AtomicU64>,
     backend: Backend,
 }
 
@@ -273,7 +286,7 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        let (pool, writer) = match backend {
+        let (pool, writer, copier) = match backend {
             Backend::Sqlite => {
                 if sqlite_in_memory(url) {
                     return Err(StoreError::InMemory(url.to_owned()));
@@ -283,7 +296,7 @@ impl Store {
                 SQLITE_MIGRATIONS.run(&pool).await?;
                 // Opened after the migrations, so that it never sees the schema change.
                 let writer = sqlite_pool(1).connect(&url).await?;
-                (pool, writer)
+                (pool, writer, None)
             }
             Backend::Postgres => {
                 let pool = AnyPoolOptions::new()
@@ -292,12 +305,19 @@ impl Store {
                     .connect(url)
                     .await?;
                 POSTGRES_MIGRATIONS.run(&pool).await?;
-                (pool.clone(), pool)
+                let copier = PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await?;
+                (pool.clone(), pool, Some(copier))
             }
         };
         Ok(Store {
             pool,
             writer,
+            copier,
+            rechecked: Arc::default(),
             backend,
         })
     }
@@ -311,6 +331,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Some(copier) = &self.copier {
+            copier.close().await;
+        }
         self.writer.close().await;
         self.pool.close().await;
     }
@@ -461,10 +484,11 @@ impl Store {
     /// Commits a batch in one transaction. Returns, per record, whether it was new (`true`) or
     /// had been committed before (`false`; nothing is applied twice).
     ///
-    /// On SQLite a batch is first tried as all new ([`Store::commit_new_batch`]): plain inserts
-    /// that return nothing. Only if one of its records turns out to be there already (a replay
-    /// after a crash) is it rolled back and committed again by the statements below, which
-    /// return the keys they inserted.
+    /// A batch is first tried as all new: on SQLite by plain inserts that return nothing
+    /// ([`Store::commit_new_batch`]), on Postgres by binary `COPY` ([`copy_new_batch`]). Only
+    /// if one of its records turns out to be there already (a replay after a crash) is it
+    /// rolled back and committed again by the statements below, which return the keys they
+    /// inserted ([`Store::rechecked_batches`] counts those).
     ///
     /// Otherwise each table gets one statement whatever the batch size: the rows travel as one
     /// JSON array parameter that the database unpacks itself (see [`BatchSql`]). The statements'
@@ -483,7 +507,11 @@ impl Store {
                 _ => {}
             }
         }
-        if self.backend == Backend::Sqlite && self.commit_new_batch(&entries, &calls).await? {
+        let all_new = match &self.copier {
+            Some(copier) => copy_new_batch(copier, &entries, &calls).await?,
+            None => self.commit_new_batch(&entries, &calls).await?,
+        };
+        if all_new {
             // All new: each id's first record in the batch is the new one (the sets hold each
             // id once; `remove` answers true for its first record only).
             let (mut first_entry, mut first_call) = (entry_ids, call_ids);
@@ -494,6 +522,7 @@ impl Store {
             ));
         }
 
+        self.rechecked.fetch_add(1, Ordering::Relaxed);
         let sql = BatchSql::of(self.backend);
         let mut tx = self.writer.begin().await?;
         let mut inserted_entries = KeySet::default();
@@ -628,6 +657,12 @@ impl Store {
         execute_values(&mut tx, &SQLITE_ADD_TO_KEY_SPENT, &key_spent, bind_delta).await?;
         tx.commit().await?;
         Ok(true)
+    }
+
+    /// How many batches [`Store::commit_batch`] has had to commit record by record since
+    /// this store was opened (each held a record that was stored already).
+    pub fn rechecked_batches(&self) -> u64 {
+        self.rechecked.load(Ordering::Relaxed)
     }
 
     /// Which of these calls (by request id) are committed.
@@ -898,6 +933,119 @@ async fn execute_values<'q, T>(
         rest = tail;
     }
     Ok(changed)
+}
+
+/// Postgres: commits `entries` and `calls` (each free of duplicates) if none of them is in the
+/// store yet, and says whether it did; otherwise rolls back and changes nothing. The rows go
+/// in by binary `COPY`, which has no `ON CONFLICT`: a record that is there already fails the
+/// whole `COPY` with a unique violation, and that is the answer "not all new".
+///
+/// Measured on the bench machine, per call record, in Postgres's own CPU: about 8 µs this
+/// way against 11–12 µs through `jsonb_array_elements` (BENCHMARKS item 45).
+async fn copy_new_batch(
+    copier: &PgPool,
+    entries: &[&LedgerEntry],
+    calls: &[&UsageRecord],
+) -> Result<bool, StoreError> {
+    let mut tx = copier.begin().await?;
+    match copy_rows(&mut tx, entries, calls).await {
+        Ok(()) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let (account_delta, key_spent) = deltas(entries.iter().copied(), calls.iter().copied());
+    if !account_delta.is_empty() {
+        sqlx::query(POSTGRES_BATCH.add_to_balances)
+            .bind(json_rows(&account_delta)?)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !key_spent.is_empty() {
+        sqlx::query(POSTGRES_BATCH.add_to_key_spent)
+            .bind(json_rows(&key_spent)?)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Postgres's SQLSTATE for a unique (or primary key) violation.
+const UNIQUE_VIOLATION: &str = "23505";
+
+const COPY_LEDGER: &str = "COPY ledger (entry_id, account_id, kind, amount, key_id, reason, \
+    created_at) FROM STDIN (FORMAT binary)";
+
+const COPY_USAGE: &str = "COPY usage_records (request_id, account_id, key_id, model, provider, \
+    prompt_tokens, completion_tokens, cached_tokens, cost, uncollected, status, stream, \
+    usage_source, latency_ms, created_at) FROM STDIN (FORMAT binary)";
+
+async fn copy_rows(
+    conn: &mut PgConnection,
+    entries: &[&LedgerEntry],
+    calls: &[&UsageRecord],
+) -> Result<(), sqlx::Error> {
+    if !entries.is_empty() {
+        let mut rows = BinaryRows::new(7, entries.len());
+        for e in entries {
+            rows.row()
+                .text(&e.entry_id)
+                .text(&e.account_id)
+                .text(e.kind.as_str())
+                .int8(e.amount.nanos())
+                .opt_text(e.key_id.as_deref())
+                .opt_text(e.reason.as_deref())
+                .int8(e.created_at);
+        }
+        copy_in(conn, COPY_LEDGER, rows, entries.len()).await?;
+    }
+    if !calls.is_empty() {
+        let mut rows = BinaryRows::new(15, calls.len());
+        for u in calls {
+            rows.row()
+                .text(&u.request_id)
+                .text(&u.account_id)
+                .opt_text(u.key_id.as_deref())
+                .text(&u.model)
+                .text(&u.provider)
+                .int8(u64_to_i64(u.prompt_tokens))
+                .int8(u64_to_i64(u.completion_tokens))
+                .int8(u64_to_i64(u.cached_tokens))
+                .int8(u.cost.nanos())
+                .int8(u.uncollected.nanos())
+                .int8(i64::from(u.status))
+                .int8(i64::from(u.stream))
+                .text(u.usage_source.as_str())
+                .int8(u64_to_i64(u.latency_ms))
+                .int8(u.created_at);
+        }
+        copy_in(conn, COPY_USAGE, rows, calls.len()).await?;
+    }
+    Ok(())
+}
+
+/// One `COPY … FROM STDIN`, which must take exactly `expected` rows.
+async fn copy_in(
+    conn: &mut PgConnection,
+    statement: &str,
+    rows: BinaryRows,
+    expected: usize,
+) -> Result<(), sqlx::Error> {
+    let data = rows
+        .finish()
+        .ok_or_else(|| sqlx::Error::Protocol("a text field of 2 GiB or more".to_owned()))?;
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(data).await?;
+    let copied = copy.finish().await?;
+    if copied != expected as u64 {
+        return Err(sqlx::Error::Protocol(format!(
+            "COPY took {copied} rows of {expected}"
+        )));
+    }
+    Ok(())
 }
 
 type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;

@@ -291,6 +291,11 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         .await
         .unwrap();
     assert_eq!(flags, vec![true, true, true, true]);
+    assert_eq!(
+        store.rechecked_batches(),
+        0,
+        "an all-new batch goes the fast way"
+    );
 
     assert_eq!(
         store.account("a").await.unwrap().unwrap().balance,
@@ -339,7 +344,8 @@ async fn an_entry_counts_once_on_postgres() {
 
 /// Batches larger than one statement's chunk, and of sizes that are no power of two, with an
 /// old call hidden among new ones, then an old call beside a new entry. Every new record counts
-/// once and no old one again, whichever way the batch went in.
+/// once and no old one again, whichever way the batch went in; and only the batches that hold
+/// an old record go the slow way.
 async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
     let accounts = ["a", "b", "c"];
     for id in accounts {
@@ -361,21 +367,25 @@ async fn large_batches_with_old_records_count_each_record_once(store: &Store) {
 
     let first = batch(0..1, &mut expected);
     assert_eq!(store.commit_batch(&first).await.unwrap(), vec![true]);
+    assert_eq!(store.rechecked_batches(), 0);
     // 299 new records with the first one again in the middle.
     let mut second = batch(1..300, &mut expected);
     second.insert(150, first[0].clone());
     let flags = store.commit_batch(&second).await.unwrap();
     assert_eq!(flags.iter().filter(|f| **f).count(), 299);
     assert!(!flags[150]);
+    assert_eq!(store.rechecked_batches(), 1);
     // 201 new records, then a new credit beside an old call.
     let third = batch(300..501, &mut expected);
     assert_eq!(store.commit_batch(&third).await.unwrap(), vec![true; 201]);
+    assert_eq!(store.rechecked_batches(), 1);
     let late = entry("late", "a", EntryKind::Credit, 5);
     expected[0] += 5;
     assert_eq!(
         store.commit_batch(&[late, third[0].clone()]).await.unwrap(),
         vec![true, false]
     );
+    assert_eq!(store.rechecked_batches(), 2);
 
     for (n, id) in accounts.iter().enumerate() {
         assert_eq!(
