@@ -414,6 +414,89 @@ async fn large_batches_with_old_records_count_each_record_once_on_postgres() {
     on_postgres(large_batches_with_old_records_count_each_record_once).await;
 }
 
+/// A call must name an account that exists, and an account that calls name stays: on SQLite
+/// by the foreign key, on Postgres by the triggers of migration 0003, which check each
+/// statement's accounts once. A batch with a call of an unknown account is refused whole,
+/// whether it went the fast way or, holding an old call as well, the slow way; the refusal is
+/// one the ledger writer sets aside rather than retries.
+async fn calls_name_accounts_that_exist(store: &Store) {
+    store.create_account("a", "a@example.com").await.unwrap();
+    store.create_account("b", "b@example.com").await.unwrap();
+    let usage_rows = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM usage_records")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+
+    let refused = store
+        .commit_batch(&[charge("r1", "a", 10), charge("r2", "nobody", 20)])
+        .await
+        .unwrap_err();
+    assert!(refused.is_rejection(), "{refused}");
+    assert_eq!(usage_rows().await, 0);
+    assert_eq!(
+        store.account("a").await.unwrap().unwrap().balance,
+        Amount(0)
+    );
+
+    assert_eq!(
+        store.commit_batch(&[charge("r1", "a", 10)]).await.unwrap(),
+        vec![true]
+    );
+    let before = store.rechecked_batches();
+    let refused = store
+        .commit_batch(&[charge("r1", "a", 10), charge("r3", "nobody", 30)])
+        .await
+        .unwrap_err();
+    assert!(refused.is_rejection(), "{refused}");
+    if store.backend() == Backend::Postgres {
+        // The COPY stopped at the old call, so the unknown account met the slow way's check.
+        // (SQLite's all-new inserts skip the old call and stop at the unknown account.)
+        assert_eq!(store.rechecked_batches(), before + 1);
+    }
+    assert_eq!(usage_rows().await, 1);
+    assert_eq!(
+        store.account("a").await.unwrap().unwrap().balance,
+        Amount(-10)
+    );
+
+    for statement in [
+        "DELETE FROM accounts WHERE id = 'a'",
+        "UPDATE accounts SET id = 'z' WHERE id = 'a'",
+        "UPDATE usage_records SET account_id = 'nobody' WHERE request_id = 'r1'",
+    ] {
+        let refused = sqlx::query(statement)
+            .execute(store.pool())
+            .await
+            .map_err(StoreError::from)
+            .unwrap_err();
+        assert!(refused.is_rejection(), "{statement}: {refused}");
+    }
+    // What the rule allows goes through: a call's other fields change, a call moves to an
+    // account that exists (and back), and an account that no call names goes.
+    for statement in [
+        "UPDATE usage_records SET model = 'n' WHERE request_id = 'r1'",
+        "UPDATE usage_records SET account_id = 'b' WHERE request_id = 'r1'",
+        "UPDATE usage_records SET account_id = 'a' WHERE request_id = 'r1'",
+        "DELETE FROM accounts WHERE id = 'b'",
+    ] {
+        let done = sqlx::query(statement).execute(store.pool()).await.unwrap();
+        assert_eq!(done.rows_affected(), 1, "{statement}");
+    }
+}
+
+#[tokio::test]
+async fn calls_name_accounts_that_exist_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    calls_name_accounts_that_exist(&store).await;
+}
+
+#[tokio::test]
+async fn calls_name_accounts_that_exist_on_postgres() {
+    on_postgres(calls_name_accounts_that_exist).await;
+}
+
 /// A store from before migration 0002, where a charged call wrote a ledger entry of kind
 /// `charge` beside its usage record, upgrades in place: those entries go, every balance, key
 /// spend and call stays, and the ledger takes no charge entry after.
