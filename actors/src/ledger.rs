@@ -311,6 +311,7 @@ impl Actor for LedgerWriter {
         for name in [
             "tollgate_ledger_commit_failures_total",
             "tollgate_ledger_rejected_records_total",
+            "tollgate_ledger_batches_rechecked_total",
             "tollgate_journal_write_failures_total",
             "tollgate_journal_damaged_records_total",
         ] {

@@ -523,6 +523,7 @@ impl Store {
         }
 
         self.rechecked.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tollgate_ledger_batches_rechecked_total").increment(1);
         let sql = BatchSql::of(self.backend);
         let mut tx = self.writer.begin().await?;
         let mut inserted_entries = KeySet::default();
