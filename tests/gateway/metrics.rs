@@ -64,7 +64,7 @@ async fn metrics_cover_actors_ledger_http_and_billing() {
         "tollgate_ledger_commit_seconds_bucket",
         "tollgate_ledger_record_wait_seconds_bucket",
         "tollgate_ledger_queue_depth",
-        "tollgate_ledger_batches_rechecked_total 0",
+        "tollgate_ledger_batches_rechecked_total",
         "tollgate_http_requests_total{route=\"/v1/chat/completions\",status=\"200\",model=\"gpt-4o-mini\",provider=\"mock\"}",
         "tollgate_http_request_duration_seconds_bucket{route=\"/v1/chat/completions\"",
         "tollgate_time_to_first_token_seconds_bucket{model=\"gpt-4o-mini\",provider=\"mock\"",
