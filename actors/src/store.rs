@@ -82,7 +82,8 @@ pub struct Store {
     /// time, and SQLite takes one writer at a time). On Postgres, the shared pool.
     writer: AnyPool,
     /// Postgres: one connection of the driver's own, for the batches that go in by `COPY`
-    /// (sqlx's `Any` connections cannot). The same one every time, for the reason above.
+    /// (sqlx's `Any` connections cannot). One, so that the balance updates it prepares are
+    /// prepared once; batches come one at a time anyway.
     copier: Option<PgPool>,
     /// Batches that could not go the fast way because one of their records was stored
     /// already (a replay after a crash), and were committed record by record.
