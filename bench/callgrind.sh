@@ -7,6 +7,9 @@
 #   bench/callgrind.sh --stream K    streamed calls of K content chunks each instead; the
 #                                    difference between two K's, divided by theirs, is the
 #                                    cost of one chunk passed on
+#   bench/callgrind.sh --stream K --burst   the mock sends each stream whole, in one write
+#                                    (as from behind a buffering proxy), so the gateway
+#                                    reads many events at once
 #   bench/callgrind.sh --prompt-bytes B   each call carries a conversation of about B bytes,
 #                                    built as bench/chat.lua builds it for TG_PROMPT_BYTES
 #   bench/callgrind.sh --postgres    the gateway on Postgres (a fresh database at
@@ -27,13 +30,15 @@
 #   - hyper-bare, per call: the HTTP stack alone (examples/bare_proxy.rs).
 # The callgrind files stay in bench/results/callgrind/ for callgrind_annotate or KCachegrind.
 # Knobs: BENCH_SKIP_BUILD=1, BENCH_KEEP_TMP=1, BENCH_TOLLGATE=path (another build of the
-# gateway, e.g. the previous commit's, for a before/after). Never run by `cargo test`.
+# gateway, e.g. the previous commit's, for a before/after; the mock is this checkout's build
+# either way). Never run by `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CALLS=2000
 WARMUP=200
 STREAM_CHUNKS=0
+MOCK_BURST=()
 PROMPT_BYTES=0
 BACKEND=sqlite
 while (( $# )); do
@@ -41,8 +46,9 @@ while (( $# )); do
     --postgres) BACKEND=postgres ;;
     --calls) CALLS=${2:?--calls needs a number}; shift ;;
     --stream) STREAM_CHUNKS=${2:?--stream needs a number of chunks}; shift ;;
+    --burst) MOCK_BURST=(--burst) ;;
     --prompt-bytes) PROMPT_BYTES=${2:?--prompt-bytes needs a number of bytes}; shift ;;
-    -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -73,7 +79,7 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
 fi
 TOLLGATE=${BENCH_TOLLGATE:-$ROOT/target/release/tollgate}
 BARE=$ROOT/target/release/examples/bare_proxy
-[[ -x $TOLLGATE && -x $BARE ]] || die "release binaries missing"
+[[ -x $TOLLGATE && -x $BARE && -x $ROOT/target/release/tollgate ]] || die "release binaries missing"
 
 OUT=$ROOT/bench/results/callgrind
 mkdir -p "$OUT"
@@ -156,8 +162,8 @@ measure() { # pid port key → dump file of the N calls
   ls "$OUT"/*.out."$pid".1 2>/dev/null || die "no callgrind dump from $pid"
 }
 
-"$TOLLGATE" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks "$(( STREAM_CHUNKS ? STREAM_CHUNKS : 16 ))" \
-  >"$TMP/mock.log" 2>&1 &
+"$ROOT/target/release/tollgate" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks "$(( STREAM_CHUNKS ? STREAM_CHUNKS : 16 ))" \
+  "${MOCK_BURST[@]}" >"$TMP/mock.log" 2>&1 &
 PIDS+=("$!")
 
 if [[ $BACKEND == postgres ]]; then
@@ -226,7 +232,8 @@ gw=$(total_ir "$GW_DUMP"); store=$(total_ir "$GW_FINAL"); bare=$(total_ir "$BARE
 per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f", a / b }'; }
 {
   printf '\nInstructions (callgrind Ir), %s calls at concurrency 1 after %s warm-up calls; the gateway on %s\n' "$CALLS" "$WARMUP" "$BACKEND"
-  if (( STREAM_CHUNKS )); then printf '  (streamed calls of %s content chunks each)\n' "$STREAM_CHUNKS"; fi
+  if (( STREAM_CHUNKS )); then printf '  (streamed calls of %s content chunks each%s)\n' "$STREAM_CHUNKS" \
+    "${MOCK_BURST:+, each sent by the mock in one write}"; fi
   if (( PROMPT_BYTES )); then printf '  (each call with a conversation of about %s bytes)\n' "$PROMPT_BYTES"; fi
   printf '  %-44s %12s\n' figure 'Ir'
   printf '  %-44s %12s\n' 'gateway request path, per call' "$(per "$gw" "$CALLS")"

@@ -45,6 +45,9 @@ enum Command {
         /// clock in µs), for a client measuring each chunk's transit.
         #[arg(long)]
         stamp_chunks: bool,
+        /// Send each streamed answer whole, in one write, as from behind a buffering proxy.
+        #[arg(long)]
+        burst: bool,
     },
     /// Operate a running gateway through its admin API.
     Admin(tollgate::admin_cli::AdminArgs),
@@ -163,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             chunks,
             chunk_interval_ms,
             stamp_chunks,
+            burst,
         } => {
             init_logging(LogFormat::Text);
             // The mock serves load tests: the same backlog and connection limit as the
@@ -180,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
                 chunks,
                 chunk_interval: Duration::from_millis(chunk_interval_ms),
                 stamp_chunks,
+                burst,
             };
             tollgate::mock::serve(listener, options, terminated()).await;
             Ok(())

@@ -10,7 +10,8 @@
 //! `mock-break` (a stream that ends after its first word, without `[DONE]`), `mock-linger`
 //! (a stream whose body ends 100 ms after its `[DONE]`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use http::{HeaderValue, StatusCode};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -32,6 +33,10 @@ pub struct MockOptions {
     /// each chunk's transit, and how much a proxy in between stretched the gaps between
     /// chunks, without the spread of the mock's own timer (`examples/stream_probe.rs`).
     pub stamp_chunks: bool,
+    /// A streamed answer goes out whole, in one write, once its last event is made (after
+    /// `chunks × chunk_interval`): as from an upstream behind a buffering proxy, or one
+    /// faster than its reader. The gateway then reads many events at once.
+    pub burst: bool,
 }
 
 impl Default for MockOptions {
@@ -41,6 +46,7 @@ impl Default for MockOptions {
             chunks: 16,
             chunk_interval: Duration::ZERO,
             stamp_chunks: false,
+            burst: false,
         }
     }
 }
@@ -256,9 +262,18 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
-    let mut r = warp::reply::Reply::into_response(warp::reply::stream(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-    ));
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut r = if options.burst {
+        let whole = events.fold(Ok(BytesMut::new()), |whole, event| async move {
+            let (mut whole, event) = (whole?, event?);
+            whole.extend_from_slice(&event);
+            Ok::<_, std::io::Error>(whole)
+        });
+        let once = futures::stream::once(async move { whole.await.map(BytesMut::freeze) });
+        warp::reply::Reply::into_response(warp::reply::stream(once))
+    } else {
+        warp::reply::Reply::into_response(warp::reply::stream(events))
+    };
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -9,6 +9,7 @@
 //!   lowered to what it can cover; only when not even one output token is payable is it 402;
 //! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
 
+use super::pieces::LinePieces;
 use super::request::Fields;
 use super::{authenticate, with_request_id, App, CallLabels};
 use crate::config::Model;
@@ -368,7 +369,8 @@ async fn proxy(
             call: Some(call),
             lease: Some(lease),
             events: Box::pin(
-                http_body_util::BodyDataStream::new(upstream.into_body()).eventsource(),
+                LinePieces::new(http_body_util::BodyDataStream::new(upstream.into_body()))
+                    .eventsource(),
             ),
             usage: None,
             content_chunks: 0,

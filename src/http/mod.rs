@@ -3,6 +3,7 @@
 
 mod admin;
 mod chat;
+mod pieces;
 pub mod request;
 
 use crate::config::{Config, Model};

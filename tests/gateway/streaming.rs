@@ -345,3 +345,117 @@ async fn the_idle_timeout_counts_from_the_last_event() {
     assert_eq!(cut["usage_source"], "estimated");
     h.stop().await;
 }
+
+/// An upstream that sends a whole stream in one write (the mock's `burst`): the gateway reads
+/// hundreds of events at once and hands them to its SSE parser a piece at a time
+/// (`src/http/pieces.rs`). Every event reaches the client whole and in order, and the call is
+/// charged by the upstream's usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_sent_in_one_write_arrives_whole_and_in_order() {
+    const CHUNKS: usize = 600;
+    let mock = MockOptions {
+        chunks: CHUNKS as u64,
+        burst: true,
+        ..Default::default()
+    };
+    let h = Harness::start_with(Backend::Sqlite, mock, |_| {})
+        .await
+        .expect("sqlite harness");
+    let (account, key) = h.funded("1").await;
+    let words: Vec<String> = (0..7).map(|i| format!("w{i}é")).collect();
+    let prompt = words.join(" ");
+    let resp = h
+        .chat(
+            &key,
+            &json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": CHUNKS,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": prompt}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let events = sse_events(resp).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<serde_json::Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("each event whole"))
+        .collect();
+    let content: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|t| !t.is_empty())
+        .collect();
+    let expected: Vec<String> = (0..CHUNKS)
+        .map(|i| match i {
+            0 => words[0].clone(),
+            _ => format!(" {}", words[i % words.len()]),
+        })
+        .collect();
+    assert_eq!(content, expected);
+    let usage = chunks
+        .last()
+        .map(|c| c["usage"].clone())
+        .unwrap_or_default();
+    assert_eq!(usage["completion_tokens"], CHUNKS);
+
+    let u = &h.usage_once_settled(&account).await[0];
+    assert_eq!(u["status"], 200);
+    assert_eq!(u["usage_source"], "upstream");
+    assert_eq!(u["completion_tokens"], CHUNKS);
+    let prompt_tokens = mock_prompt_tokens(&[&prompt]);
+    assert_eq!(u["prompt_tokens"], prompt_tokens);
+    let cost = expected_cost(150_000_000, 600_000_000, prompt_tokens, CHUNKS as u64);
+    assert_eq!(u["cost"], cost.to_string());
+    h.stop().await;
+}
+
+/// The mock's `burst` sends a streamed answer as one HTTP chunk; without it, each event is a
+/// chunk of its own. Read off the wire, where the chunked encoding shows the writes.
+#[tokio::test]
+async fn the_mock_sends_a_burst_in_one_chunk() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for burst in [true, false] {
+        let mock = Mock::start(MockOptions {
+            chunks: 20,
+            burst,
+            ..Default::default()
+        })
+        .await;
+        let body =
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"a b"}]}"#;
+        let mut conn = tokio::net::TcpStream::connect(mock.addr).await.unwrap();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        conn.read_to_end(&mut raw).await.unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, mut rest) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("transfer-encoding: chunked"),
+            "{head}"
+        );
+        let mut sizes = Vec::new();
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let size = usize::from_str_radix(size, 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            assert!(after[size..].starts_with("\r\n"));
+            sizes.push(size);
+            rest = &after[size + 2..];
+        }
+        let data: usize = sizes.iter().sum();
+        assert!(data > 20 * 50, "{sizes:?}");
+        if burst {
+            assert_eq!(sizes.len(), 1, "{sizes:?}");
+        } else {
+            // The role chunk, 20 words, the finish chunk and [DONE].
+            assert_eq!(sizes.len(), 23, "{sizes:?}");
+        }
+    }
+}
