@@ -105,6 +105,10 @@ pub struct Limits {
     /// A request body must arrive whole within this long after its headers; else 408.
     #[serde(default = "default_body_read_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// The most of an upstream's answer held at once: a non-streamed answer, or one event of
+    /// a stream. A larger one ends the call with 502 (docs/billing.md).
+    #[serde(default = "default_max_upstream_answer_bytes")]
+    pub max_upstream_answer_bytes: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -156,6 +160,7 @@ impl Default for Limits {
             listen_backlog: default_listen_backlog(),
             header_read_timeout_ms: default_header_read_timeout_ms(),
             body_read_timeout_ms: default_body_read_timeout_ms(),
+            max_upstream_answer_bytes: default_max_upstream_answer_bytes(),
         }
     }
 }
@@ -212,6 +217,9 @@ fn default_listen_backlog() -> u32 {
 }
 fn default_max_body_bytes() -> usize {
     4 * 1024 * 1024
+}
+fn default_max_upstream_answer_bytes() -> usize {
+    32 * 1024 * 1024
 }
 fn default_max_connections() -> usize {
     10_000

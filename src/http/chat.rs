@@ -9,7 +9,7 @@
 //!   lowered to what it can cover; only when not even one output token is payable is it 402;
 //! - the charge is the upstream's reported usage at the model's price, rounded up to 1e-9.
 
-use super::pieces::LinePieces;
+use super::pieces::{EventBudget, LinePieces, PieceError};
 use super::request::Fields;
 use super::{authenticate, with_request_id, App, CallLabels};
 use crate::config::Model;
@@ -363,15 +363,18 @@ async fn proxy(
         return Err(upstream_refused(&call, upstream, timeout).await);
     }
 
+    let max_answer = app.config.limits.max_upstream_answer_bytes;
     if stream {
         let idle = app.config.stream_idle_timeout(&call.model.provider);
+        let (pieces, budget) = LinePieces::new(
+            http_body_util::BodyDataStream::new(upstream.into_body()),
+            max_answer,
+        );
         let relay = Relay {
             call: Some(call),
             lease: Some(lease),
-            events: Box::pin(
-                LinePieces::new(http_body_util::BodyDataStream::new(upstream.into_body()))
-                    .eventsource(),
-            ),
+            events: Box::pin(pieces.eventsource()),
+            budget,
             usage: None,
             content_chunks: 0,
             client_wants_usage,
@@ -402,11 +405,26 @@ async fn proxy(
 
     let bytes = match tokio::time::timeout(
         timeout,
-        http_body_util::BodyExt::collect(upstream.into_body()),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            upstream.into_body(),
+            max_answer,
+        )),
     )
     .await
     {
         Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            // The upstream answered; the gateway will not hold an answer this large.
+            lease.report(true);
+            return Err(call
+                .fail(
+                    502,
+                    ApiError::Upstream(format!(
+                        "The upstream's answer is larger than {max_answer} bytes, the most the gateway takes."
+                    )),
+                )
+                .await);
+        }
         Ok(Err(_)) => {
             lease.report(false);
             return Err(call
@@ -568,7 +586,10 @@ async fn upstream_refused(
     let status = upstream.status();
     let body = tokio::time::timeout(
         timeout,
-        http_body_util::BodyExt::collect(upstream.into_body()),
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(
+            upstream.into_body(),
+            call.app.config.limits.max_upstream_answer_bytes,
+        )),
     )
     .await
     .ok()
@@ -628,7 +649,7 @@ type Events = std::pin::Pin<
         dyn futures::Stream<
                 Item = Result<
                     eventsource_stream::Event,
-                    eventsource_stream::EventStreamError<hyper::Error>,
+                    eventsource_stream::EventStreamError<PieceError<hyper::Error>>,
                 >,
             > + Send,
     >,
@@ -645,6 +666,8 @@ struct Relay {
     call: Option<Call>,
     lease: Option<Lease>,
     events: Events,
+    /// Told of each event, so that only the bytes of one event count against the limit.
+    budget: EventBudget,
     usage: Option<Usage>,
     content_chunks: u64,
     client_wants_usage: bool,
@@ -711,8 +734,12 @@ impl Relay {
             next = self.events.next() => next,
             () = self.idle_timer.as_mut() => return Err(StreamEnd::UpstreamIdle),
         };
+        if let Some(Ok(_)) = next {
+            self.budget.event_arrived();
+        }
         match next {
-            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
+            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off. An
+            // event larger than the limit ends it the same way.
             None | Some(Err(_)) => Err(StreamEnd::UpstreamFailed),
             Some(Ok(event)) if event.data == "[DONE]" => Err(StreamEnd::Done),
             Some(Ok(event)) => Ok(event),

@@ -124,6 +124,71 @@ async fn upstream_failures_are_502_and_504_and_free(backend: Backend) {
 }
 both_stores!(upstream_failures_are_502_and_504_and_free);
 
+/// An answer larger than `limits.max_upstream_answer_bytes` is not held: 502, free, recorded
+/// with the upstream's work as a failure. An answer under the limit passes as ever.
+async fn an_answer_larger_than_the_limit_is_502_and_free(backend: Backend) {
+    const LIMIT: usize = 4096;
+    let mock = tollgate::mock::MockOptions {
+        chunks: 2000,
+        ..Default::default()
+    };
+    let Some(h) = Harness::start_with(backend, mock, |c| {
+        c.limits.max_upstream_answer_bytes = LIMIT
+    })
+    .await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let msg = json!([{"role": "user", "content": "hello"}]);
+
+    let resp = h
+        .chat(
+            &key,
+            &json!({"model": "gpt-4o-mini", "max_tokens": 16, "messages": msg}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let small = resp.bytes().await.unwrap().len();
+    assert!(small < LIMIT);
+
+    // The mock answers 2,000 words: about 12 KB.
+    let resp = h
+        .chat(
+            &key,
+            &json!({"model": "gpt-4o-mini", "max_tokens": 2000, "messages": msg}),
+        )
+        .await;
+    assert_eq!(resp.status(), 502);
+    let v: Value = resp.json().await.unwrap();
+    assert_error_shape(&v, "upstream_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("4096 bytes"),
+        "{v}"
+    );
+
+    let usage = h.usage_once_n_settled(&account, 2).await;
+    let mut statuses: Vec<u64> = usage
+        .iter()
+        .map(|u| u["status"].as_u64().unwrap())
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 502]);
+    let failed = usage.iter().find(|u| u["status"] == 502).unwrap();
+    assert_eq!(failed["cost"], "0");
+    let paid = usage.iter().find(|u| u["status"] == 200).unwrap();
+    let paid: Amount = paid["cost"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        h.balance(&account).await,
+        Amount(1_000_000_000 - paid.nanos())
+    );
+    h.stop().await;
+}
+both_stores!(an_answer_larger_than_the_limit_is_502_and_free);
+
 async fn key_limits(backend: Backend) {
     let Some(h) = Harness::start(backend).await else {
         return;

@@ -459,3 +459,86 @@ async fn the_mock_sends_a_burst_in_one_chunk() {
         }
     }
 }
+
+/// `limits.max_upstream_answer_bytes` bounds one event of a stream, not the stream: many
+/// events under it pass to `[DONE]`; an event over it ends the stream as an upstream that broke
+/// off does (an error event, status 502), charged for what was delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_the_limit_ends_the_stream() {
+    use crate::proxy::plain_provider;
+    use crate::tls::model;
+    use warp::Filter;
+
+    const LIMIT: usize = 4096;
+    let chunk = |delta: String| {
+        format!(
+            "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":0,\
+             \"model\":\"m\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n"
+        )
+    };
+    let events = [
+        chunk(r#"{"role":"assistant","content":""}"#.to_owned()),
+        chunk(r#"{"content":"fits"}"#.to_owned()),
+        chunk(format!(r#"{{"content":"{}"}}"#, "x".repeat(2 * LIMIT))),
+        "data: [DONE]\n\n".to_owned(),
+    ];
+    let route = warp::post()
+        .and(warp::body::bytes())
+        .map(move |_: bytes::Bytes| {
+            let events = events.clone().map(Ok::<_, std::io::Error>);
+            sse_reply(futures::stream::iter(events))
+        });
+    let upstream = Mock::serve(route).await;
+    let mock = MockOptions {
+        chunks: 100,
+        ..Default::default()
+    };
+    let h = Harness::start_with(Backend::Sqlite, mock, |c| {
+        c.limits.max_upstream_answer_bytes = LIMIT;
+        c.providers.push(plain_provider(
+            "big",
+            upstream.addr,
+            Some("direct".to_owned()),
+        ));
+        c.models.push(model("big", "big"));
+    })
+    .await
+    .expect("sqlite harness");
+    let (account, key) = h.funded("1").await;
+
+    // 100 events of about 200 bytes: five times the limit in all, each well under it.
+    let resp = h
+        .chat(&key, &json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "many small"}]}))
+        .await;
+    let events = sse_events(resp).await;
+    assert!(events.iter().map(String::len).sum::<usize>() > 4 * LIMIT);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+
+    let resp = h
+        .chat(&key, &json!({"model": "big", "stream": true, "messages": [{"role": "user", "content": "one large"}]}))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let events = sse_events(resp).await;
+    assert!(
+        events.iter().any(|e| e.contains("\"content\":\"fits\"")),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.contains("xxxx") || e == "[DONE]"),
+        "{events:?}"
+    );
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_error");
+
+    let usage = h.usage_once_n_settled(&account, 2).await;
+    let u = usage
+        .iter()
+        .find(|u| u["model"] == "big")
+        .expect("the large event's call");
+    assert_eq!(u["status"], 502);
+    assert_eq!(u["usage_source"], "estimated");
+    assert_eq!(u["completion_tokens"], 1, "the one content chunk delivered");
+    let cost: Amount = u["cost"].as_str().unwrap().parse().unwrap();
+    assert!(cost.nanos() > 0);
+    h.stop().await;
+}
