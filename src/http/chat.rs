@@ -734,15 +734,24 @@ impl Relay {
             next = self.events.next() => next,
             () = self.idle_timer.as_mut() => return Err(StreamEnd::UpstreamIdle),
         };
-        if let Some(Ok(_)) = next {
-            self.budget.event_arrived();
-        }
         match next {
-            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off. An
-            // event larger than the limit ends it the same way.
-            None | Some(Err(_)) => Err(StreamEnd::UpstreamFailed),
-            Some(Ok(event)) if event.data == "[DONE]" => Err(StreamEnd::Done),
-            Some(Ok(event)) => Ok(event),
+            // An OpenAI-compatible stream ends with [DONE]; without it, it was cut off.
+            None => Err(StreamEnd::UpstreamFailed),
+            Some(Err(e)) => {
+                if let Some(call) = &self.call {
+                    tracing::warn!(request_id = %call.request_id, provider = %call.model.provider,
+                        reason = stream_failure(&e), "upstream stream failed");
+                }
+                Err(StreamEnd::UpstreamFailed)
+            }
+            Some(Ok(event)) => {
+                self.budget.event_arrived();
+                if event.data == "[DONE]" {
+                    Err(StreamEnd::Done)
+                } else {
+                    Ok(event)
+                }
+            }
         }
     }
 
@@ -856,6 +865,18 @@ impl Drop for Relay {
     /// The connection dropped the body before its end: the client went away.
     fn drop(&mut self) {
         let _ = self.settle_in_background(StreamEnd::ClientGone);
+    }
+}
+
+/// Why an upstream's stream could not be read on, for the log: never the parser's own
+/// message, which quotes the upstream's text (the content of a response).
+fn stream_failure(e: &eventsource_stream::EventStreamError<PieceError<hyper::Error>>) -> String {
+    use eventsource_stream::EventStreamError;
+    match e {
+        EventStreamError::Transport(PieceError::TooLarge(too_large)) => too_large.to_string(),
+        EventStreamError::Transport(PieceError::Upstream(e)) => format!("the connection: {e}"),
+        EventStreamError::Utf8(_) => "the stream is not UTF-8".to_owned(),
+        EventStreamError::Parser(_) => "the stream is not server-sent events".to_owned(),
     }
 }
 
