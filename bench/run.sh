@@ -950,7 +950,7 @@ mkdir -p "$ROOT/bench/results"
 OUT=${BENCH_OUT:-$ROOT/bench/results/latest.txt}
 {
   echo "# bench/run.sh$( ((QUICK)) && echo ' --quick')$( ((SMOKE)) && echo ' --smoke') — $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-  echo "# git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (working tree modified)')"
+  echo "# git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet -- . ':(exclude)bench/results' 2>/dev/null || echo ' (working tree modified)')"
   echo "# machine: $(nproc) cores, $(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -n 1), $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
   echo "# tools: $("$NGINX" -v 2>&1), $(wrk -v 2>&1 | head -n 1 | cut -d' ' -f1-2), $(psql -h 127.0.0.1 -U postgres -Atc 'show server_version'| sed 's/^/PostgreSQL /'), sqlite $(sqlite3 --version | cut -d' ' -f1), $(cargo --version 2>/dev/null)"
   echo "# load average (1/5/15 min): $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end"
