@@ -77,9 +77,10 @@ if [[ "${BENCH_SKIP_BUILD:-0}" != 1 ]]; then
   cargo build --release --quiet
   cargo build --release --quiet --example bare_proxy
 fi
-TOLLGATE=${BENCH_TOLLGATE:-$ROOT/target/release/tollgate}
+MOCK=$ROOT/target/release/tollgate
+TOLLGATE=${BENCH_TOLLGATE:-$MOCK}
 BARE=$ROOT/target/release/examples/bare_proxy
-[[ -x $TOLLGATE && -x $BARE && -x $ROOT/target/release/tollgate ]] || die "release binaries missing"
+[[ -x $TOLLGATE && -x $BARE && -x $MOCK ]] || die "release binaries missing"
 
 OUT=$ROOT/bench/results/callgrind
 mkdir -p "$OUT"
@@ -162,7 +163,7 @@ measure() { # pid port key → dump file of the N calls
   ls "$OUT"/*.out."$pid".1 2>/dev/null || die "no callgrind dump from $pid"
 }
 
-"$ROOT/target/release/tollgate" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks "$(( STREAM_CHUNKS ? STREAM_CHUNKS : 16 ))" \
+"$MOCK" mock-upstream --listen "127.0.0.1:$MOCK_PORT" --chunks "$(( STREAM_CHUNKS ? STREAM_CHUNKS : 16 ))" \
   "${MOCK_BURST[@]}" >"$TMP/mock.log" 2>&1 &
 PIDS+=("$!")
 

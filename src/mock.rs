@@ -11,7 +11,7 @@
 //! (a stream whose body ends 100 ms after its `[DONE]`).
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
+use futures::TryStreamExt;
 use http::{HeaderValue, StatusCode};
 use serde_json::{json, Value};
 use std::future::Future;
@@ -264,10 +264,9 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
     });
     let events = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut r = if options.burst {
-        let whole = events.fold(Ok(BytesMut::new()), |whole, event| async move {
-            let (mut whole, event) = (whole?, event?);
+        let whole = events.try_fold(BytesMut::new(), |mut whole, event| async move {
             whole.extend_from_slice(&event);
-            Ok::<_, std::io::Error>(whole)
+            Ok(whole)
         });
         let once = futures::stream::once(async move { whole.await.map(BytesMut::freeze) });
         warp::reply::Reply::into_response(warp::reply::stream(once))

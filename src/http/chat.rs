@@ -403,17 +403,9 @@ async fn proxy(
         return Ok(resp);
     }
 
-    let bytes = match tokio::time::timeout(
-        timeout,
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            upstream.into_body(),
-            max_answer,
-        )),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+    let bytes = match read_answer(upstream.into_body(), timeout, max_answer).await {
+        Answer::Whole(b) => b,
+        Answer::TooLarge => {
             // The upstream answered; the gateway will not hold an answer this large.
             lease.report(true);
             return Err(call
@@ -425,7 +417,7 @@ async fn proxy(
                 )
                 .await);
         }
-        Ok(Err(_)) => {
+        Answer::CutShort => {
             lease.report(false);
             return Err(call
                 .fail(
@@ -434,7 +426,7 @@ async fn proxy(
                 )
                 .await);
         }
-        Err(_) => {
+        Answer::TimedOut => {
             lease.report(false);
             return Err(call.fail(504, ApiError::UpstreamTimeout).await);
         }
@@ -529,6 +521,30 @@ fn upstream_body(
     request.to_body()
 }
 
+/// How reading an upstream's whole (non-streamed) answer ended.
+enum Answer {
+    Whole(Bytes),
+    /// Longer than `limits.max_upstream_answer_bytes`: not read on.
+    TooLarge,
+    CutShort,
+    TimedOut,
+}
+
+/// Reads an upstream's whole answer within `timeout`, holding at most `limit` bytes of it.
+async fn read_answer(
+    body: tollgate_actors::upstream::Body,
+    timeout: Duration,
+    limit: usize,
+) -> Answer {
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit));
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(whole)) => Answer::Whole(whole.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Answer::TooLarge,
+        Ok(Err(_)) => Answer::CutShort,
+        Err(_) => Answer::TimedOut,
+    }
+}
+
 /// A lease from the provider's desk (no message to its actor); before the actor's first start
 /// has posted a leaser, waits for it (up to about a second) rather than failing the call.
 async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
@@ -584,17 +600,11 @@ async fn upstream_refused(
     timeout: Duration,
 ) -> ApiError {
     let status = upstream.status();
-    let body = tokio::time::timeout(
-        timeout,
-        http_body_util::BodyExt::collect(http_body_util::Limited::new(
-            upstream.into_body(),
-            call.app.config.limits.max_upstream_answer_bytes,
-        )),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .map(http_body_util::Collected::to_bytes);
+    let limit = call.app.config.limits.max_upstream_answer_bytes;
+    let body = match read_answer(upstream.into_body(), timeout, limit).await {
+        Answer::Whole(b) => Some(b),
+        Answer::TooLarge | Answer::CutShort | Answer::TimedOut => None,
+    };
     let message = body
         .as_ref()
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
