@@ -2,7 +2,8 @@
 # A/B of two gateway builds, where the CPU goes: interleaved wrk runs against build A, build B
 # and hyper-bare (the gateway's HTTP stack alone, for reference), each behind the same mock,
 # with the CPU each process used read from /proc, split into user and kernel time and by
-# thread (tokio's workers, SQLite's thread, the rest), and its context switches.
+# thread (tokio's workers, SQLite's thread, the rest), and its context switches; with
+# --postgres, the CPU of Postgres's processes too, which serve the gateways' commits.
 #
 #   bench/ab.sh                       this checkout's build alone, beside hyper-bare
 #   bench/ab.sh OLD/tollgate          OLD/tollgate (A) against this checkout's build (B)
@@ -42,7 +43,7 @@ while (( $# )); do
     --postgres) BACKEND=postgres ;;
     --smoke) SMOKE=1 ;;
     --out) OUT=${2:?--out needs a file}; shift ;;
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     *) BUILDS+=("$1") ;;
   esac
@@ -183,6 +184,15 @@ threads() { # pid
 # "user system" ticks from a stat file (fields 14 and 15, counted after the name in brackets,
 # which may hold spaces).
 ticks() { sed 's/.*) //' "$1" 2>/dev/null | cut -d' ' -f12,13 || echo '0 0'; }
+# Postgres's CPU ticks, all its processes together (on --postgres; else 0).
+pg_ticks() {
+  [[ $BACKEND == postgres ]] || { echo 0; return; }
+  local pid sum=0 t
+  for pid in $(pgrep -u postgres postgres || true); do
+    t=$(ticks "/proc/$pid/stat") && [[ -n $t ]] && sum=$((sum + ${t% *} + ${t#* }))
+  done
+  echo "$sum"
+}
 
 RAW=$TMP/raw.txt
 CLK_TCK=$(getconf CLK_TCK)
@@ -191,16 +201,16 @@ echo "builds A=${BIN_A:-none} B=$BIN_B" >>"$RAW"
 
 run() { # pair target
   local t=$1 p=$2 before after out line
-  before=$(threads "${PID[$t]}"); local mock0; mock0=$(ticks /proc/"$MOCK_PID"/stat)
+  before=$(threads "${PID[$t]}"); local mock0 pg0; mock0=$(ticks /proc/"$MOCK_PID"/stat); pg0=$(pg_ticks)
   out=$(TG_KEY=${KEY[$t]} wrk -t2 -c"$CONNS" -d"${SECS}s" -s "$ROOT/bench/chat.lua" \
     "${URL[$t]}/v1/chat/completions") || die "wrk failed against $t: $out"
-  after=$(threads "${PID[$t]}"); local mock1; mock1=$(ticks /proc/"$MOCK_PID"/stat)
+  after=$(threads "${PID[$t]}"); local mock1 pg1; mock1=$(ticks /proc/"$MOCK_PID"/stat); pg1=$(pg_ticks)
   line=$(grep '^WRK ' <<<"$out") || die "no WRK line from wrk against $t: $out"
   grep -q ' non2xx=0 sock_connect=0 sock_read=0 sock_write=0 sock_timeout=0' <<<"$line" \
     || die "errors against $t: $line"
-  python3 - "$t" "$p" "$CLK_TCK" "$line" "$before" "$after" "$mock0" "$mock1" >>"$RAW" <<'EOF'
+  python3 - "$t" "$p" "$CLK_TCK" "$line" "$before" "$after" "$mock0" "$mock1" "$((pg1 - pg0))" >>"$RAW" <<'EOF'
 import sys
-t, p, tck, line, before, after, mock0, mock1 = sys.argv[1:]
+t, p, tck, line, before, after, mock0, mock1, pg = sys.argv[1:]
 wrk = dict(f.split("=", 1) for f in line.split()[1:])
 n = int(wrk["requests"])
 per = 1e6 / int(tck) / n  # µs a call per tick
@@ -218,7 +228,7 @@ for name in sorted(threads):
     u, s = threads[name][:2]
     fields.append(f"thread:{name}_us={(u + s) * per:.2f}")
 m0, m1 = [int(x) for x in mock0.split()], [int(x) for x in mock1.split()]
-fields.append(f"mock_us={((m1[0] - m0[0]) + (m1[1] - m0[1])) * per:.2f}")
+fields.append(f"mock_us={((m1[0] - m0[0]) + (m1[1] - m0[1])) * per:.2f} postgres_us={int(pg) * per:.2f}")
 print(" ".join(fields))
 EOF
   log "pair $p: $t $(sed -nE 's/.* rps=([0-9.]+).*/\1 req\/s/p' <<<"$line")"
@@ -256,8 +266,8 @@ print("\n".join(header))
 print()
 print("Medians over the pairs (CPU in µs a call; threads by name, user + system)")
 threads = sorted({k for rs in runs.values() for r in rs for k in r if k.startswith("thread:")})
-cols = ["req/s", "p50 µs", "p99 µs", "CPU", "user", "sys", "vol csw", "invol csw", "mock CPU"]
-keys = ["rps", "p50_us", "p99_us", None, "user_us", "sys_us", "voluntary_csw", "involuntary_csw", "mock_us"]
+cols = ["req/s", "p50 µs", "p99 µs", "CPU", "user", "sys", "vol csw", "invol csw", "mock CPU", "PG CPU"]
+keys = ["rps", "p50_us", "p99_us", None, "user_us", "sys_us", "voluntary_csw", "involuntary_csw", "mock_us", "postgres_us"]
 print(f"  {'':12}" + "".join(f"{c:>11}" for c in cols))
 for t in targets:
     row = [statistics.median(total(r) for r in runs[t]) if k is None else med(t, k) for k in keys]
