@@ -109,6 +109,20 @@ paired() {
       if (tgt == t) tv[rnd] = val; else if (tgt == "direct") dv[rnd] = val }
       END { for (r in tv) if (r in dv) print tv[r] - dv[r] }' "$RAW" | median
 }
+# paired_ratio KIND TARGET BASE FIELD: the median across rounds of TARGET's FIELD divided by
+# BASE's in the same round, to two places: a machine that changes speed between rounds moves
+# both sides of each ratio alike.
+paired_ratio() {
+  awk -v k="$1" -v t="$2" -v b="$3" -v f="$4" '$1 == k {
+      tgt = ""; val = ""; rnd = ""
+      for (i = 2; i <= NF; i++) {
+        split($i, a, "="); if (a[1] == "target") tgt = a[2]; if (a[1] == f) val = a[2]; if (a[1] == "round") rnd = a[2]
+      }
+      if (val == "" || rnd == "") next
+      if (tgt == t) tv[rnd] = val; else if (tgt == b) bv[rnd] = val }
+      END { for (r in tv) if (r in bv && bv[r] > 0) print tv[r] / bv[r] }' "$RAW" | median \
+    | awk '{ if ($1 == "nan") print "nan"; else printf "%.2f\n", $1 }'
+}
 field() { sed -nE "s/.* $2=([^ ]+).*/\1/p" <<<"$1"; }
 calc() { awk "BEGIN { printf \"%.${2:-0}f\", $1 }"; }
 verdict() { awk "BEGIN { print (($1) ? \"met\" : \"MISSED\") }"; }
@@ -292,6 +306,8 @@ summarize() { # raw-file → summary on stdout
   row '  (added p99 @c=1, round by round)' "$(paired lat "$s" p99_us)" "$(paired lat "$p" p99_us)" \
     'median of each round'"'"'s target − mock'
   row 'throughput / nginx' "$(cell "${R[$s]}" "${R[$s]} >= 0.8")" "$(cell "${R[$p]}" "${R[$p]} >= 0.8")" '≥ 0.8'
+  row '  (round by round)' "$(paired_ratio thr "$s" nginx rps)" \
+    "$(paired_ratio thr "$p" nginx rps)" 'median of each round'"'"'s target ÷ nginx'
   # The same against the gateway's own HTTP stack with nothing else (no target: BENCHMARKS.md,
   # "The budget"). Results from before the hyper-bare target have no such line.
   local hb; hb=$(med thr hyper-bare rps)
