@@ -143,21 +143,9 @@ journal_dir = "$TMP/journal-$g"
 
 [limits]
 max_connections = 30000
-
-[[providers]]
-name = "mock"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-max_concurrency = 30000
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-upstream_model = "gpt-4o-mini"
-input_per_mtok = "0.15"
-output_per_mtok = "0.60"
-max_output_tokens = 4096
 EOF
+  { provider_toml mock "http://127.0.0.1:$MOCK_PORT/v1" 'max_concurrency = 30000'
+    model_toml gpt-4o-mini mock; } >>"$TMP/gateway-$g.toml"
   bin=BIN_$g
   spawn "gateway-$g" env -u DATABASE_URL -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_LISTEN \
     -u TOLLGATE_DATABASE_URL -u TOLLGATE_LOG_FORMAT -u RUST_LOG -u TOKIO_WORKER_THREADS \

@@ -24,6 +24,8 @@ done
 
 log() { printf '[accounts %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 for tool in wrk curl jq sqlite3 python3; do
   command -v "$tool" >/dev/null || die "$tool is required (bench/run.sh installs it)"
 done
@@ -56,21 +58,9 @@ journal_dir = "$TMP/journal"
 
 [accounts]
 idle_secs = 3600
-
-[[providers]]
-name = "mock"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-max_concurrency = 30000
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-upstream_model = "gpt-4o-mini"
-input_per_mtok = "0.15"
-output_per_mtok = "0.60"
-max_output_tokens = 4096
 EOF
+{ provider_toml mock "http://127.0.0.1:$MOCK_PORT/v1" 'max_concurrency = 30000'
+  model_toml gpt-4o-mini mock; } >>"$TMP/gw.toml"
 
 start_gateway() {
   env -u DATABASE_URL -u TOLLGATE_ADMIN_TOKEN -u TOLLGATE_LISTEN -u RUST_LOG \

@@ -190,21 +190,9 @@ journal_dir = "$TMP/journal"
 # ships them all, in one batch.
 ship_interval_ms = 3600000
 max_batch = 1000000
-
-[[providers]]
-name = "mock"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-proxy = "direct"
-
-[[models]]
-id = "gpt-4o-mini"
-provider = "mock"
-upstream_model = "gpt-4o-mini"
-input_per_mtok = "0.15"
-output_per_mtok = "0.60"
-max_output_tokens = 4096
 EOF
+{ provider_toml mock "http://127.0.0.1:$MOCK_PORT/v1" 'proxy = "direct"'
+  model_toml gpt-4o-mini mock; } >>"$TMP/gateway.toml"
 
 log "gateway ($BACKEND) under callgrind: $WARMUP warm-up calls, then $CALLS counted"
 callgrind tollgate tollgate "$TOLLGATE" serve --config "$TMP/gateway.toml"

@@ -34,3 +34,18 @@ seed_account() { # base-url admin-token email amount
   [[ $key == sk-* ]] || die "no API key from $1"
   printf '%s %s\n' "$acct" "$key"
 }
+
+# A gateway config's `[[providers]]` entry for an OpenAI-compatible upstream at `base-url`;
+# each further argument is one more `key = value` line of it.
+provider_toml() { # name base-url [setting…]
+  printf '\n[[providers]]\nname = "%s"\nkind = "openai-compatible"\nbase_url = "%s"\n' "$1" "$2"
+  shift 2
+  (( $# == 0 )) || printf '%s\n' "$@"
+}
+
+# A `[[models]]` entry for a model the mock serves, at gpt-4o-mini's prices (what every bench
+# script charges).
+model_toml() { # id provider
+  printf '\n[[models]]\nid = "%s"\nprovider = "%s"\nupstream_model = "gpt-4o-mini"\n' "$1" "$2"
+  printf 'input_per_mtok = "0.15"\noutput_per_mtok = "0.60"\nmax_output_tokens = 4096\n'
+}

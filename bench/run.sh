@@ -581,41 +581,14 @@ journal_dir = "$TMP/journal-$2"
 
 [limits]
 max_connections = 30000
-
-[[providers]]
-name = "mock"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$MOCK_PORT/v1"
-max_concurrency = 30000
-request_timeout_ms = 60000
-stream_idle_timeout_ms = 60000
-
-[[providers]]
-name = "mock-stream"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$STREAM_PORT/v1"
-max_concurrency = 30000
-
-[[providers]]
-name = "mock-long"
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:$LONG_PORT/v1"
-max_concurrency = 30000
 EOF
-  local id provider
-  for id in gpt-4o-mini:mock gpt-4o-mini-stream:mock-stream gpt-4o-mini-long:mock-long; do
-    provider=${id#*:}; id=${id%%:*}
-    cat <<EOF
-
-[[models]]
-id = "$id"
-provider = "$provider"
-upstream_model = "gpt-4o-mini"
-input_per_mtok = "0.15"
-output_per_mtok = "0.60"
-max_output_tokens = 4096
-EOF
-  done
+  provider_toml mock "http://127.0.0.1:$MOCK_PORT/v1" 'max_concurrency = 30000' \
+    'request_timeout_ms = 60000' 'stream_idle_timeout_ms = 60000'
+  provider_toml mock-stream "http://127.0.0.1:$STREAM_PORT/v1" 'max_concurrency = 30000'
+  provider_toml mock-long "http://127.0.0.1:$LONG_PORT/v1" 'max_concurrency = 30000'
+  model_toml gpt-4o-mini mock
+  model_toml gpt-4o-mini-stream mock-stream
+  model_toml gpt-4o-mini-long mock-long
 }
 
 PG_DB="tollgate_bench_$$_$(date +%s)"
