@@ -231,7 +231,7 @@ fn default_body_read_timeout_ms() -> u64 {
     30_000
 }
 fn default_max_batch() -> usize {
-    512
+    4096
 }
 fn default_max_buffer() -> usize {
     100_000

@@ -160,6 +160,29 @@ async fn duplicate_email_is_its_own_error() {
     ));
 }
 
+/// The connection that commits batches has the large page cache; every connection copies the
+/// WAL back at 10,000 pages (BENCHMARKS item 50).
+#[tokio::test]
+async fn the_sqlite_writer_keeps_a_large_page_cache() {
+    let (store, _dir) = sqlite().await;
+    let pragma = |pool: &AnyPool, name: &'static str| {
+        let pool = pool.clone();
+        async move {
+            let row = sqlx::query(&format!("PRAGMA {name}"))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            row.try_get::<i64, _>(0).unwrap()
+        }
+    };
+    assert_eq!(pragma(&store.writer, "cache_size").await, -16384);
+    assert_eq!(pragma(&store.pool, "cache_size").await, -2000);
+    for pool in [&store.writer, &store.pool] {
+        assert_eq!(pragma(pool, "wal_autocheckpoint").await, 10_000);
+        assert_eq!(pragma(pool, "synchronous").await, 2, "FULL");
+    }
+}
+
 #[tokio::test]
 async fn an_in_memory_sqlite_database_is_refused() {
     for url in [
