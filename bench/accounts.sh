@@ -11,6 +11,12 @@
 # minutes), with the same shapes the gateway writes: a credit in the ledger for each balance,
 # keys stored as SHA-256 hex. Then wrk calls /v1/chat/completions, each request with the next
 # key, until every key has been used.
+#
+# Over the 60 s it also reports the store's side: SQLite's thread's CPU and the commit time a
+# record, records a batch, and the backlog left at the end (a store slower than the calls
+# shows as a backlog, then as 503s once it reaches `ledger.max_buffer`; BENCHMARKS item 50).
+# Knobs: BENCH_TOLLGATE (another build of the gateway; default: this checkout's, built),
+# BENCH_MAX_BATCH (the gateway's `ledger.max_batch`; default: the gateway's own default).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,8 +45,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-TOLLGATE=$ROOT/target/release/tollgate
+if [[ -z ${BENCH_TOLLGATE:-} ]]; then
+  cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+fi
+TOLLGATE=${BENCH_TOLLGATE:-$ROOT/target/release/tollgate}
 ADMIN=bench-admin-token-0123456789
 MOCK_PORT=21390
 GW_PORT=21391
@@ -55,6 +63,7 @@ admin_token = "$ADMIN"
 
 [ledger]
 journal_dir = "$TMP/journal"
+${BENCH_MAX_BATCH:+max_batch = $BENCH_MAX_BATCH}
 
 [accounts]
 idle_secs = 3600
@@ -167,14 +176,33 @@ REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 grep '^WRK last_error=' "$TMP/wrk.txt" >&2 || true
 
+# CPU ticks of the gateway's SQLite threads (sqlx names them `sqlx-sqlite-worker-N`).
+sqlite_ticks() {
+  local task sum=0
+  for task in /proc/"$GW_PID"/task/*; do
+    [[ $(cat "$task/comm") == sqlx-sqlite* ]] || continue
+    sum=$((sum + $(sed 's/.*) //' "$task/stat" | awk '{ print $12 + $13 }')))
+  done
+  echo "$sum"
+}
+
 # Then 60 s more of the same load: the RSS should stay where it is.
+T0=$(sqlite_ticks); B0=$(metric tollgate_ledger_batch_size_sum)
+BN0=$(metric tollgate_ledger_batch_size_count); C0=$(metric tollgate_ledger_commit_seconds_sum)
 log "60 s more load on the loaded accounts"
 wrk -t2 -c64 -d60s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk-more.txt"
 sleep 2
 LATER=$(rss_mb "$GW_PID")
+T1=$(sqlite_ticks); B1=$(metric tollgate_ledger_batch_size_sum)
+BN1=$(metric tollgate_ledger_batch_size_count); C1=$(metric tollgate_ledger_commit_seconds_sum)
+BACKLOG=$(metric tollgate_ledger_queue_depth)
+STORE=$(awk -v t=$((T1 - T0)) -v tck="$(getconf CLK_TCK)" -v r=$((B1 - B0)) -v n=$((BN1 - BN0)) \
+  -v c0="$C0" -v c1="$C1" 'BEGIN { if (r <= 0) r = 1; if (n <= 0) n = 1
+    printf "store_cpu_us_per_record=%.1f commit_us_per_record=%.1f records_per_batch=%.0f", \
+      t * 1e6 / tck / r, (c1 - c0) * 1e6 / r, r / n }')
 MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
 
-printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s\n' \
-  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER"
+printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s\n' \
+  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE" "$BACKLOG"
