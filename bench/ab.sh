@@ -162,24 +162,12 @@ threads() { # pid
   local task
   for task in /proc/"$1"/task/*; do
     printf '%s %s %s\n' "$(tr ' ' _ <"$task/comm")" \
-      "$(ticks "$task/stat")" \
+      "$(stat_ticks "$task/stat")" \
       "$(awk '/^voluntary_ctxt_switches/ { v = $2 } /^nonvoluntary_ctxt_switches/ { n = $2 } END { print v + 0, n + 0 }' "$task/status" 2>/dev/null || echo '0 0')"
   done | awk '{ u[$1] += $2; s[$1] += $3; v[$1] += $4; n[$1] += $5 }
     END { for (k in u) print k, u[k], s[k], v[k], n[k] }'
   # Threads that ended are counted in the process's own figures, not in any task's.
-  printf 'all %s\n' "$(ticks /proc/"$1"/stat)"
-}
-# "user system" ticks from a stat file (fields 14 and 15, counted after the name in brackets,
-# which may hold spaces).
-ticks() { sed 's/.*) //' "$1" 2>/dev/null | cut -d' ' -f12,13 || echo '0 0'; }
-# Postgres's CPU ticks, all its processes together (on --postgres; else 0).
-pg_ticks() {
-  [[ $BACKEND == postgres ]] || { echo 0; return; }
-  local pid sum=0 t
-  for pid in $(pgrep -u postgres postgres || true); do
-    t=$(ticks "/proc/$pid/stat") && [[ -n $t ]] && sum=$((sum + ${t% *} + ${t#* }))
-  done
-  echo "$sum"
+  printf 'all %s\n' "$(stat_ticks /proc/"$1"/stat)"
 }
 
 RAW=$TMP/raw.txt
@@ -189,10 +177,14 @@ echo "builds A=${BIN_A:-none} B=$BIN_B" >>"$RAW"
 
 run() { # pair target
   local t=$1 p=$2 before after out line
-  before=$(threads "${PID[$t]}"); local mock0 pg0; mock0=$(ticks /proc/"$MOCK_PID"/stat); pg0=$(pg_ticks)
+  # Postgres's processes as the run starts, counted again at its end (on --postgres).
+  local pg_pids="" pg0=0 pg1=0
+  [[ $BACKEND == postgres ]] && { pg_pids=$(postgres_pids); pg0=$(sum_ticks $pg_pids); }
+  before=$(threads "${PID[$t]}"); local mock0; mock0=$(stat_ticks /proc/"$MOCK_PID"/stat)
   out=$(TG_KEY=${KEY[$t]} wrk -t2 -c"$CONNS" -d"${SECS}s" -s "$ROOT/bench/chat.lua" \
     "${URL[$t]}/v1/chat/completions") || die "wrk failed against $t: $out"
-  after=$(threads "${PID[$t]}"); local mock1 pg1; mock1=$(ticks /proc/"$MOCK_PID"/stat); pg1=$(pg_ticks)
+  after=$(threads "${PID[$t]}"); local mock1; mock1=$(stat_ticks /proc/"$MOCK_PID"/stat)
+  [[ -n $pg_pids ]] && pg1=$(sum_ticks $pg_pids)
   line=$(grep '^WRK ' <<<"$out") || die "no WRK line from wrk against $t: $out"
   grep -q ' non2xx=0 sock_connect=0 sock_read=0 sock_write=0 sock_timeout=0' <<<"$line" \
     || die "errors against $t: $line"

@@ -178,10 +178,11 @@ grep '^WRK last_error=' "$TMP/wrk.txt" >&2 || true
 
 # CPU ticks of the gateway's SQLite threads (sqlx names them `sqlx-sqlite-worker-N`).
 sqlite_ticks() {
-  local task sum=0
+  local task sum=0 t
   for task in /proc/"$GW_PID"/task/*; do
     [[ $(cat "$task/comm") == sqlx-sqlite* ]] || continue
-    sum=$((sum + $(sed 's/.*) //' "$task/stat" | awk '{ print $12 + $13 }')))
+    t=$(stat_ticks "$task/stat")
+    sum=$((sum + ${t% *} + ${t#* }))
   done
   echo "$sum"
 }

@@ -49,3 +49,28 @@ model_toml() { # id provider
   printf '\n[[models]]\nid = "%s"\nprovider = "%s"\nupstream_model = "gpt-4o-mini"\n' "$1" "$2"
   printf 'input_per_mtok = "0.15"\noutput_per_mtok = "0.60"\nmax_output_tokens = 4096\n'
 }
+
+# "user system": the CPU ticks in a /proc stat file (fields 14 and 15, counted after the name
+# in brackets, which may hold spaces); "0 0" for a process or thread that is gone.
+stat_ticks() { # stat-file
+  local fields
+  fields=$(sed 's/.*) //' "$1" 2>/dev/null | cut -d' ' -f12,13) || true
+  echo "${fields:-0 0}"
+}
+
+# A process's CPU ticks, user and system together (0 for one that is gone).
+cpu_ticks() { # pid
+  local t
+  t=$(stat_ticks "/proc/$1/stat")
+  echo $((${t% *} + ${t#* }))
+}
+
+# The CPU ticks of the listed processes together.
+sum_ticks() { # pid…
+  local s=0 p
+  for p in "$@"; do s=$((s + $(cpu_ticks "$p"))); done
+  echo "$s"
+}
+
+# Postgres's processes now, for `sum_ticks` before and after a run.
+postgres_pids() { pgrep -u postgres -d ' ' postgres || true; }

@@ -472,7 +472,6 @@ wait_port() { # port pid name
 
 machine_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 + $9, $5 + $6 }' /proc/stat; }
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 CLK_TCK=$(getconf CLK_TCK)
 
 # A held stream costs the gateway two descriptors (client and upstream sockets). Raise the
@@ -684,8 +683,6 @@ done
 # ---------------------------------------------------------------------------------------------
 # 3. wrk: latency at concurrency 1, then throughput, in interleaved rounds
 # ---------------------------------------------------------------------------------------------
-PG_PIDS() { pgrep -u postgres -d ' ' postgres || true; }
-sum_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(cpu_ticks "$p"))); done; echo "$s"; }
 
 # The gateway's own account of a run, from /metrics: ledger commits, records, commit time,
 # time from request start to upstream response headers, request time (sums and counts).
@@ -706,7 +703,7 @@ run_wrk() { # kind round target -- wrk args…   (appends one line to $RAW)
   local kind=$1 round=$2 t=$3; shift 4
   local pid=${PID[$t]} rssfile="$TMP/rss.$kind.$round.$t" stop="$TMP/stop.$$"
   local pg_pids="" pg0=0 pg1
-  [[ $t == tollgate-postgres ]] && { pg_pids=$(PG_PIDS); pg0=$(sum_ticks $pg_pids); }
+  [[ $t == tollgate-postgres ]] && { pg_pids=$(postgres_pids); pg0=$(sum_ticks $pg_pids); }
   local g0="0 0 0 0 0 none" g1="0 0 0 0 0 none"
   [[ $t == tollgate-* ]] && g0=$(gw_metrics "$t")
   local c0 m0; c0=$(cpu_ticks "$pid"); m0=$(cpu_ticks "$MOCK_PID")
