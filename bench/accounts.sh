@@ -5,15 +5,16 @@
 # account actors are live; then the RSS after 60 s more of the same load. See BENCHMARKS.md,
 # "Active accounts".
 #
-#   bench/accounts.sh [--accounts N]
+#   bench/accounts.sh [--accounts N] [--postgres]
 #
-# Accounts are seeded straight into the SQLite store (through the admin API they would take
+# The store is SQLite, or with --postgres a fresh database at 127.0.0.1:5432 (user postgres,
+# dropped at exit). Accounts are seeded straight into it (through the admin API they would take
 # minutes), with the same shapes the gateway writes: a credit in the ledger for each balance,
 # keys stored as SHA-256 hex. Then wrk calls /v1/chat/completions, each request with the next
 # key, until every key has been used.
 #
-# Over the 60 s it also reports the store's side: SQLite's thread's CPU and the commit time a
-# record, records a batch, and the backlog left at the end (a store slower than the calls
+# Over the 60 s it also reports the store's side: the store's CPU a record (SQLite's threads
+# in the gateway, or all of Postgres's processes), the commit time a record, records a batch, and the backlog left at the end (a store slower than the calls
 # shows as a backlog, then as 503s once it reaches `ledger.max_buffer`; BENCHMARKS item 50).
 # Knobs: BENCH_TOLLGATE (another build of the gateway; default: this checkout's, built),
 # BENCH_MAX_BATCH (the gateway's `ledger.max_batch`; default: the gateway's own default).
@@ -21,10 +22,12 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=100000
+STORE=sqlite
 while (($#)); do
   case $1 in
     --accounts) N=$2; shift 2 ;;
-    *) echo "usage: bench/accounts.sh [--accounts N]" >&2; exit 2 ;;
+    --postgres) STORE=postgres; shift ;;
+    *) echo "usage: bench/accounts.sh [--accounts N] [--postgres]" >&2; exit 2 ;;
   esac
 done
 
@@ -32,18 +35,35 @@ log() { printf '[accounts %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-for tool in wrk curl jq sqlite3 python3; do
+CLIENT=sqlite3
+[[ $STORE == postgres ]] && CLIENT=psql
+for tool in wrk curl jq python3 "$CLIENT"; do
   command -v "$tool" >/dev/null || die "$tool is required (bench/run.sh installs it)"
 done
+PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
 TMP=$(mktemp -d)
 PIDS=()
+PG_DB=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [[ -n $PG_DB ]]; then
+    "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
+
+if [[ $STORE == postgres ]]; then
+  "${PSQL[@]}" -Atc 'select 1' >/dev/null \
+    || die "PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, trust auth)"
+  PG_DB="tollgate_accounts_$$_$(date +%s)"
+  "${PSQL[@]}" -c "CREATE DATABASE $PG_DB" >/dev/null
+  DATABASE="postgres://postgres@127.0.0.1:5432/$PG_DB"
+else
+  DATABASE="sqlite://$TMP/tollgate.db"
+fi
 
 if [[ -z ${BENCH_TOLLGATE:-} ]]; then
   cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
@@ -58,7 +78,7 @@ PIDS+=($!)
 
 cat >"$TMP/gw.toml" <<EOF
 listen = "127.0.0.1:$GW_PORT"
-database_url = "sqlite://$TMP/tollgate.db"
+database_url = "$DATABASE"
 admin_token = "$ADMIN"
 
 [ledger]
@@ -110,7 +130,12 @@ with open(f"{tmp}/seed.sql", "w") as sql, open(f"{tmp}/keys.txt", "w") as keys:
         keys.write(key + "\n")
     sql.write("COMMIT;\n")
 EOF
-sqlite3 "$TMP/tollgate.db" <"$TMP/seed.sql"
+if [[ $STORE == postgres ]]; then
+  "${PSQL[@]}" -d "$PG_DB" -f "$TMP/seed.sql" >/dev/null
+  "${PSQL[@]}" -d "$PG_DB" -c 'ANALYZE' >/dev/null
+else
+  sqlite3 "$TMP/tollgate.db" <"$TMP/seed.sql"
+fi
 
 cat >"$TMP/keys.lua" <<EOF
 local keys = {}
@@ -176,8 +201,16 @@ REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk.txt")
 grep '^WRK last_error=' "$TMP/wrk.txt" >&2 || true
 
-# CPU ticks of the gateway's SQLite threads (sqlx names them `sqlx-sqlite-worker-N`).
-sqlite_ticks() {
+# CPU ticks of the store: the gateway's SQLite threads (sqlx names them
+# `sqlx-sqlite-worker-N`), or Postgres's processes as they were when the 60 s began.
+PG_PIDS=""
+[[ $STORE == postgres ]] && PG_PIDS=$(postgres_pids)
+store_ticks() {
+  if [[ $STORE == postgres ]]; then
+    # shellcheck disable=SC2086
+    sum_ticks $PG_PIDS
+    return
+  fi
   local task sum=0 t
   for task in /proc/"$GW_PID"/task/*; do
     [[ $(cat "$task/comm") == sqlx-sqlite* ]] || continue
@@ -188,16 +221,16 @@ sqlite_ticks() {
 }
 
 # Then 60 s more of the same load: the RSS should stay where it is.
-T0=$(sqlite_ticks); B0=$(metric tollgate_ledger_batch_size_sum)
+T0=$(store_ticks); B0=$(metric tollgate_ledger_batch_size_sum)
 BN0=$(metric tollgate_ledger_batch_size_count); C0=$(metric tollgate_ledger_commit_seconds_sum)
 log "60 s more load on the loaded accounts"
 wrk -t2 -c64 -d60s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk-more.txt"
 sleep 2
 LATER=$(rss_mb "$GW_PID")
-T1=$(sqlite_ticks); B1=$(metric tollgate_ledger_batch_size_sum)
+T1=$(store_ticks); B1=$(metric tollgate_ledger_batch_size_sum)
 BN1=$(metric tollgate_ledger_batch_size_count); C1=$(metric tollgate_ledger_commit_seconds_sum)
 BACKLOG=$(metric tollgate_ledger_queue_depth)
-STORE=$(awk -v t=$((T1 - T0)) -v tck="$(getconf CLK_TCK)" -v r=$((B1 - B0)) -v n=$((BN1 - BN0)) \
+STORE_SIDE=$(awk -v t=$((T1 - T0)) -v tck="$(getconf CLK_TCK)" -v r=$((B1 - B0)) -v n=$((BN1 - BN0)) \
   -v c0="$C0" -v c1="$C1" 'BEGIN { if (r <= 0) r = 1; if (n <= 0) n = 1
     printf "store_cpu_us_per_record=%.1f commit_us_per_record=%.1f records_per_batch=%.0f", \
       t * 1e6 / tck / r, (c1 - c0) * 1e6 / r, r / n }')
@@ -205,5 +238,5 @@ MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
 
-printf 'accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s\n' \
-  "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE" "$BACKLOG"
+printf 'store=%s accounts=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s\n' \
+  "$STORE" "$N" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG"

@@ -53,12 +53,10 @@ async fn exact_billing_non_streamed(backend: Backend) {
     assert_eq!(usage[0]["status"], 200);
     assert_eq!(usage[0]["usage_source"], "upstream");
 
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
+    let l = h.ledger(&account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance, "balance = credits - charges");
     assert_eq!(l.charges, expected.nanos());
-    pool.close().await;
     h.stop().await;
 }
 both_stores!(exact_billing_non_streamed);
@@ -157,11 +155,9 @@ async fn exact_billing_streamed(backend: Backend) {
     let usage_chunk: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 16);
 
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
+    let l = h.ledger(&account).await;
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charge_count, 2);
-    pool.close().await;
     h.stop().await;
 }
 both_stores!(exact_billing_streamed);

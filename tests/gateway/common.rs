@@ -308,6 +308,25 @@ impl Harness {
             .bearer_auth(ADMIN)
     }
 
+    /// What the store says about an account once every answered charge is in it.
+    pub async fn ledger(&self, account: &str) -> Ledger {
+        let pool = self.pool().await;
+        let l = ledger(&pool, account).await;
+        pool.close().await;
+        l
+    }
+
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.admin(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn account(&self, email: &str) -> String {
         let r = self
             .admin(reqwest::Method::POST, "/admin/accounts")
@@ -440,11 +459,9 @@ impl Harness {
             self.balance(account).await,
             Amount(1_000_000_000 - cost.nanos())
         );
-        let pool = self.pool().await;
-        let l = ledger(&pool, account).await;
+        let l = self.ledger(account).await;
         assert_eq!(l.ledger_sum, l.balance);
         assert_eq!(l.charges, cost.nanos());
-        pool.close().await;
     }
 }
 

@@ -66,13 +66,11 @@ async fn concurrent_requests_never_overdraw(backend: Backend) {
     );
     assert!(usage.iter().all(|u| u["uncollected"] == "0"));
 
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
+    let l = h.ledger(&account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charges, billed);
     assert_eq!(l.charge_count as usize, ok);
-    pool.close().await;
     h.stop().await;
 }
 both_stores!(concurrent_requests_never_overdraw);

@@ -154,14 +154,7 @@ async fn connections_beyond_the_limit_are_closed_at_once() {
     }
     healthz_ok(&h).await;
 
-    let text = h
-        .admin(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics_text().await;
     let refused = metric(&text, "tollgate_http_connections_refused_total").unwrap_or(0.0);
     assert!(refused >= 1.0, "refused counter in:\n{text}");
     assert!(

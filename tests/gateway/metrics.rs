@@ -44,14 +44,7 @@ async fn metrics_cover_actors_ledger_http_and_billing() {
         .await
         .unwrap();
     assert_eq!(unauthorized.status(), 401);
-    let text = h
-        .admin(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics_text().await;
     for needle in [
         "tollgate_actors_live{kind=\"account\"}",
         "tollgate_actors_live{kind=\"ledger\"}",

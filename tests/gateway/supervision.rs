@@ -68,11 +68,9 @@ async fn killed_account_actor_restarts_with_balance_intact(backend: Backend) {
         Amount(before.nanos() - cost.nanos())
     );
 
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
+    let l = h.ledger(&account).await;
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charge_count, 6);
-    pool.close().await;
     h.stop().await;
 }
 both_stores!(killed_account_actor_restarts_with_balance_intact);
@@ -136,12 +134,10 @@ async fn kills_mid_traffic_lose_no_charge(backend: Backend) {
         .filter(|u| u["cost"] != usage[0]["cost"])
         .collect();
     assert_eq!(10_000_000_000 - after.nanos(), billed, "odd usage: {odd:?}");
-    let pool = h.pool().await;
-    let l = ledger(&pool, &account).await;
+    let l = h.ledger(&account).await;
     assert_eq!(l.balance, after.nanos());
     assert_eq!(l.ledger_sum, l.balance);
     assert_eq!(l.charge_count as usize, ok);
-    pool.close().await;
     h.stop().await;
 }
 both_stores!(kills_mid_traffic_lose_no_charge);
