@@ -1945,17 +1945,22 @@ mod properties {
                     .into_iter()
                     .zip([model, messages, stream, max_tokens, mct, n, so])
                 {
-                    match v {
-                        Some(v) => {
-                            m.insert(k.to_owned(), v);
-                        }
-                        None => {
-                            m.remove(k);
-                        }
-                    }
+                    set_or_remove(&mut m, k, v);
                 }
                 Value::Object(m)
             })
+    }
+
+    /// `field` set to `value`, or taken out when there is none.
+    fn set_or_remove(m: &mut Map<String, Value>, field: &str, value: Option<Value>) {
+        match value {
+            Some(v) => {
+                m.insert(field.to_owned(), v);
+            }
+            None => {
+                m.remove(field);
+            }
+        }
     }
 
     fn object() -> impl Strategy<Value = Value> {
@@ -2017,14 +2022,7 @@ mod properties {
         );
         (valid_chat(), prop::collection::vec(change, 0..3)).prop_map(|(mut m, changes)| {
             for (k, v) in changes {
-                match v {
-                    Some(v) => {
-                        m.insert(k.to_owned(), v);
-                    }
-                    None => {
-                        m.remove(k);
-                    }
-                }
+                set_or_remove(&mut m, k, v);
             }
             Value::Object(m)
         })
