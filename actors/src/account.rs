@@ -14,6 +14,7 @@ use crate::metered::Mailbox;
 use crate::money::{Amount, Price};
 use crate::slot::Slot;
 use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store};
+use crate::RequestId;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +23,7 @@ use std::time::{Duration, Instant};
 /// What a request asks to hold before it goes upstream.
 #[derive(Clone, Debug)]
 pub struct ReserveRequest {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub key: Option<KeyLimit>,
     pub price: Price,
     /// An upper bound of the prompt's tokens.
@@ -40,7 +41,7 @@ pub struct KeyLimit {
 /// Money held for one request until it settles or is released.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reservation {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub amount: Amount,
     /// The max output tokens to send upstream: the request's own, or lower if that is all the
     /// balance (or the key's cap) can pay for.
@@ -52,7 +53,7 @@ pub struct Reservation {
 /// writes it down with what the settlement charged.
 #[derive(Clone, Debug)]
 pub struct SettleRequest {
-    pub request_id: String,
+    pub request_id: RequestId,
     pub key_id: Option<String>,
     pub cost: Amount,
 }
@@ -91,7 +92,7 @@ pub enum AccountMsg {
     ),
     // Not boxed: no larger than `Credit`.
     Settle(SettleRequest, RpcReplyPort<Settled>),
-    Release(String),
+    Release(RequestId),
     Credit(
         CreditRequest,
         RpcReplyPort<Result<BalanceView, BillingError>>,
@@ -116,11 +117,11 @@ pub struct ReservationBook {
 
 #[derive(Debug, Default)]
 struct BookInner {
-    holds: IdMap<Hold>,
+    holds: RequestMap<Hold>,
     total: i64,
     per_key: IdMap<i64>,
     /// Charges applied in memory whose commit nobody has confirmed yet: request id -> charge.
-    settling: IdMap<Charge>,
+    settling: RequestMap<Charge>,
 }
 
 #[derive(Clone, Debug)]
@@ -168,21 +169,24 @@ impl ReservationBook {
 /// An idle account's book holds no table memory: a map that empties gives its table back
 /// (the next request allocates a small one again). A few hundred bytes an account, which
 /// counts at 100,000 live accounts (BENCHMARKS.md, "Active accounts").
-fn release_if_empty<V>(map: &mut IdMap<V>) {
+fn release_if_empty<K, V>(map: &mut HashMap<K, V, crate::IdHasher>) {
     if map.is_empty() && map.capacity() > 0 {
-        *map = IdMap::default();
+        *map = HashMap::default();
     }
 }
 
-/// A map keyed by request, key or account ids.
+/// A map keyed by key or account ids.
 type IdMap<V> = HashMap<String, V, crate::IdHasher>;
+
+/// A map keyed by request ids: the key is the call's own id, shared, not a copy.
+type RequestMap<V> = HashMap<RequestId, V, crate::IdHasher>;
 
 impl BookInner {
     fn key_reserved(&self, key_id: &str) -> i64 {
         self.per_key.get(key_id).copied().unwrap_or(0)
     }
 
-    fn hold(&mut self, request_id: String, hold: Hold) {
+    fn hold(&mut self, request_id: RequestId, hold: Hold) {
         self.total += hold.amount;
         if let Some(k) = &hold.key_id {
             *self.per_key.entry(k.clone()).or_default() += hold.amount;
@@ -266,7 +270,7 @@ impl Actor for AccountActor {
         // journaled: which of them the store has. Asked before the balance is read, so that a
         // shipment landing between the two reads can only make the balance lower (a charge
         // counted twice until the next load), never higher.
-        let unconfirmed: Vec<(String, Charge)> = args
+        let unconfirmed: Vec<(RequestId, Charge)> = args
             .book
             .lock()
             .settling
@@ -276,7 +280,7 @@ impl Actor for AccountActor {
         let durable = if unconfirmed.is_empty() {
             Default::default()
         } else {
-            let ids: Vec<String> = unconfirmed.iter().map(|(id, _)| id.clone()).collect();
+            let ids: Vec<RequestId> = unconfirmed.iter().map(|(id, _)| id.clone()).collect();
             args.store.committed_calls(&ids).await?
         };
         let snapshot = args
@@ -293,7 +297,7 @@ impl Actor for AccountActor {
         // The rest are on their way to the store: count them now, as the store will.
         let mut book = args.book.lock();
         for (id, charge) in unconfirmed {
-            if durable.contains(&id) {
+            if durable.contains(&*id) {
                 book.settling.remove(&id);
             } else {
                 balance -= charge.amount;

@@ -144,9 +144,9 @@ impl Billing {
 
     /// Returns an unused reservation. Fire-and-forget: a lost release is recovered when the
     /// actor restarts, since reservations that nobody settles are dropped with the book.
-    pub fn release(&self, account_id: &str, request_id: &str) {
+    pub fn release(&self, account_id: &str, request_id: &crate::RequestId) {
         if let Some(actor) = self.live.get(account_id) {
-            let _ = actor.tell(AccountMsg::Release(request_id.to_owned()));
+            let _ = actor.tell(AccountMsg::Release(request_id.clone()));
         }
     }
 

@@ -149,7 +149,7 @@ pub struct LedgerEntry {
 /// `request_id` is unique: writing the same call twice is a no-op.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct UsageRecord {
-    pub request_id: String,
+    pub request_id: crate::RequestId,
     pub account_id: String,
     pub key_id: Option<String>,
     pub model: String,
@@ -505,7 +505,7 @@ impl Store {
         let mut calls: Vec<&UsageRecord> = Vec::with_capacity(records.len());
         for record in records {
             match record {
-                Record::Call(u) if call_ids.insert(u.request_id.as_str()) => calls.push(u),
+                Record::Call(u) if call_ids.insert(&*u.request_id) => calls.push(u),
                 Record::Entry(e) if entry_ids.insert(e.entry_id.as_str()) => entries.push(e),
                 _ => {}
             }
@@ -583,7 +583,7 @@ impl Store {
             calls
                 .iter()
                 .copied()
-                .filter(|u| inserted_calls.contains(&u.request_id)),
+                .filter(|u| inserted_calls.contains(&*u.request_id)),
         );
         if !account_delta.is_empty() {
             sqlx::query(sql.add_to_balances)
@@ -635,7 +635,7 @@ impl Store {
             return Ok(false);
         }
         let inserted = execute_values(&mut tx, &SQLITE_INSERT_USAGE, calls, |q, u| {
-            q.bind(u.request_id.as_str())
+            q.bind(&*u.request_id)
                 .bind(u.account_id.as_str())
                 .bind(u.key_id.as_deref())
                 .bind(u.model.as_str())
@@ -670,7 +670,10 @@ impl Store {
     }
 
     /// Which of these calls (by request id) are committed.
-    pub async fn committed_calls(&self, request_ids: &[String]) -> Result<KeySet, StoreError> {
+    pub async fn committed_calls(
+        &self,
+        request_ids: &[crate::RequestId],
+    ) -> Result<KeySet, StoreError> {
         if request_ids.is_empty() {
             return Ok(Default::default());
         }
@@ -696,7 +699,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 Ok(UsageRecord {
-                    request_id: r.try_get("request_id")?,
+                    request_id: r.try_get::<String, _>("request_id")?.into(),
                     account_id: r.try_get("account_id")?,
                     key_id: r.try_get("key_id")?,
                     model: r.try_get("model")?,

@@ -6,7 +6,7 @@ use crate::store::{EntryKind, LedgerEntry, UsageRecord, UsageSource};
 
 fn usage(id: &str) -> UsageRecord {
     UsageRecord {
-        request_id: id.to_owned(),
+        request_id: id.into(),
         account_id: "acct".to_owned(),
         key_id: Some("key".to_owned()),
         model: "gpt-4o-mini".to_owned(),
@@ -45,7 +45,7 @@ fn ids(replayed: &[Replayed]) -> Vec<String> {
     replayed
         .iter()
         .map(|r| match &r.record {
-            Record::Call(u) => u.request_id.clone(),
+            Record::Call(u) => u.request_id.to_string(),
             Record::Entry(e) => e.entry_id.clone(),
         })
         .collect()
@@ -290,7 +290,7 @@ fn a_line_is_serde_json_text_exactly() {
             created_at: [i64::MIN, i64::MAX, 0, -1, 1_700_000_000_000, 42][i],
         }));
         records.push(Record::Call(UsageRecord {
-            request_id: text.clone(),
+            request_id: text.as_str().into(),
             account_id: text.clone(),
             key_id: (i % 2 == 1).then(|| text.clone()),
             model: text.clone(),

@@ -71,7 +71,7 @@ async fn drop_postgres(store: Store, name: String) {
 /// A call of `account`'s that cost `nanos`.
 pub(crate) fn call(id: &str, account: &str, nanos: i64) -> UsageRecord {
     UsageRecord {
-        request_id: id.to_owned(),
+        request_id: id.into(),
         account_id: account.to_owned(),
         key_id: None,
         model: "m".to_owned(),
@@ -144,7 +144,7 @@ async fn an_entry_counts_once(store: &Store) {
     );
     // Calls only: `c1` is an entry.
     let found = store
-        .committed_calls(&["r1".to_owned(), "r3".to_owned(), "c1".to_owned()])
+        .committed_calls(&["r1".into(), "r3".into(), "c1".into()])
         .await
         .unwrap();
     assert_eq!(found, ["r1".to_owned()].into_iter().collect());
@@ -277,7 +277,7 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         })
     };
     let usage = UsageRecord {
-        request_id: "req-1".to_owned(),
+        request_id: "req-1".into(),
         account_id: "a".to_owned(),
         key_id: Some("k1".to_owned()),
         model: "gpt-4o-mini".to_owned(),
@@ -294,7 +294,7 @@ async fn a_batch_round_trips_exactly(store: &Store) {
         created_at: 1_700_000_000_456,
     };
     let failed = UsageRecord {
-        request_id: "req-2".to_owned(),
+        request_id: "req-2".into(),
         account_id: "b".to_owned(),
         key_id: None,
         status: 502,
