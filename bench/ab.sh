@@ -89,20 +89,7 @@ done
 TMP=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
 PIDS=()
 PG_DBS=()
-cleanup() {
-  local status=$?
-  set +e
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
-  for db in "${PG_DBS[@]}"; do
-    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
-  done
-  if [[ "${BENCH_KEEP_TMP:-0}" == 1 || $status -ne 0 ]]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap_cleanup
 
 spawn() { # name command… → LAST_PID
   local name=$1; shift
@@ -125,9 +112,7 @@ ADMIN=ab-admin-token
 for g in "${GATEWAYS[@]}"; do
   alloc_port port
   if [[ $BACKEND == postgres ]]; then
-    db="tollgate_ab_$$_${g,,}"
-    psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $db" >/dev/null
-    PG_DBS+=("$db")
+    new_pg_db db "tollgate_ab_${g,,}"
     url="postgres://postgres@127.0.0.1:5432/$db"
   else
     url="sqlite://$TMP/store-$g.db"

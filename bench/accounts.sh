@@ -42,24 +42,15 @@ for tool in wrk curl jq python3 "$CLIENT"; do
 done
 PSQL=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -q)
 
-TMP=$(mktemp -d)
+TMP=$(mktemp -d /tmp/tollgate-accounts.XXXXXX)
 PIDS=()
-PG_DB=""
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [[ -n $PG_DB ]]; then
-    "${PSQL[@]}" -c "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1 || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+PG_DBS=()
+trap_cleanup
 
 if [[ $STORE == postgres ]]; then
   "${PSQL[@]}" -Atc 'select 1' >/dev/null \
     || die "PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, trust auth)"
-  PG_DB="tollgate_accounts_$$_$(date +%s)"
-  "${PSQL[@]}" -c "CREATE DATABASE $PG_DB" >/dev/null
+  new_pg_db PG_DB tollgate_accounts
   DATABASE="postgres://postgres@127.0.0.1:5432/$PG_DB"
 else
   DATABASE="sqlite://$TMP/tollgate.db"

@@ -87,20 +87,8 @@ mkdir -p "$OUT"
 rm -f "$OUT"/*.out.*
 TMP=$(mktemp -d /tmp/tollgate-callgrind.XXXXXX)
 PIDS=()
-cleanup() {
-  local status=$?
-  set +e
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
-  if [[ -n ${PG_DB:-} ]]; then
-    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1
-  fi
-  if [[ "${BENCH_KEEP_TMP:-0}" == 1 || $status -ne 0 ]]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+PG_DBS=()
+trap_cleanup
 
 NEXT_PORT=21700
 alloc_port MOCK_PORT; alloc_port GW_PORT; alloc_port BARE_PORT
@@ -168,9 +156,7 @@ measure() { # pid port key → dump file of the N calls
 PIDS+=("$!")
 
 if [[ $BACKEND == postgres ]]; then
-  PG_DB="tollgate_callgrind_$$"
-  psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB" >/dev/null \
-    || die "Postgres at 127.0.0.1:5432 (user postgres) is needed for --postgres"
+  new_pg_db PG_DB tollgate_callgrind
   DATABASE_URL_FOR_GW="postgres://postgres@127.0.0.1:5432/$PG_DB"
   count_records() { psql -h 127.0.0.1 -U postgres -d "$PG_DB" -Atc 'select count(*) from usage_records'; }
 else

@@ -74,3 +74,39 @@ sum_ticks() { # pid…
 
 # Postgres's processes now, for `sum_ticks` before and after a run.
 postgres_pids() { pgrep -u postgres -d ' ' postgres || true; }
+
+# A fresh Postgres database at 127.0.0.1:5432 (user postgres), dropped at exit by
+# `bench_cleanup`; its name into the named var.
+new_pg_db() { # var name-prefix
+  local name="$2_$$_$(date +%s)_${#PG_DBS[@]}"
+  PG_DBS+=("$name")
+  psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $name" >/dev/null \
+    || die "could not create database $name (Postgres at 127.0.0.1:5432, user postgres)"
+  printf -v "$1" '%s' "$name"
+}
+
+# Every script's exit: stops the processes in PIDS (TERM, then KILL after 10 s), drops the
+# databases in PG_DBS, and removes TMP unless BENCH_KEEP_TMP=1 or the script failed.
+bench_cleanup() {
+  local status=$? pid db
+  set +e
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+  for db in "${PG_DBS[@]}"; do
+    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1
+  done
+  if [[ ${BENCH_KEEP_TMP:-0} == 1 || $status -ne 0 ]]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
+  exit "$status"
+}
+
+# Installs `bench_cleanup`; the script has set TMP, PIDS=() and PG_DBS=() first.
+trap_cleanup() {
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+}

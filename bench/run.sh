@@ -418,30 +418,8 @@ pg_isready -h 127.0.0.1 -p 5432 -U postgres -q 2>/dev/null \
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 TMP=$(mktemp -d /tmp/tollgate-bench.XXXXXX)
 PIDS=()
-PG_DB=""
-cleanup() {
-  local status=$?
-  set +e
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-  done
-  if [[ -n $PG_DB ]]; then
-    psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $PG_DB WITH (FORCE)" >/dev/null 2>&1
-  fi
-  if [[ "${BENCH_KEEP_TMP:-0}" == 1 || $status -ne 0 ]]; then
-    log "temp dir kept: $TMP"
-  else
-    rm -rf "$TMP"
-  fi
-  exit "$status"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+PG_DBS=()
+trap_cleanup
 
 # A background helper that has been waited for leaves the list, so that cleanup never signals a
 # recycled pid.
@@ -590,8 +568,7 @@ EOF
   model_toml gpt-4o-mini-long mock-long
 }
 
-PG_DB="tollgate_bench_$$_$(date +%s)"
-psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qc "CREATE DATABASE $PG_DB" >/dev/null
+new_pg_db PG_DB tollgate_bench
 SQLITE_FILE=$TMP/tollgate.db
 gateway_config "sqlite://$SQLITE_FILE" "$GW_SQLITE_PORT" >"$TMP/gw-sqlite.toml"
 gateway_config "postgres://postgres@127.0.0.1:5432/$PG_DB" "$GW_PG_PORT" >"$TMP/gw-postgres.toml"

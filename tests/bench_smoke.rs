@@ -10,7 +10,7 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
 
 /// Held by each test while its script runs: the two would otherwise share the machine's two
@@ -22,8 +22,15 @@ fn tollgate() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
 }
 
-/// Runs one of the bench scripts with `--smoke` and `args` against the debug build's binaries.
-fn bench_script(script: &str, args: &[&OsStr], envs: &[(&str, &Path)]) -> Output {
+/// Runs one of the bench scripts with `--smoke` and `args` against the debug build's binaries,
+/// and returns the results file it wrote to `out`; `None` if the machine lacks something the
+/// script needs (it exits with 3 and says what), which fails the test under `CI=true`.
+fn bench_script(
+    script: &str,
+    args: &[&OsStr],
+    envs: &[(&str, &Path)],
+    out: &Path,
+) -> Option<String> {
     // `cargo test` builds the examples beside the binary, where the scripts find them.
     let bin_dir = tollgate().parent().unwrap().to_path_buf();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -40,7 +47,18 @@ fn bench_script(script: &str, args: &[&OsStr], envs: &[(&str, &Path)]) -> Output
     for (name, value) in envs {
         command.env(name, value);
     }
-    command.output().expect("run a bench script")
+    let run = command.output().expect("run a bench script");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    if run.status.code() == Some(3) {
+        unavailable(stderr.lines().last().unwrap_or_default());
+        return None;
+    }
+    assert!(
+        run.status.success(),
+        "{script} --smoke failed ({}):\n{stderr}",
+        run.status
+    );
+    Some(std::fs::read_to_string(out).expect("the results file"))
 }
 
 /// Skipped, saying why, where the machine lacks something, except under `CI=true`, where it
@@ -57,18 +75,9 @@ fn unavailable(why: &str) {
 fn the_benchmark_harness_runs_every_part_and_loses_no_charge() {
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("smoke.txt");
-    let run = bench_script("bench/run.sh", &[], &[("BENCH_OUT", &out)]);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    // 3: a tool or a binary this machine lacks (the harness says which, and how to get it).
-    if run.status.code() == Some(3) {
-        return unavailable(stderr.lines().last().unwrap_or_default());
-    }
-    assert!(
-        run.status.success(),
-        "bench/run.sh --smoke failed ({}):\n{stderr}",
-        run.status
-    );
-    let results = std::fs::read_to_string(&out).expect("the results file");
+    let Some(results) = bench_script("bench/run.sh", &[], &[("BENCH_OUT", &out)], &out) else {
+        return;
+    };
 
     // Every part ran and wrote its raw lines.
     for kind in ["lat", "paced", "thr", "big", "stream", "held", "durable"] {
@@ -116,21 +125,14 @@ fn the_ab_script_measures_both_builds_and_hyper_bare() {
     let out = out_dir.path().join("ab.txt");
     // The same binary as A and B: the script cannot tell, and need not.
     let tollgate = tollgate();
-    let run = bench_script(
+    let Some(results) = bench_script(
         "bench/ab.sh",
         &["--out".as_ref(), out.as_os_str(), tollgate.as_os_str()],
         &[],
-    );
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    if run.status.code() == Some(3) {
-        return unavailable(stderr.lines().last().unwrap_or_default());
-    }
-    assert!(
-        run.status.success(),
-        "bench/ab.sh --smoke failed ({}):\n{stderr}",
-        run.status
-    );
-    let results = std::fs::read_to_string(&out).expect("the results file");
+        &out,
+    ) else {
+        return;
+    };
     // One run of each target, with its CPU split by thread, and the comparison.
     for target in ["bare", "A", "B"] {
         let line = results
