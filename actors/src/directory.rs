@@ -2,9 +2,14 @@
 //!
 //! It starts an account's actor on first use, restarts one that fails (with backoff, up to the
 //! restart intensity; beyond it the directory fails and its own supervisor takes over), and
-//! forgets one that passivated. It alone spawns account actors, so there is never more than
-//! one live actor per account. Requests find live actors in a shared map without a message;
-//! only a miss comes here.
+//! forgets one that passivated. It alone decides to start an account actor, and starts at most
+//! one at a time for an account, so there is never more than one live actor per account.
+//! Requests find live actors in a shared map without a message; only a miss comes here.
+//!
+//! A start reads the account from the store (a round trip or three), so it runs in a task of
+//! its own and reports back with [`DirectoryMsg::Started`]: the directory goes on serving
+//! other accounts meanwhile, and requests for the account being started wait for that one
+//! start. Started one after another, 100,000 accounts took a minute to load on Postgres.
 
 use crate::account::{
     AccountActor, AccountArgs, AccountMsg, NoSuchAccount, ReservationBook, PASSIVATED,
@@ -29,12 +34,13 @@ pub type LiveAccounts = Arc<DashMap<String, ActorRef<AccountMsg>, crate::IdHashe
 /// Reservation books outlive both account actors and the directory itself.
 pub type Books = Arc<DashMap<String, Arc<ReservationBook>, crate::IdHasher>>;
 
+type GetReply = RpcReplyPort<Result<ActorRef<AccountMsg>, BillingError>>;
+
 pub enum DirectoryMsg {
-    Get(
-        String,
-        RpcReplyPort<Result<ActorRef<AccountMsg>, BillingError>>,
-    ),
+    Get(String, GetReply),
     Restart(String),
+    /// A start this directory began has finished, one way or the other.
+    Started(String, Result<ActorRef<AccountMsg>, SpawnErr>),
     /// Operators and fault-injection tests: kill an account's actor as a crash would.
     Kill(String, RpcReplyPort<bool>),
     Children(RpcReplyPort<Vec<ChildInfo>>),
@@ -74,6 +80,8 @@ pub struct DirectoryState {
 
 struct Child {
     actor: Option<ActorRef<AccountMsg>>,
+    /// Some while a start is in flight: the requests waiting for it.
+    starting: Option<Vec<GetReply>>,
     history: RestartHistory,
     started_at: std::time::Instant,
 }
@@ -111,22 +119,18 @@ impl Actor for AccountDirectory {
         state: &mut DirectoryState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            DirectoryMsg::Get(account_id, reply) => {
-                let result = state.get_or_start(&myself, &account_id).await;
-                let _ = reply.send(result);
-            }
+            DirectoryMsg::Get(account_id, reply) => state.get(&myself, account_id, reply),
             DirectoryMsg::Restart(account_id) => {
                 let needs_start = state
                     .children
                     .get(&account_id)
-                    .is_some_and(|c| c.actor.is_none());
+                    .is_some_and(|c| c.actor.is_none() && c.starting.is_none());
                 if needs_start {
                     record_restart("account");
-                    if let Err(e) = state.get_or_start(&myself, &account_id).await {
-                        tracing::warn!(account = %account_id, error = %e, "account actor restart failed");
-                    }
+                    state.start(&myself, account_id, Vec::new());
                 }
             }
+            DirectoryMsg::Started(account_id, result) => state.started(account_id, result),
             DirectoryMsg::IdleSweep => {
                 for actor in state.children.values().filter_map(|c| c.actor.as_ref()) {
                     let _ = actor.tell(AccountMsg::IdleCheck);
@@ -148,11 +152,11 @@ impl Actor for AccountDirectory {
                     .iter()
                     .map(|(id, c)| ChildInfo {
                         account_id: id.clone(),
-                        status: c
-                            .actor
-                            .as_ref()
-                            .map(|a| format!("{:?}", a.get_status()))
-                            .unwrap_or_else(|| "Restarting".to_owned()),
+                        status: match (&c.actor, &c.starting) {
+                            (Some(a), _) => format!("{:?}", a.get_status()),
+                            (None, Some(_)) => "Starting".to_owned(),
+                            (None, None) => "Restarting".to_owned(),
+                        },
                         restarts: c.history.total,
                         started_at: c.started_at,
                         mailbox_depth: c
@@ -191,10 +195,18 @@ impl Actor for AccountDirectory {
         };
         // A request may already have started a successor (it found this one dead before its
         // termination reached us). Then the successor stands: never clear or double it.
-        let successor_running = child
+        let successor_running = child.starting.is_some()
+            || child
+                .actor
+                .as_ref()
+                .is_some_and(|a| a.get_id() != cell.get_id());
+        if child
             .actor
             .as_ref()
-            .is_some_and(|a| a.get_id() != cell.get_id());
+            .is_some_and(|a| a.get_id() == cell.get_id())
+        {
+            child.actor = None;
+        }
         if passivated {
             metrics::counter!("tollgate_accounts_passivated_total").increment(1);
             if !successor_running {
@@ -204,9 +216,6 @@ impl Actor for AccountDirectory {
             return Ok(());
         }
         tracing::warn!(account = %account_id, reason = reason.as_deref().unwrap_or("unknown"), "account actor died");
-        if !successor_running {
-            child.actor = None;
-        }
         match child.history.next_delay(&state.args.policy) {
             Some(_) if successor_running => Ok(()),
             Some(delay) => {
@@ -232,58 +241,105 @@ impl Actor for AccountDirectory {
 }
 
 impl DirectoryState {
-    async fn get_or_start(
-        &mut self,
-        myself: &ActorRef<DirectoryMsg>,
-        account_id: &str,
-    ) -> Result<ActorRef<AccountMsg>, BillingError> {
-        if let Some(actor) = self.children.get(account_id).and_then(|c| c.actor.clone()) {
+    fn get(&mut self, myself: &ActorRef<DirectoryMsg>, account_id: String, reply: GetReply) {
+        let child = self.children.get_mut(&account_id);
+        if let Some(actor) = child.as_ref().and_then(|c| c.actor.as_ref()) {
             if matches!(
                 actor.get_status(),
                 ActorStatus::Running | ActorStatus::Starting
             ) {
-                return Ok(actor);
+                let _ = reply.send(Ok(actor.clone()));
+                return;
             }
         }
+        if let Some(waiting) = child.and_then(|c| c.starting.as_mut()) {
+            waiting.push(reply);
+            return;
+        }
+        self.start(myself, account_id, vec![reply]);
+    }
+
+    /// Begins a start of the account's actor in a task of its own; [`DirectoryMsg::Started`]
+    /// brings the outcome back. The caller has made sure none is in flight.
+    fn start(
+        &mut self,
+        myself: &ActorRef<DirectoryMsg>,
+        account_id: String,
+        waiting: Vec<GetReply>,
+    ) {
         let book = self
             .args
             .books
-            .entry(account_id.to_owned())
+            .entry(account_id.clone())
             .or_default()
             .clone();
         let args = AccountArgs {
-            account_id: account_id.to_owned(),
+            account_id: account_id.clone(),
             store: self.args.store.clone(),
             ledger: self.args.ledger.clone(),
             book,
             idle_after: self.args.idle_after,
         };
-        match Actor::spawn_linked(None, Metered::new(AccountActor), args, myself.get_cell()).await {
-            Ok((actor, _)) => {
+        let child = self
+            .children
+            .entry(account_id.clone())
+            .or_insert_with(|| Child {
+                actor: None,
+                starting: None,
+                history: RestartHistory::default(),
+                started_at: std::time::Instant::now(),
+            });
+        child.starting = Some(waiting);
+        let directory = myself.clone();
+        tokio::spawn(async move {
+            let result =
+                Actor::spawn_linked(None, Metered::new(AccountActor), args, directory.get_cell())
+                    .await
+                    .map(|(actor, _)| actor);
+            if let Err(ractor::MessagingErr::SendErr(DirectoryMsg::Started(_, Ok(actor)))) =
+                directory.send_message(DirectoryMsg::Started(account_id, result))
+            {
+                // The directory stopped while this one started: nobody would ever find it.
+                actor.stop(None);
+            }
+        });
+    }
+
+    fn started(&mut self, account_id: String, result: Result<ActorRef<AccountMsg>, SpawnErr>) {
+        let Some(child) = self.children.get_mut(&account_id) else {
+            // Not possible while a start is in flight (the child stays); never leave one running.
+            if let Ok(actor) = result {
+                actor.stop(None);
+            }
+            return;
+        };
+        let waiting = child.starting.take().unwrap_or_default();
+        let answer = match result {
+            Ok(actor) => {
                 metrics::counter!("tollgate_accounts_loaded_total").increment(1);
-                self.by_actor.insert(actor.get_id(), account_id.to_owned());
-                let child = self
-                    .children
-                    .entry(account_id.to_owned())
-                    .or_insert_with(|| Child {
-                        actor: None,
-                        history: RestartHistory::default(),
-                        started_at: std::time::Instant::now(),
-                    });
+                self.by_actor.insert(actor.get_id(), account_id.clone());
                 child.actor = Some(actor.clone());
                 child.started_at = std::time::Instant::now();
-                self.args.live.insert(account_id.to_owned(), actor.clone());
+                self.args.live.insert(account_id, actor.clone());
                 Ok(actor)
             }
             Err(SpawnErr::StartupFailed(e)) if e.downcast_ref::<NoSuchAccount>().is_some() => {
-                self.children.remove(account_id);
-                self.args.books.remove_if(account_id, |_, b| b.is_empty());
-                Err(BillingError::NoSuchAccount(account_id.to_owned()))
+                self.children.remove(&account_id);
+                self.args.books.remove_if(&account_id, |_, b| b.is_empty());
+                Err(BillingError::NoSuchAccount(account_id))
             }
             Err(e) => {
                 tracing::error!(account = %account_id, error = %e, "account actor failed to start");
+                // One that never ran is not a child to list; one that did waits for the next
+                // request, as after a failed restart.
+                if child.history.total == 0 {
+                    self.children.remove(&account_id);
+                }
                 Err(BillingError::Unavailable("account actor"))
             }
+        };
+        for reply in waiting {
+            let _ = reply.send(answer.clone());
         }
     }
 }

@@ -394,27 +394,24 @@ impl Store {
     }
 
     pub async fn account_snapshot(&self, id: &str) -> Result<Option<AccountSnapshot>, StoreError> {
-        let Some(row) = sqlx::query("SELECT balance FROM accounts WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-        else {
+        // One round trip: a row per key, or one with no key; none when there is no account.
+        let rows = sqlx::query(
+            "SELECT a.balance, k.id AS key_id, k.spent FROM accounts a \
+             LEFT JOIN api_keys k ON k.account_id = a.id WHERE a.id = $1",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        let Some(first) = rows.first() else {
             return Ok(None);
         };
-        let balance = Amount(row.try_get::<i64, _>("balance")?);
-        let keys = sqlx::query("SELECT id, spent FROM api_keys WHERE account_id = $1")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
-        let key_spent = keys
-            .iter()
-            .map(|k| {
-                Ok((
-                    k.try_get::<String, _>("id")?,
-                    Amount(k.try_get::<i64, _>("spent")?),
-                ))
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let balance = Amount(first.try_get::<i64, _>("balance")?);
+        let mut key_spent = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(key_id) = row.try_get::<Option<String>, _>("key_id")? {
+                key_spent.push((key_id, Amount(row.try_get::<i64, _>("spent")?)));
+            }
+        }
         Ok(Some(AccountSnapshot { balance, key_spent }))
     }
 

@@ -1,5 +1,6 @@
 //! The supervisor restarts what fails: an account actor killed mid-traffic comes back with its
-//! balance intact, a killed ledger writer loses no charge.
+//! balance intact, a killed ledger writer loses no charge, and an account whose start is held
+//! up holds up no other account.
 
 use crate::both_stores;
 use crate::common::*;
@@ -9,14 +10,19 @@ use std::time::Duration;
 use tollgate_actors::supervisor::ChildKind;
 use tollgate_actors::Amount;
 
-fn restarts_of(tree: &Value, name: &str) -> Option<u64> {
+/// The node of the supervision tree named `name`.
+fn node<'a>(tree: &'a Value, name: &str) -> Option<&'a Value> {
     if tree["name"] == name {
-        return tree["restarts"].as_u64();
+        return Some(tree);
     }
     tree["children"]
         .as_array()?
         .iter()
-        .find_map(|c| restarts_of(c, name))
+        .find_map(|c| node(c, name))
+}
+
+fn restarts_of(tree: &Value, name: &str) -> Option<u64> {
+    node(tree, name)?["restarts"].as_u64()
 }
 
 async fn killed_account_actor_restarts_with_balance_intact(backend: Backend) {
@@ -141,3 +147,95 @@ async fn kills_mid_traffic_lose_no_charge(backend: Backend) {
     h.stop().await;
 }
 both_stores!(kills_mid_traffic_lose_no_charge);
+
+/// Account A's actor is restarted while a charge of A's cannot reach the store (a test
+/// transaction holds the store's write lock), so its start waits for that charge (the ledger's
+/// barrier, docs/guarantees.md). Meanwhile account B's actor restarts and B's call is answered:
+/// the directory starts accounts side by side. Once the lock goes, A's waiting call is
+/// answered too, and both ledgers add up.
+async fn a_held_up_account_start_holds_up_no_other_account(backend: Backend) {
+    let Some(h) = Harness::start(backend).await else {
+        return;
+    };
+    let (a, key_a) = h.funded("1").await;
+    let (b, key_b) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 8, "messages": [{"role": "user", "content": "side by side"}]});
+    assert_eq!(h.chat(&key_a, &body).await.status(), 200);
+    h.flush().await;
+
+    // Shipments block on this lock; reading an account does not.
+    let pool = h.db.pool().await;
+    let mut lock = pool.begin().await.expect("begin");
+    let take_lock = match backend {
+        Backend::Postgres => "LOCK TABLE usage_records IN ACCESS EXCLUSIVE MODE",
+        Backend::Sqlite => "DELETE FROM usage_records WHERE request_id = ''",
+    };
+    sqlx::query(take_lock)
+        .execute(&mut *lock)
+        .await
+        .expect("take the write lock");
+
+    assert_eq!(
+        h.chat(&key_a, &body).await.status(),
+        200,
+        "journaled, not shipped"
+    );
+    let billing = &h.gateway.app().system.billing;
+    assert!(billing.kill_account_actor(&a).await);
+    let a_call = tokio::spawn({
+        let (h_chat, base, key, body) =
+            (h.http.clone(), h.base.clone(), key_a.clone(), body.clone());
+        async move {
+            h_chat
+                .post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    // The listing comes from the directory itself, so it answering at all shows the directory
+    // is not waiting on A's start.
+    let a_name = format!("account:{a}");
+    let a_starting = async {
+        loop {
+            let tree: Value = h
+                .admin(reqwest::Method::GET, "/admin/actors")
+                .send_json()
+                .await;
+            let status = node(&tree, &a_name).map_or(Value::Null, |n| n["status"].clone());
+            if status == "Starting" {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    };
+    let a_status = tokio::time::timeout(Duration::from_secs(10), a_starting)
+        .await
+        .expect("the directory lists A as starting while A's start is held up");
+    assert_eq!(a_status, "Starting", "A's start waits for its charge");
+
+    assert!(billing.kill_account_actor(&b).await);
+    // Well inside the 30 s A's start may wait before it gives up.
+    let b_status = tokio::time::timeout(Duration::from_secs(15), h.chat(&key_b, &body))
+        .await
+        .expect("B answered while A's start is held up")
+        .status();
+    assert_eq!(b_status, 200);
+    assert!(!a_call.is_finished(), "A's call waits for A's start");
+
+    lock.rollback().await.expect("release the lock");
+    let a_status = a_call.await.expect("task").expect("A's call");
+    assert_eq!(a_status, 200);
+    pool.close().await;
+
+    for (account, calls) in [(&a, 3), (&b, 1)] {
+        let l = h.ledger(account).await;
+        assert_eq!(l.ledger_sum, l.balance, "{account}");
+        assert_eq!(l.charge_count, calls, "{account}");
+        assert_eq!(h.balance(account).await.nanos(), l.balance, "{account}");
+    }
+    h.stop().await;
+}
+both_stores!(a_held_up_account_start_holds_up_no_other_account);
