@@ -96,6 +96,7 @@ start_gateway() {
   die "gateway did not become healthy"
 }
 rss_mb() { awk '/^VmRSS:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+peak_rss_mb() { awk '/^VmHWM:/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 metric() { # name → value from /metrics (0 if absent)
   curl -sf -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$GW_PORT/metrics" \
     | awk -v m="$1" '$1 == m { v = $2 } END { print v + 0 }'
@@ -228,9 +229,15 @@ STORE_SIDE=$(awk -v t=$((T1 - T0)) -v tck="$(getconf CLK_TCK)" -v r=$((B1 - B0))
   -v c0="$C0" -v c1="$C1" 'BEGIN { if (r <= 0) r = 1; if (n <= 0) n = 1
     printf "store_cpu_us_per_record=%.1f commit_us_per_record=%.1f records_per_batch=%.0f", \
       t * 1e6 / tck / r, (c1 - c0) * 1e6 / r, r / n }')
+# What an operator's look at the supervision tree costs with every account live.
+PEAK_BEFORE=$(peak_rss_mb "$GW_PID")
+LISTING=$(curl -sf -o "$TMP/actors.json" -w '%{size_download} %{time_total}' \
+  -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$GW_PORT/admin/actors")
+sleep 1
+LISTING_SIDE="actors_listing_bytes=${LISTING% *} actors_listing_secs=${LISTING#* } peak_rss_before_listing_mb=$PEAK_BEFORE peak_rss_after_listing_mb=$(peak_rss_mb "$GW_PID") rss_after_listing_mb=$(rss_mb "$GW_PID")"
 MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
 
-printf 'store=%s accounts=%s load_secs=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s\n' \
-  "$STORE" "$N" "$LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG"
+printf 'store=%s accounts=%s load_secs=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s %s\n' \
+  "$STORE" "$N" "$LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG" "$LISTING_SIDE"

@@ -70,8 +70,16 @@ pub enum AdminCommand {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: Option<u32>,
     },
-    /// The live supervisor tree.
-    Actors,
+    /// The live supervisor tree, with the account actors worst off first (not running, most
+    /// restarts, deepest mailbox).
+    Actors {
+        /// How many account actors to list (0 to 1000; the gateway's default is 100).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        accounts: Option<u32>,
+        /// Only this account's actor, `acct_…`.
+        #[arg(long, conflicts_with = "accounts")]
+        account: Option<String>,
+    },
     /// Providers: requests in flight, concurrency limits, leases.
     Providers,
 }
@@ -228,7 +236,14 @@ async fn request(client: &Client, command: &AdminCommand) -> anyhow::Result<Valu
                 .call(Method::GET, &["accounts", account_id, "usage"], query, None)
                 .await
         }
-        AdminCommand::Actors => client.call(Method::GET, &["actors"], None, None).await,
+        AdminCommand::Actors { accounts, account } => {
+            let query = match (accounts, account) {
+                (_, Some(id)) => Some(("account", id.clone())),
+                (Some(n), None) => Some(("accounts", n.to_string())),
+                (None, None) => None,
+            };
+            client.call(Method::GET, &["actors"], query, None).await
+        }
         AdminCommand::Providers => client.call(Method::GET, &["providers"], None, None).await,
     }
 }
@@ -390,7 +405,7 @@ fn render(command: &AdminCommand, v: &Value) -> anyhow::Result<String> {
             key_fields(v)
         )),
         AdminCommand::Usage { account_id, .. } => render_usage(account_id, v),
-        AdminCommand::Actors => Ok(render_actors(v)),
+        AdminCommand::Actors { .. } => Ok(render_actors(v)),
         AdminCommand::Providers => render_providers(v),
     }
 }
@@ -519,8 +534,18 @@ fn render_actors(v: &Value) -> String {
                 .as_u64()
                 .map_or_else(|| text(&node["uptime_secs"]), format_uptime),
         ]);
-        for child in node["children"].as_array().into_iter().flatten() {
+        let children = node["children"].as_array().map_or(&[][..], Vec::as_slice);
+        for child in children {
             walk(child, depth + 1, rows);
+        }
+        let more = node["children_total"]
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .map_or(0, |n| n.saturating_sub(children.len()));
+        if more > 0 {
+            let mut row = vec![format!("{}({more} more)", "  ".repeat(depth + 1))];
+            row.resize(6, String::new());
+            rows.push(row);
         }
     }
     let mut rows = vec![row([

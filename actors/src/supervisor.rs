@@ -13,7 +13,7 @@
 
 use crate::billing::Billing;
 use crate::directory::{
-    AccountDirectory, Books, ChildInfo, DirectoryArgs, DirectoryMsg, LiveAccounts,
+    AccountDirectory, Books, ChildList, ChildQuery, DirectoryArgs, DirectoryMsg, LiveAccounts,
 };
 use crate::journal::JournalSync;
 use crate::ledger::{JournalSlot, LedgerArgs, LedgerMsg, LedgerWriter};
@@ -96,6 +96,8 @@ pub struct TreeNode {
     pub uptime: Duration,
     pub mailbox_depth: i64,
     pub children: Vec<TreeNode>,
+    /// How many children it has, listed or not (the directory lists a few of its accounts).
+    pub children_total: usize,
 }
 
 /// One child of the root, as the tree view shows it.
@@ -492,7 +494,7 @@ impl ActorSystem {
     }
 
     /// The live tree: root, its children, and the account actors under the directory.
-    pub async fn tree(&self) -> TreeNode {
+    pub async fn tree(&self, accounts: ChildQuery) -> TreeNode {
         let children = match self
             .root
             .ask(RootMsg::Tree, Some(Duration::from_secs(2)))
@@ -501,14 +503,17 @@ impl ActorSystem {
             Ok(CallResult::Success(c)) => c,
             _ => Vec::new(),
         };
-        let accounts: Vec<ChildInfo> = match self
+        let accounts: ChildList = match self
             .directory
             .get()
-            .ask(DirectoryMsg::Children, Some(Duration::from_secs(2)))
+            .ask(
+                |port| DirectoryMsg::Children(accounts, port),
+                Some(Duration::from_secs(2)),
+            )
             .await
         {
             Ok(CallResult::Success(c)) => c,
-            _ => Vec::new(),
+            _ => ChildList::default(),
         };
         let nodes = children
             .into_iter()
@@ -519,8 +524,14 @@ impl ActorSystem {
                 restarts: c.restarts,
                 uptime: c.started.elapsed(),
                 mailbox_depth: c.mailbox_depth,
+                children_total: if c.kind == ChildKind::Directory {
+                    accounts.total
+                } else {
+                    0
+                },
                 children: if c.kind == ChildKind::Directory {
                     accounts
+                        .listed
                         .iter()
                         .map(|a| TreeNode {
                             name: format!("account:{}", a.account_id),
@@ -530,15 +541,17 @@ impl ActorSystem {
                             uptime: a.started_at.elapsed(),
                             mailbox_depth: a.mailbox_depth,
                             children: Vec::new(),
+                            children_total: 0,
                         })
                         .collect()
                 } else {
                     Vec::new()
                 },
             })
-            .collect();
+            .collect::<Vec<_>>();
         TreeNode {
             name: "root".to_owned(),
+            children_total: nodes.len(),
             kind: "supervisor".to_owned(),
             status: format!("{:?}", self.root.get_status()),
             restarts: 0,

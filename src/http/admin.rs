@@ -7,6 +7,7 @@ use http::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tollgate_actors::account::CreditRequest;
+use tollgate_actors::directory::ChildQuery;
 use tollgate_actors::keys::{hash_key, random_id, KeyError, NewKey};
 use tollgate_actors::store::{EntryKind, KeyRow, StoreError, UsageRecord};
 use tollgate_actors::supervisor::TreeNode;
@@ -38,7 +39,7 @@ pub async fn route(
         ["accounts", id, "usage"] if m == Method::GET => usage(app, id, &req.query).await,
         ["keys", id] if m == Method::DELETE => revoke_key(app, id).await,
         ["actors"] if m == Method::GET => {
-            let tree = app.system.tree().await;
+            let tree = app.system.tree(actors_query(&req.query)?).await;
             Ok(json_response(StatusCode::OK, &tree_json(&tree)))
         }
         ["providers"] if m == Method::GET => {
@@ -388,10 +389,34 @@ async fn usage(app: &App, id: &str, query: &str) -> Result<Response, ApiError> {
     ))
 }
 
+/// `?accounts=N` (0 to 1000, default 100): how many account actors to list, worst off first;
+/// `?account=ID`: only that account's.
+fn actors_query(query: &str) -> Result<ChildQuery, ApiError> {
+    let mut q = ChildQuery {
+        limit: 100,
+        account: None,
+    };
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "accounts" => {
+                q.limit = v.parse().ok().filter(|n| *n <= 1000).ok_or_else(|| {
+                    ApiError::InvalidRequest(
+                        "`accounts` must be an integer from 0 to 1000.".to_owned(),
+                    )
+                })?;
+            }
+            "account" => q.account = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
 fn tree_json(node: &TreeNode) -> Value {
     json!({
         "name": node.name, "kind": node.kind, "status": node.status, "restarts": node.restarts,
         "uptime_secs": node.uptime.as_secs(), "mailbox_depth": node.mailbox_depth,
         "children": node.children.iter().map(tree_json).collect::<Vec<_>>(),
+        "children_total": node.children_total,
     })
 }

@@ -276,6 +276,19 @@ async fn admin_cli() {
     let v = cli(&["actors", "--json"]).await.json();
     assert_eq!(v["name"], "root");
     assert!(!v["children"].as_array().unwrap().is_empty(), "{v}");
+    // Fewer accounts listed than there are: the rest are counted under the directory.
+    let out = cli(&["actors", "--accounts", "0"]).await.ok();
+    assert!(!out.contains("account:"), "{out}");
+    assert!(out.contains("\n    (1 more)"), "{out}");
+    let out = admin(&h.base, ADMIN, &["actors", "--account", &account])
+        .await
+        .ok();
+    assert!(out.contains(&format!("    account:{account}")), "{out}");
+    assert!(!out.contains("more)"), "{out}");
+    let code = admin(&h.base, ADMIN, &["actors", "--accounts", "1001"])
+        .await
+        .code;
+    assert_eq!(code, Some(2), "clap rejects --accounts 1001");
     let out = cli(&["providers"]).await.ok();
     assert_eq!(
         header(&out),
