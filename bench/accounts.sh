@@ -3,8 +3,9 @@
 # balance, all of them calling at least once, so that every account has its actor in memory
 # and every key is in the key ring. Prints the gateway's RSS before and after, and how many
 # account actors are live, and how long loading them all took (`load_secs`: each account's
-# first call reads it from the store); then the RSS after 60 s more of the same load. See BENCHMARKS.md,
-# "Active accounts".
+# first call reads it from the store); then the RSS after 60 s more of the same load, what one
+# GET /admin/actors costs (its size and time, the peak RSS around it), and how long a graceful
+# stop takes (`shutdown_secs`). See BENCHMARKS.md, "Active accounts".
 #
 #   bench/accounts.sh [--accounts N] [--postgres]
 #
@@ -235,9 +236,15 @@ LISTING=$(curl -sf -o "$TMP/actors.json" -w '%{size_download} %{time_total}' \
   -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$GW_PORT/admin/actors")
 sleep 1
 LISTING_SIDE="actors_listing_bytes=${LISTING% *} actors_listing_secs=${LISTING#* } peak_rss_before_listing_mb=$PEAK_BEFORE peak_rss_after_listing_mb=$(peak_rss_mb "$GW_PID") rss_after_listing_mb=$(rss_mb "$GW_PID")"
+# A graceful stop with every account live: the account actors stop first, then the ledger
+# drains (docs/guarantees.md 5).
+STOP_START=$(date +%s.%N)
+kill -TERM "$GW_PID"
+wait "$GW_PID" && STOP_EXIT=0 || STOP_EXIT=$?
+STOP_SIDE="shutdown_secs=$(awk -v a="$STOP_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') shutdown_exit=$STOP_EXIT"
 MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
 
 printf 'store=%s accounts=%s load_secs=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s %s\n' \
-  "$STORE" "$N" "$LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG" "$LISTING_SIDE"
+  "$STORE" "$N" "$LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG" "$LISTING_SIDE $STOP_SIDE"
