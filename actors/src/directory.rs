@@ -193,8 +193,9 @@ impl Actor for AccountDirectory {
         let Some(child) = state.children.get_mut(&account_id) else {
             return Ok(());
         };
-        // A request may already have started a successor (it found this one dead before its
-        // termination reached us). Then the successor stands: never clear or double it.
+        // A request may already have started a successor, or be starting one (it found this
+        // one dead before its termination reached us). Then the successor stands: never clear
+        // or double it.
         let successor_running = child.starting.is_some()
             || child
                 .actor
@@ -363,6 +364,8 @@ impl DirectoryState {
         };
         let waiting = child.starting.take().unwrap_or_default();
         let answer = match result {
+            // If it has died already and its notice came first, the notice found no entry;
+            // the next request finds it dead and starts another.
             Ok(actor) => {
                 metrics::counter!("tollgate_accounts_loaded_total").increment(1);
                 self.by_actor.insert(actor.get_id(), account_id.clone());
