@@ -17,7 +17,8 @@ use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store};
 use crate::RequestId;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// What a request asks to hold before it goes upstream.
@@ -113,6 +114,16 @@ impl crate::metered::Kind for AccountMsg {
 #[derive(Debug, Default)]
 pub struct ReservationBook {
     inner: Mutex<BookInner>,
+    /// When the account's actor last handled a message other than an idle check, in ms
+    /// since [`CLOCK_START`]: the directory reads it to ask only idle actors whether to stop.
+    active_at: AtomicU64,
+}
+
+/// What [`ReservationBook::active_at`] counts from.
+static CLOCK_START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn clock_ms(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*CLOCK_START).as_millis()).unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +161,17 @@ impl ReservationBook {
     /// Outstanding reservations.
     pub fn len(&self) -> usize {
         self.lock().holds.len()
+    }
+
+    /// The account's actor is busy now.
+    fn touch(&self, now: Instant) {
+        self.active_at.store(clock_ms(now), Ordering::Relaxed);
+    }
+
+    /// How long since the account's actor last handled a call or a credit.
+    pub fn idle_for(&self) -> Duration {
+        let at = self.active_at.load(Ordering::Relaxed);
+        Duration::from_millis(clock_ms(Instant::now()).saturating_sub(at))
     }
 
     /// No reservations and no unconfirmed charges: nothing a successor would need.
@@ -231,7 +253,6 @@ pub struct AccountState {
     key_spent: IdMap<i64>,
     book: Arc<ReservationBook>,
     ledger: Slot<LedgerMsg>,
-    last_active: Instant,
     idle_after: Duration,
 }
 
@@ -307,13 +328,13 @@ impl Actor for AccountActor {
             }
         }
         drop(book);
+        args.book.touch(Instant::now());
         Ok(AccountState {
             account_id: args.account_id,
             balance,
             key_spent,
             book: args.book,
             ledger: args.ledger,
-            last_active: Instant::now(),
             idle_after: args.idle_after,
         })
     }
@@ -325,7 +346,7 @@ impl Actor for AccountActor {
         state: &mut AccountState,
     ) -> Result<(), ActorProcessingErr> {
         if !matches!(msg, AccountMsg::IdleCheck) {
-            state.last_active = Instant::now();
+            state.book.touch(Instant::now());
         }
         match msg {
             AccountMsg::Reserve(req, reply) => {
@@ -349,7 +370,7 @@ impl Actor for AccountActor {
                 let _ = reply.send(state.view());
             }
             AccountMsg::IdleCheck => {
-                if state.book.is_empty() && state.last_active.elapsed() >= state.idle_after {
+                if state.book.is_empty() && state.book.idle_for() >= state.idle_after {
                     tracing::debug!(account = %state.account_id, "account actor passivated");
                     myself.stop(Some(PASSIVATED.to_owned()));
                 }

@@ -8,6 +8,8 @@
 //! - `tollgate_actor_mailbox_depth{kind}`: messages sent and not yet handled, over all actors
 //!   of the kind (per actor in `/admin/actors`).
 //!
+//! `/admin/actors` also shows each actor's own count of messages handled.
+//!
 //! Supervisors add `tollgate_actor_restarts_total{kind}` when they restart one.
 //!
 //! Mailbox depth counts what is sent with [`Mailbox::tell`] and [`Mailbox::ask`], which is
@@ -20,7 +22,7 @@ use ractor::{
     Actor, ActorId, ActorProcessingErr, ActorRef, MessagingErr, RpcReplyPort, SupervisionEvent,
 };
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
@@ -32,10 +34,19 @@ pub trait Kind {
 static DEPTHS: LazyLock<DashMap<ActorId, Arc<Depth>, crate::IdHasher>> =
     LazyLock::new(DashMap::default);
 
-/// One actor's mailbox depth, and its kind's gauge (resolved once, not per message).
+/// One actor's mailbox depth, and its kind's gauge (resolved once, not per message); and how
+/// many messages it has handled.
 struct Depth {
     count: AtomicI64,
     gauge: metrics::Gauge,
+    handled: AtomicU64,
+}
+
+/// Messages an actor has handled (0 for an actor that is gone).
+pub fn messages_handled(actor: ActorId) -> u64 {
+    DEPTHS
+        .get(&actor)
+        .map_or(0, |d| d.handled.load(Ordering::Relaxed))
 }
 
 /// Messages waiting in an actor's mailbox (0 for an actor that is gone).
@@ -166,6 +177,7 @@ where
         let depth = Arc::new(Depth {
             count: AtomicI64::new(0),
             gauge: metrics::gauge!("tollgate_actor_mailbox_depth", "kind" => kind),
+            handled: AtomicU64::new(0),
         });
         DEPTHS.insert(id, depth.clone());
         let inner = match self.inner.pre_start(myself, args).await {
@@ -222,6 +234,7 @@ where
         let started = Instant::now();
         let result = self.inner.handle(myself, message, &mut state.inner).await;
         state.messages.increment(1);
+        state.depth.handled.fetch_add(1, Ordering::Relaxed);
         state
             .handler_seconds
             .record(started.elapsed().as_secs_f64());

@@ -95,6 +95,8 @@ pub struct TreeNode {
     pub restarts: u64,
     pub uptime: Duration,
     pub mailbox_depth: i64,
+    /// Messages it has handled.
+    pub messages: u64,
     pub children: Vec<TreeNode>,
     /// How many children it has, listed or not (the directory lists a few of its accounts).
     pub children_total: usize,
@@ -107,6 +109,7 @@ pub struct ChildView {
     restarts: u64,
     started: Instant,
     mailbox_depth: i64,
+    messages: u64,
 }
 
 pub enum RootMsg {
@@ -283,7 +286,10 @@ impl Actor for Root {
                             restarts: state.history.get(k).map(|h| h.total).unwrap_or(0),
                             started: *t,
                             mailbox_depth: cell
+                                .as_ref()
                                 .map_or(0, |c| crate::metered::mailbox_depth(c.get_id())),
+                            messages: cell
+                                .map_or(0, |c| crate::metered::messages_handled(c.get_id())),
                         }
                     })
                     .collect();
@@ -524,6 +530,7 @@ impl ActorSystem {
                 restarts: c.restarts,
                 uptime: c.started.elapsed(),
                 mailbox_depth: c.mailbox_depth,
+                messages: c.messages,
                 children_total: if c.kind == ChildKind::Directory {
                     accounts.total
                 } else {
@@ -540,6 +547,7 @@ impl ActorSystem {
                             restarts: a.restarts,
                             uptime: a.started_at.elapsed(),
                             mailbox_depth: a.mailbox_depth,
+                            messages: a.messages,
                             children: Vec::new(),
                             children_total: 0,
                         })
@@ -557,6 +565,7 @@ impl ActorSystem {
             restarts: 0,
             uptime: Duration::ZERO,
             mailbox_depth: crate::metered::mailbox_depth(self.root.get_id()),
+            messages: crate::metered::messages_handled(self.root.get_id()),
             children: nodes,
         }
     }

@@ -416,6 +416,7 @@ fn tree_json(node: &TreeNode) -> Value {
     json!({
         "name": node.name, "kind": node.kind, "status": node.status, "restarts": node.restarts,
         "uptime_secs": node.uptime.as_secs(), "mailbox_depth": node.mailbox_depth,
+        "messages": node.messages,
         "children": node.children.iter().map(tree_json).collect::<Vec<_>>(),
         "children_total": node.children_total,
     })

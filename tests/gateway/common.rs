@@ -778,3 +778,9 @@ pub fn billed(usage: &[Value]) -> i64 {
         })
         .sum()
 }
+
+/// `name value` from the Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -51,12 +51,6 @@ async fn healthz_ok(h: &Harness) {
     assert_eq!(r.status(), 200);
 }
 
-/// `name value` from the Prometheus text.
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// A raw request's status code, headers (lower-cased) and body.
 fn parse_response(raw: &[u8]) -> (u16, String, Vec<u8>) {
     let text = String::from_utf8_lossy(raw);

@@ -63,6 +63,61 @@ async fn idle_account_actors_passivate_and_reload(backend: Backend) {
 }
 both_stores!(idle_account_actors_passivate_and_reload);
 
+/// The idle sweep asks only actors idle long enough whether to stop: a busy account's actor
+/// handles its calls' messages and nothing else (BENCHMARKS item 54).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_sweep_leaves_busy_account_actors_alone() {
+    let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
+        c.accounts.idle_secs = 2
+    })
+    .await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "busy"}]});
+    let handled = || async {
+        let tree = h
+            .admin(
+                reqwest::Method::GET,
+                &format!("/admin/actors?account={account}"),
+            )
+            .send_json()
+            .await;
+        let dir = tree["children"]
+            .as_array()
+            .and_then(|c| c.iter().find(|n| n["kind"] == "account_directory"))
+            .cloned()
+            .unwrap_or_default();
+        dir["children"][0]["messages"]
+            .as_u64()
+            .expect("the account's actor")
+    };
+    let before = handled().await;
+    // A sweep every second for 3.5 s; the account is never idle for 2 of them.
+    let mut calls = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_millis(3500) {
+        assert_eq!(h.chat(&key, &body).await.status(), 200);
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each call is a reservation and a settlement: two messages, and no idle check.
+    assert_eq!(handled().await - before, 2 * calls, "{calls} calls");
+
+    // Left alone, it is asked, and stops.
+    let mut gone = false;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if h.gateway.app().system.billing.live_accounts() == 0 {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "the idle account's actor stopped");
+    h.stop().await;
+}
+
 async fn provider_concurrency_cap_answers_429(backend: Backend) {
     let mock = MockOptions {
         latency: Duration::from_millis(400),
