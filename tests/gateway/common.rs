@@ -317,6 +317,17 @@ impl Harness {
     }
 
     /// The Prometheus text of `GET /metrics`.
+    /// The account directory's node of `/admin/actors{query}`.
+    pub async fn directory(&self, query: &str) -> Value {
+        let tree: Value = self
+            .admin(reqwest::Method::GET, &format!("/admin/actors{query}"))
+            .send_json()
+            .await;
+        node(&tree, "accounts")
+            .unwrap_or_else(|| panic!("no directory in {tree}"))
+            .clone()
+    }
+
     pub async fn metrics_text(&self) -> String {
         self.admin(reqwest::Method::GET, "/metrics")
             .send()
@@ -783,4 +794,15 @@ pub fn billed(usage: &[Value]) -> i64 {
 pub fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The node of the supervision tree named `name`.
+pub fn node<'a>(tree: &'a Value, name: &str) -> Option<&'a Value> {
+    if tree["name"] == name {
+        return Some(tree);
+    }
+    tree["children"]
+        .as_array()?
+        .iter()
+        .find_map(|c| node(c, name))
 }

@@ -9,11 +9,9 @@ use std::time::Duration;
 use tollgate::mock::MockOptions;
 use tollgate_actors::Amount;
 
-fn account_children(tree: &Value) -> usize {
-    tree["children"]
+async fn account_children(h: &Harness) -> usize {
+    h.directory("").await["children"]
         .as_array()
-        .and_then(|c| c.iter().find(|n| n["kind"] == "account_directory"))
-        .and_then(|d| d["children"].as_array())
         .map_or(0, Vec::len)
 }
 
@@ -29,17 +27,12 @@ async fn idle_account_actors_passivate_and_reload(backend: Backend) {
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "idle"}]});
     assert_eq!(h.chat(&key, &body).await.status(), 200);
     let before = h.balance(&account).await;
-    let tree = || async {
-        h.admin(reqwest::Method::GET, "/admin/actors")
-            .send_json()
-            .await
-    };
-    assert_eq!(account_children(&tree().await), 1);
+    assert_eq!(account_children(&h).await, 1);
 
     let mut gone = false;
     for _ in 0..60 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if account_children(&tree().await) == 0 {
+        if account_children(&h).await == 0 {
             gone = true;
             break;
         }
@@ -77,19 +70,7 @@ async fn the_idle_sweep_leaves_busy_account_actors_alone() {
     let (account, key) = h.funded("1").await;
     let body = json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": "busy"}]});
     let handled = || async {
-        let tree = h
-            .admin(
-                reqwest::Method::GET,
-                &format!("/admin/actors?account={account}"),
-            )
-            .send_json()
-            .await;
-        let dir = tree["children"]
-            .as_array()
-            .and_then(|c| c.iter().find(|n| n["kind"] == "account_directory"))
-            .cloned()
-            .unwrap_or_default();
-        dir["children"][0]["messages"]
+        h.directory(&format!("?account={account}")).await["children"][0]["messages"]
             .as_u64()
             .expect("the account's actor")
     };

@@ -10,17 +10,6 @@ use std::time::Duration;
 use tollgate_actors::supervisor::ChildKind;
 use tollgate_actors::Amount;
 
-/// The node of the supervision tree named `name`.
-fn node<'a>(tree: &'a Value, name: &str) -> Option<&'a Value> {
-    if tree["name"] == name {
-        return Some(tree);
-    }
-    tree["children"]
-        .as_array()?
-        .iter()
-        .find_map(|c| node(c, name))
-}
-
 fn restarts_of(tree: &Value, name: &str) -> Option<u64> {
     node(tree, name)?["restarts"].as_u64()
 }
@@ -263,7 +252,7 @@ async fn the_actor_listing_shows_the_worst_off_accounts_first_and_counts_the_res
     // Back after its restart's backoff.
     let mut restarted = false;
     for _ in 0..200 {
-        let dir = directory(&h, "").await;
+        let dir = h.directory("").await;
         if dir["children"].as_array().unwrap().iter().any(|c| {
             c["name"] == format!("account:{killed}")
                 && c["restarts"] == 1
@@ -274,7 +263,7 @@ async fn the_actor_listing_shows_the_worst_off_accounts_first_and_counts_the_res
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(restarted, "{}", directory(&h, "").await);
+    assert!(restarted, "{}", h.directory("").await);
 
     let names = |dir: &Value| -> Vec<String> {
         dir["children"]
@@ -284,7 +273,7 @@ async fn the_actor_listing_shows_the_worst_off_accounts_first_and_counts_the_res
             .map(|c| c["name"].as_str().unwrap().to_owned())
             .collect()
     };
-    let all = directory(&h, "").await;
+    let all = h.directory("").await;
     assert_eq!(all["children_total"], 5);
     assert_eq!(names(&all).len(), 5);
     assert_eq!(
@@ -292,18 +281,18 @@ async fn the_actor_listing_shows_the_worst_off_accounts_first_and_counts_the_res
         format!("account:{killed}"),
         "most restarts first"
     );
-    let two = directory(&h, "?accounts=2").await;
+    let two = h.directory("?accounts=2").await;
     assert_eq!(two["children_total"], 5);
     assert_eq!(names(&two), names(&all)[..2]);
-    let none = directory(&h, "?accounts=0").await;
+    let none = h.directory("?accounts=0").await;
     assert_eq!(
         (none["children_total"].as_u64(), names(&none).len()),
         (Some(5), 0)
     );
-    let one = directory(&h, &format!("?account={}", accounts[1])).await;
+    let one = h.directory(&format!("?account={}", accounts[1])).await;
     assert_eq!(names(&one), [format!("account:{}", accounts[1])]);
     assert_eq!(one["children_total"], 1);
-    let nobody = directory(&h, "?account=acct_nope").await;
+    let nobody = h.directory("?account=acct_nope").await;
     assert_eq!(
         (nobody["children_total"].as_u64(), names(&nobody).len()),
         (Some(0), 0)
@@ -322,15 +311,4 @@ async fn the_actor_listing_shows_the_worst_off_accounts_first_and_counts_the_res
         assert_error_shape(&r.json().await.unwrap(), "invalid_request_error");
     }
     h.stop().await;
-}
-
-/// The account directory's node of `/admin/actors{query}`.
-async fn directory(h: &Harness, query: &str) -> Value {
-    let tree: Value = h
-        .admin(reqwest::Method::GET, &format!("/admin/actors{query}"))
-        .send_json()
-        .await;
-    node(&tree, "accounts")
-        .unwrap_or_else(|| panic!("no directory in {tree}"))
-        .clone()
 }
