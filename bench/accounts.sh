@@ -7,7 +7,15 @@
 # GET /admin/actors costs (its size and time, the peak RSS around it), and how long a graceful
 # stop takes (`shutdown_secs`). See BENCHMARKS.md, "Active accounts".
 #
-#   bench/accounts.sh [--accounts N] [--postgres]
+#   bench/accounts.sh [--accounts N] [--postgres] [--kill]
+#
+# With --kill, then a crash with a full backlog (item 55): the gateway starts again and is called
+# with every key while a transaction holds the store's write lock, so that nothing ships and the
+# journal fills to near `ledger.max_buffer`; then `kill -9`, the lock goes, and the gateway starts
+# once more and is called with every key again. Reported: the backlog at the kill, seconds until
+# the restarted gateway is healthy, until the replayed backlog is in the store
+# (`replay_shipped_secs`, polled every 0.5 s) and until every account has loaded
+# (`reload_secs`), and the calls of that lap: how many, how many not 2xx, p99 and slowest.
 #
 # The store is SQLite, or with --postgres a fresh database at 127.0.0.1:5432 (user postgres,
 # dropped at exit). Accounts are seeded straight into it (through the admin API they would take
@@ -25,11 +33,13 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 N=100000
 STORE=sqlite
+KILL=0
 while (($#)); do
   case $1 in
     --accounts) N=$2; shift 2 ;;
     --postgres) STORE=postgres; shift ;;
-    *) echo "usage: bench/accounts.sh [--accounts N] [--postgres]" >&2; exit 2 ;;
+    --kill) KILL=1; shift ;;
+    *) echo "usage: bench/accounts.sh [--accounts N] [--postgres] [--kill]" >&2; exit 2 ;;
   esac
 done
 
@@ -160,7 +170,8 @@ function done(summary, latency, requests)
     bad = bad + (t:get("non2xx") or 0)
     if (t:get("last") or "") ~= "" then last = t:get("last") end
   end
-  io.write(string.format("WRK requests=%d non2xx=%d\n", summary.requests, bad))
+  io.write(string.format("WRK requests=%d non2xx=%d p99_ms=%.1f max_ms=%.1f\n",
+    summary.requests, bad, latency:percentile(99) / 1000, latency.max / 1000))
   if last ~= "" then io.write("WRK last_error=" .. last .. "\n") end
 end
 EOF
@@ -170,25 +181,39 @@ start_gateway
 sleep 1
 IDLE=$(rss_mb "$GW_PID")
 
-# One wrk run until every account has loaded (one lap of the keys): a run started again
-# would start the keys over. wrk prints its summary when interrupted.
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# One wrk run (output to $1) until every account has loaded (one lap of the keys): a run
+# started again would start the keys over. wrk prints its summary when interrupted. Sets
+# LOAD_SECS, and REPLAY_SECS to when the backlog first fell under 100 records.
+call_every_key() {
+  wrk -t2 -c64 -d600s --timeout 60s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$1" &
+  WRK_PID=$!
+  PIDS+=("$WRK_PID")
+  local start q
+  start=$(date +%s.%N)
+  loaded=0
+  REPLAY_SECS=""
+  for _ in $(seq 1 1200); do
+    sleep 0.5
+    if [[ -z $REPLAY_SECS ]]; then
+      q=$(metric tollgate_ledger_queue_depth)
+      ((q < 100)) && REPLAY_SECS=$(since "$start")
+    fi
+    loaded=$(metric tollgate_accounts_loaded_total)
+    ((loaded >= N)) && break
+    kill -0 "$WRK_PID" 2>/dev/null || break
+  done
+  LOAD_SECS=$(since "$start")
+  kill -INT "$WRK_PID" 2>/dev/null || true
+  wait "$WRK_PID" || true
+  log "accounts loaded: $loaded"
+  ((loaded >= N)) || die "only $loaded of $N accounts loaded"
+}
+
 log "calling with every key"
-wrk -t2 -c64 -d600s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk.txt" &
-WRK_PID=$!
-PIDS+=("$WRK_PID")
-LOAD_START=$(date +%s.%N)
-loaded=0
-for _ in $(seq 1 1200); do
-  sleep 0.5
-  loaded=$(metric tollgate_accounts_loaded_total)
-  ((loaded >= N)) && break
-  kill -0 "$WRK_PID" 2>/dev/null || break
-done
-LOAD_SECS=$(awk -v a="$LOAD_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-kill -INT "$WRK_PID" 2>/dev/null || true
-wait "$WRK_PID" || true
-log "accounts loaded: $loaded"
-((loaded >= N)) || die "only $loaded of $N accounts loaded"
+call_every_key "$TMP/wrk.txt"
+FIRST_LOAD_SECS=$LOAD_SECS
 sleep 2
 LOADED=$(metric tollgate_accounts_loaded_total)
 PASSIVATED=$(metric tollgate_accounts_passivated_total)
@@ -246,5 +271,53 @@ MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true
 
+KILL_SIDE=""
+if ((KILL)); then
+  log "starting again; calling with every key while the store's write lock is held"
+  start_gateway
+  if [[ $STORE == postgres ]]; then
+    # EXCLUSIVE lets reads through (an account's load) and blocks the shipments' writes.
+    "${PSQL[@]}" -d "$PG_DB" -c "BEGIN; LOCK TABLE usage_records IN EXCLUSIVE MODE; SELECT pg_sleep(3600)" \
+      >/dev/null 2>&1 &
+  else
+    python3 -c "import sqlite3, time
+c = sqlite3.connect('$TMP/tollgate.db', isolation_level=None)
+c.execute('BEGIN IMMEDIATE')
+time.sleep(3600)" &
+  fi
+  LOCK_PID=$!
+  PIDS+=("$LOCK_PID")
+  wrk -t2 -c64 -d600s -s "$TMP/keys.lua" "http://127.0.0.1:$GW_PORT" >"$TMP/wrk-locked.txt" &
+  WRK_PID=$!
+  PIDS+=("$WRK_PID")
+  FULL=$((100000 * 95 / 100)) # of the default `ledger.max_buffer`
+  for _ in $(seq 1 600); do
+    sleep 0.5
+    (($(metric tollgate_ledger_queue_depth) >= FULL)) && break
+    kill -0 "$WRK_PID" 2>/dev/null || break
+  done
+  KILLED_BACKLOG=$(metric tollgate_ledger_queue_depth)
+  kill -9 "$GW_PID"
+  wait "$GW_PID" 2>/dev/null || true
+  kill -INT "$WRK_PID" 2>/dev/null || true
+  wait "$WRK_PID" || true
+  if [[ $STORE == postgres ]]; then
+    "${PSQL[@]}" -d postgres -Atc "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+      WHERE datname = '$PG_DB' AND pid <> pg_backend_pid()" >/dev/null
+  fi
+  kill "$LOCK_PID" 2>/dev/null || true
+  wait "$LOCK_PID" 2>/dev/null || true
+  log "killed with $KILLED_BACKLOG records not in the store; starting again"
+  RESTART=$(date +%s.%N)
+  start_gateway
+  HEALTHY_SECS=$(since "$RESTART")
+  call_every_key "$TMP/wrk-after-kill.txt"
+  grep '^WRK last_error=' "$TMP/wrk-after-kill.txt" >&2 || true
+  AFTER=$(grep '^WRK requests=' "$TMP/wrk-after-kill.txt" | sed 's/^WRK //; s/=/_after_kill=/g')
+  KILL_SIDE=" backlog_at_kill=$KILLED_BACKLOG healthy_secs=$HEALTHY_SECS replay_shipped_secs=${REPLAY_SECS:-none} reload_secs=$LOAD_SECS $AFTER"
+  kill -TERM "$GW_PID"
+  wait "$GW_PID" || die "the gateway did not stop cleanly after the replay"
+fi
+
 printf 'store=%s accounts=%s load_secs=%s keys=%s requests=%s non2xx=%s live_account_actors=%s rss_idle_mb=%s rss_all_active_mb=%s more_requests=%s more_non2xx=%s rss_after_60s_more_mb=%s %s backlog_at_end=%s %s\n' \
-  "$STORE" "$N" "$LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG" "$LISTING_SIDE $STOP_SIDE"
+  "$STORE" "$N" "$FIRST_LOAD_SECS" "$N" "$REQS" "$NON2XX" "$((LOADED - PASSIVATED))" "$IDLE" "$ACTIVE" "$MORE_REQS" "$MORE_NON2XX" "$LATER" "$STORE_SIDE" "$BACKLOG" "$LISTING_SIDE $STOP_SIDE$KILL_SIDE"

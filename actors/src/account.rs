@@ -15,6 +15,7 @@ use crate::money::{Amount, Price};
 use crate::slot::Slot;
 use crate::store::{now_ms, EntryKind, LedgerEntry, Record, Store};
 use crate::RequestId;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -273,24 +274,10 @@ impl Actor for AccountActor {
         _myself: ActorRef<AccountMsg>,
         args: AccountArgs,
     ) -> Result<AccountState, ActorProcessingErr> {
-        // Everything of this account's sent to the ledger before now (by its previous
-        // incarnation, or a journal replayed at start) must be in the store before the balance
-        // is read, or the read would miss it. Other accounts' records do not hold this up.
-        let barrier = args
-            .ledger
-            .get()
-            .ask(
-                |port| LedgerMsg::BarrierFor(args.account_id.clone(), port),
-                Some(Duration::from_secs(30)),
-            )
-            .await?;
-        if !barrier.is_success() {
-            return Err("the ledger writer is restarting".into());
-        }
         // Charges the previous incarnation applied that its handlers had not yet confirmed
-        // journaled: which of them the store has. Asked before the balance is read, so that a
-        // shipment landing between the two reads can only make the balance lower (a charge
-        // counted twice until the next load), never higher.
+        // journaled. Read before the ledger is asked: a charge confirmed after this read was
+        // journaled before, so the ledger has it in the account's records below; one
+        // confirmed later is in this list. Either way it is counted.
         let unconfirmed: Vec<(RequestId, Charge)> = args
             .book
             .lock()
@@ -298,15 +285,39 @@ impl Actor for AccountActor {
             .iter()
             .map(|(id, c)| (id.clone(), c.clone()))
             .collect();
-        let durable = if unconfirmed.is_empty() {
-            Default::default()
-        } else {
-            let ids: Vec<RequestId> = unconfirmed.iter().map(|(id, _)| id.clone()).collect();
-            args.store.committed_calls(&ids).await?
+        // Everything of this account's sent to the ledger before now (by its previous
+        // incarnation, or a journal replayed at start) must be in the store before the balance
+        // is read, or the read would miss it; other accounts' records do not hold this up.
+        // Calls from a replayed journal need not wait for the replay: the ledger hands them
+        // over, and they are counted below like the unconfirmed ones.
+        let replayed = match args
+            .ledger
+            .get()
+            .ask(
+                |port| LedgerMsg::BarrierFor(args.account_id.clone(), port),
+                Some(Duration::from_secs(30)),
+            )
+            .await?
+        {
+            CallResult::Success(calls) => calls,
+            _ => return Err("the ledger writer is restarting".into()),
         };
-        let snapshot = args
+        let owed: Vec<(RequestId, Charge)> = unconfirmed
+            .into_iter()
+            .chain(replayed.into_iter().map(|c| {
+                let charge = Charge {
+                    amount: c.charged.nanos(),
+                    key_id: c.key_id,
+                };
+                (c.request_id, charge)
+            }))
+            .collect();
+        // Which of them the store has, and the balance, from one state of the store: a
+        // shipment landing meanwhile is counted once, by the store or here.
+        let ids: Vec<RequestId> = owed.iter().map(|(id, _)| id.clone()).collect();
+        let (snapshot, durable) = args
             .store
-            .account_snapshot(&args.account_id)
+            .account_snapshot_with(&args.account_id, &ids)
             .await?
             .ok_or_else(|| NoSuchAccount(args.account_id.clone()))?;
         let mut balance = snapshot.balance.nanos();
@@ -317,7 +328,7 @@ impl Actor for AccountActor {
             .collect();
         // The rest are on their way to the store: count them now, as the store will.
         let mut book = args.book.lock();
-        for (id, charge) in unconfirmed {
+        for (id, charge) in owed {
             if durable.contains(&*id) {
                 book.settling.remove(&id);
             } else {

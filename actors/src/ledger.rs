@@ -174,8 +174,12 @@ pub enum LedgerMsg {
     Commit(Record, CommitReply),
     /// Answered once every record sent before it is in the store.
     Barrier(RpcReplyPort<()>),
-    /// Answered once every record of this account sent before it is in the store.
-    BarrierFor(String, RpcReplyPort<()>),
+    /// For an account about to read its balance: its calls that may not be in the store yet.
+    /// When every record of the account not yet shipped is a call from the journal replayed
+    /// at start, answered at once with those (the account asks the store which it has and
+    /// counts the rest itself); otherwise answered, empty, once every record of the account
+    /// sent before it is in the store.
+    BarrierFor(String, RpcReplyPort<Vec<UnshippedCall>>),
     /// Start a shipment if none is running.
     Ship,
     /// A shipment finished.
@@ -202,6 +206,42 @@ pub struct LedgerArgs {
     pub backlog: Arc<AtomicUsize>,
     /// Where the open journal is posted for settlements to append to.
     pub slot: JournalSlot,
+}
+
+/// A call whose record may not be in the store yet: what its account's balance owes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnshippedCall {
+    pub request_id: crate::RequestId,
+    pub key_id: Option<String>,
+    /// What the balance paid (the record's `cost`).
+    pub charged: crate::money::Amount,
+}
+
+/// An account's records in the journal replayed at start.
+#[derive(Default)]
+struct ReplayedRecords {
+    calls: Vec<UnshippedCall>,
+    /// Whether any of them is a ledger entry: the account then waits for the replay.
+    entries: bool,
+}
+
+/// Who waits for records to reach the store.
+enum Waiter {
+    All(RpcReplyPort<()>),
+    Account(RpcReplyPort<Vec<UnshippedCall>>),
+}
+
+impl Waiter {
+    fn answer(self) {
+        match self {
+            Waiter::All(reply) => {
+                let _ = reply.send(());
+            }
+            Waiter::Account(reply) => {
+                let _ = reply.send(Vec::new());
+            }
+        }
+    }
 }
 
 /// One record on its way to the store.
@@ -251,9 +291,14 @@ pub struct LedgerState {
     inbox: Inbox,
     /// The inbox's records while they are being queued (kept for its allocation).
     arrived: Vec<Arrived>,
-    barriers: Vec<(u64, RpcReplyPort<()>)>,
+    barriers: Vec<(u64, Waiter)>,
     /// Per account with records not yet in the store: the sequence number of its last one.
     last_queued: HashMap<String, u64>,
+    /// The journal replayed at start, per account, until all of it is in the store: its
+    /// records are sequence numbers 1 to `replayed_through`. An account starting meanwhile
+    /// takes its calls from here rather than wait for the replay to reach them (`BarrierFor`).
+    replayed: HashMap<String, ReplayedRecords>,
+    replayed_through: u64,
     /// `fsync` mode: appends written but not yet synced.
     unsynced: Vec<CommitReply>,
     sync_scheduled: bool,
@@ -322,6 +367,23 @@ impl Actor for LedgerWriter {
             .enumerate()
             .map(|(i, q)| (q.record.account_id().to_owned(), i as u64 + 1))
             .collect();
+        let mut replayed: HashMap<String, ReplayedRecords> = HashMap::new();
+        for q in &queue {
+            let of_account = match replayed.get_mut(q.record.account_id()) {
+                Some(r) => r,
+                None => replayed
+                    .entry(q.record.account_id().to_owned())
+                    .or_default(),
+            };
+            match &q.record {
+                Record::Call(u) => of_account.calls.push(UnshippedCall {
+                    request_id: u.request_id.clone(),
+                    key_id: u.key_id.clone(),
+                    charged: u.cost,
+                }),
+                Record::Entry(_) => of_account.entries = true,
+            }
+        }
         let mut state = LedgerState {
             store: args.store,
             journal,
@@ -332,6 +394,7 @@ impl Actor for LedgerWriter {
             drain_timeout: args.drain_timeout,
             backlog: args.backlog,
             queued: queue.len() as u64,
+            replayed_through: queue.len() as u64,
             queue,
             shipped_through: 0,
             in_flight: None,
@@ -342,6 +405,7 @@ impl Actor for LedgerWriter {
             arrived: Vec::new(),
             barriers: Vec::new(),
             last_queued,
+            replayed,
             unsynced: Vec::new(),
             sync_scheduled: false,
             backlog_gauge: metrics::gauge!("tollgate_ledger_queue_depth"),
@@ -371,11 +435,16 @@ impl Actor for LedgerWriter {
             }
             LedgerMsg::Barrier(reply) => {
                 let through = state.queued;
-                state.barrier(&myself, through, reply);
+                state.barrier(&myself, through, Waiter::All(reply));
             }
             LedgerMsg::BarrierFor(account, reply) => {
                 let through = state.last_queued.get(&account).copied().unwrap_or(0);
-                state.barrier(&myself, through, reply);
+                match state.replayed_calls(&account, through) {
+                    Some(calls) => {
+                        let _ = reply.send(calls);
+                    }
+                    None => state.barrier(&myself, through, Waiter::Account(reply)),
+                }
             }
             LedgerMsg::Ship => {
                 state.ship_scheduled = false;
@@ -533,13 +602,24 @@ impl LedgerState {
         }
     }
 
-    fn barrier(&mut self, myself: &ActorRef<LedgerMsg>, through: u64, reply: RpcReplyPort<()>) {
+    fn barrier(&mut self, myself: &ActorRef<LedgerMsg>, through: u64, waiter: Waiter) {
         if self.shipped_through >= through {
-            let _ = reply.send(());
+            waiter.answer();
         } else {
-            self.barriers.push((through, reply));
+            self.barriers.push((through, waiter));
             self.ship_now(myself);
         }
+    }
+
+    /// The account's calls from the replayed journal, if they are all it has not yet shipped
+    /// (its last record not yet in the store, `through`, is one of them) and none of its
+    /// replayed records is an entry. Some of them may be in the store already.
+    fn replayed_calls(&self, account: &str, through: u64) -> Option<Vec<UnshippedCall>> {
+        if through <= self.shipped_through || through > self.replayed_through {
+            return None;
+        }
+        let replayed = self.replayed.get(account)?;
+        (!replayed.entries).then(|| replayed.calls.clone())
     }
 
     fn enqueue(&mut self, record: Record, segment: Option<u64>, reply: Option<CommitReply>) {
@@ -663,11 +743,14 @@ impl LedgerState {
         }
         drop(journal);
         let through = self.shipped_through;
+        if through >= self.replayed_through && !self.replayed.is_empty() {
+            self.replayed = HashMap::new();
+        }
         let mut i = 0;
         while i < self.barriers.len() {
             if self.barriers[i].0 <= through {
-                let (_, reply) = self.barriers.swap_remove(i);
-                let _ = reply.send(());
+                let (_, waiter) = self.barriers.swap_remove(i);
+                waiter.answer();
             } else {
                 i += 1;
             }

@@ -394,25 +394,36 @@ impl Store {
     }
 
     pub async fn account_snapshot(&self, id: &str) -> Result<Option<AccountSnapshot>, StoreError> {
-        // One round trip: a row per key, or one with no key; none when there is no account.
-        let rows = sqlx::query(
-            "SELECT a.balance, k.id AS key_id, k.spent FROM accounts a \
-             LEFT JOIN api_keys k ON k.account_id = a.id WHERE a.id = $1",
-        )
-        .bind(id)
-        .fetch_all(&self.pool)
-        .await?;
-        let Some(first) = rows.first() else {
-            return Ok(None);
-        };
-        let balance = Amount(first.try_get::<i64, _>("balance")?);
-        let mut key_spent = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if let Some(key_id) = row.try_get::<Option<String>, _>("key_id")? {
-                key_spent.push((key_id, Amount(row.try_get::<i64, _>("spent")?)));
-            }
+        snapshot_of(&self.pool, id).await
+    }
+
+    /// The account's snapshot, and which of `calls` (charged to it, perhaps not yet in the
+    /// store) the store has, read in one transaction that sees one state of the store: a
+    /// batch committing meanwhile is either in both the balance and the answer, or in
+    /// neither. Without calls to ask about, the snapshot alone.
+    pub async fn account_snapshot_with(
+        &self,
+        id: &str,
+        calls: &[crate::RequestId],
+    ) -> Result<Option<(AccountSnapshot, KeySet)>, StoreError> {
+        if calls.is_empty() {
+            let snapshot = snapshot_of(&self.pool, id).await?;
+            return Ok(snapshot.map(|s| (s, KeySet::default())));
         }
-        Ok(Some(AccountSnapshot { balance, key_spent }))
+        let mut tx = self.pool.begin().await?;
+        // SQLite reads one snapshot from a transaction's first read to its end (WAL);
+        // Postgres does so only from REPEATABLE READ up (READ COMMITTED, its default, takes a
+        // new one per statement).
+        if self.backend == Backend::Postgres {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let sql = BatchSql::of(self.backend).committed_calls;
+        let committed = keys_of(&mut *tx, sql, calls, "request_id").await?;
+        let snapshot = snapshot_of(&mut *tx, id).await?;
+        tx.rollback().await?;
+        Ok(snapshot.map(|s| (s, committed)))
     }
 
     // ---- keys -----------------------------------------------------------------------------
@@ -667,17 +678,6 @@ impl Store {
     }
 
     /// Which of these calls (by request id) are committed.
-    pub async fn committed_calls(
-        &self,
-        request_ids: &[crate::RequestId],
-    ) -> Result<KeySet, StoreError> {
-        if request_ids.is_empty() {
-            return Ok(Default::default());
-        }
-        let sql = BatchSql::of(self.backend).committed_calls;
-        keys_of(&self.pool, sql, request_ids, "request_id").await
-    }
-
     pub async fn usage(
         &self,
         account_id: &str,
@@ -791,6 +791,32 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
 
 /// Runs one of [`BatchSql`]'s statements on `rows`; returns the `column` of every row it
 /// returned (for an insert, the keys of the rows it added).
+/// The account's balance and its keys' spend: one round trip (a row per key, or one with no
+/// key); none when there is no account.
+async fn snapshot_of<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    id: &str,
+) -> Result<Option<AccountSnapshot>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT a.balance, k.id AS key_id, k.spent FROM accounts a \
+         LEFT JOIN api_keys k ON k.account_id = a.id WHERE a.id = $1",
+    )
+    .bind(id)
+    .fetch_all(executor)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let balance = Amount(first.try_get::<i64, _>("balance")?);
+    let mut key_spent = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(key_id) = row.try_get::<Option<String>, _>("key_id")? {
+            key_spent.push((key_id, Amount(row.try_get::<i64, _>("spent")?)));
+        }
+    }
+    Ok(Some(AccountSnapshot { balance, key_spent }))
+}
+
 async fn keys_of<'e, T: serde::Serialize>(
     executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
     sql: &'e str,

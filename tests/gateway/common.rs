@@ -316,7 +316,6 @@ impl Harness {
         l
     }
 
-    /// The Prometheus text of `GET /metrics`.
     /// The account directory's node of `/admin/actors{query}`.
     pub async fn directory(&self, query: &str) -> Value {
         let tree: Value = self
@@ -328,6 +327,7 @@ impl Harness {
             .clone()
     }
 
+    /// The Prometheus text of `GET /metrics`.
     pub async fn metrics_text(&self) -> String {
         self.admin(reqwest::Method::GET, "/metrics")
             .send()

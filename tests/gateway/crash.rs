@@ -91,9 +91,8 @@ async fn kill9_under_load_loses_no_charge(backend: Backend) {
 }
 both_stores!(kill9_under_load_loses_no_charge);
 
-/// Starts the gateway again after a `kill -9` and waits until the journal the killed process
-/// left is in the store: the account's actor starts only after that, so reading the account
-/// answers after the replay.
+/// Starts the gateway again after a `kill -9`, reads the account through it, and waits until
+/// the journal the killed process left is in the store.
 async fn restart_after_kill(
     config: &std::path::Path,
     port: u16,
@@ -108,7 +107,27 @@ async fn restart_after_kill(
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    wait_for_the_replay(&server, http).await;
     server
+}
+
+/// Until the gateway's backlog of records not yet in the store is empty.
+async fn wait_for_the_replay(server: &Server, http: &reqwest::Client) {
+    for _ in 0..400 {
+        let text = server
+            .admin(http, Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&text, "tollgate_ledger_queue_depth") == Some(0.0) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the replayed journal did not reach the store");
 }
 
 /// After a restart: every completed response has its usage record, charged, and balance =
@@ -163,6 +182,95 @@ both_stores!(kill9_before_shipping_replays_the_journal);
 async fn kill9_before_shipping_replays_the_synced_journal() {
     kill9_before_shipping(Backend::Sqlite, "fsync").await;
 }
+
+/// After a `kill -9` that left an account's charges in the journal, the account is served
+/// without waiting for the replay to reach the store: its balance counts them already. Here
+/// the store's write lock is held from before the restart, so nothing of the replay ships
+/// until the end; before, the account's first call waited for it (30 s, then 503).
+async fn an_account_is_served_before_its_replayed_charges_reach_the_store(backend: Backend) {
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let mock = Mock::start(MockOptions::default()).await;
+    let normal = config_toml(&db.url, db.dir.path(), mock.addr);
+    let config = db.dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        normal.replacen("[ledger]\n", "[ledger]\nship_interval_ms = 3600000\n", 1),
+    )
+    .unwrap();
+    let log = db.dir.path().join("tollgate.log");
+    let port = stable_port();
+    let http = reqwest::Client::new();
+    let server = Server::spawn(&config, port, &log, "info").await;
+    let (account, key) = seed_account(&http, &server.base, "replay@example.com", "100").await;
+    let call = async |base: &str| {
+        let body = json!({"model": "gpt-4o-mini", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "before the replay"}]});
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let balance = async |server: &Server| -> String {
+        let v: Value = server
+            .admin(&http, Method::GET, &format!("/admin/accounts/{account}"))
+            .send_json()
+            .await;
+        v["balance"].as_str().unwrap().to_owned()
+    };
+    for _ in 0..5 {
+        assert_eq!(call(&server.base).await, 200);
+    }
+    let journaled = balance(&server).await;
+    assert_ne!(journaled, "100.000000000");
+    server.kill9().await;
+
+    // Shipments block on this lock; reading an account does not.
+    let pool = db.pool().await;
+    let mut lock = pool.begin().await.unwrap();
+    let take_lock = match backend {
+        Backend::Postgres => "LOCK TABLE usage_records IN EXCLUSIVE MODE",
+        Backend::Sqlite => "DELETE FROM usage_records WHERE request_id = ''",
+    };
+    sqlx::query(take_lock).execute(&mut *lock).await.unwrap();
+
+    std::fs::write(&config, &normal).unwrap();
+    let server = Server::spawn(&config, port, &log, "info").await;
+    let served = tokio::time::timeout(Duration::from_secs(10), async {
+        let before = balance(&server).await;
+        let status = call(&server.base).await;
+        (before, status, balance(&server).await)
+    })
+    .await
+    .expect("served while the replay cannot ship");
+    assert_eq!(served.0, journaled, "the replayed charges are counted");
+    assert_eq!(served.1, 200);
+    let in_store: i64 = sqlx::query("SELECT COUNT(*) FROM usage_records")
+        .fetch_one(&mut *lock)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_store, 0, "nothing of the replay has shipped");
+    lock.rollback().await.unwrap();
+
+    wait_for_the_replay(&server, &http).await;
+    let l = ledger(&pool, &account).await;
+    assert_eq!(l.charge_count, 6);
+    assert_eq!(l.ledger_sum, l.balance);
+    assert_eq!(
+        tollgate_actors::Amount(l.balance).to_string(),
+        served.2,
+        "the store comes to what the gateway counted"
+    );
+    pool.close().await;
+    assert!(server.terminate().await.success());
+    db.drop_db().await;
+}
+both_stores!(an_account_is_served_before_its_replayed_charges_reach_the_store);
 
 async fn kill9_before_shipping(backend: Backend, sync: &str) {
     let Some(db) = TestDb::new(backend).await else {

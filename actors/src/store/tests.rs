@@ -143,11 +143,18 @@ async fn an_entry_counts_once(store: &Store) {
         Amount(1000 - 107)
     );
     // Calls only: `c1` is an entry.
-    let found = store
-        .committed_calls(&["r1".into(), "r3".into(), "c1".into()])
+    let (snapshot, found) = store
+        .account_snapshot_with("a", &["r1".into(), "r3".into(), "c1".into()])
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(found, ["r1".to_owned()].into_iter().collect());
+    assert_eq!(snapshot.balance, Amount(1000 - 107));
+    assert!(store
+        .account_snapshot_with("nobody", &["r1".into()])
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
@@ -358,6 +365,58 @@ async fn a_batch_round_trips_exactly_on_sqlite() {
 #[tokio::test]
 async fn a_batch_round_trips_exactly_on_postgres() {
     on_postgres(a_batch_round_trips_exactly).await;
+}
+
+/// What an account starting reads (its balance, and which of its calls the store has) comes
+/// from one state of the store, while batches commit alongside: the balance less the calls
+/// the store lacks is the same in every read.
+async fn a_snapshot_with_calls_sees_one_state(store: &Store) {
+    store.create_account("a", "a@example.com").await.unwrap();
+    let n = 150;
+    let ids: Vec<crate::RequestId> = (0..n).map(|i| format!("r{i}").into()).collect();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                store
+                    .commit_batch(&[charge(&format!("r{i}"), "a", 1 << (i % 20))])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let all: i64 = (0..n).map(|i| 1i64 << (i % 20)).sum();
+    let mut reads = 0;
+    while !writer.is_finished() || reads == 0 {
+        let (snapshot, found) = store
+            .account_snapshot_with("a", &ids)
+            .await
+            .unwrap()
+            .unwrap();
+        let lacking: i64 = (0..n)
+            .filter(|i| !found.contains(&format!("r{i}")))
+            .map(|i| 1i64 << (i % 20))
+            .sum();
+        assert_eq!(
+            snapshot.balance.nanos() - lacking,
+            -all,
+            "read {reads}: {} of {n} calls found",
+            found.len()
+        );
+        reads += 1;
+    }
+    writer.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_snapshot_with_calls_sees_one_state_on_sqlite() {
+    let (store, _dir) = sqlite().await;
+    a_snapshot_with_calls_sees_one_state(&store).await;
+}
+
+#[tokio::test]
+async fn a_snapshot_with_calls_sees_one_state_on_postgres() {
+    on_postgres(a_snapshot_with_calls_sees_one_state).await;
 }
 
 #[tokio::test]
