@@ -14,8 +14,9 @@
 # journal fills to near `ledger.max_buffer`; then `kill -9`, the lock goes, and the gateway starts
 # once more and is called with every key again. Reported: the backlog at the kill, seconds until
 # the restarted gateway is healthy, until the replayed backlog is in the store
-# (`replay_shipped_secs`, polled every 0.5 s) and until every account has loaded
-# (`reload_secs`), and the calls of that lap: how many, how many not 2xx, p99 and slowest.
+# (`replay_shipped_secs`, polled every 0.5 s; "none" if not within the lap) and until every
+# account has loaded (`reload_secs`), the backlog then, and the calls of that lap: how many, how many not 2xx, p99 and slowest. That
+# lap calls the keys in a shuffled order, not the order their records lie in the journal.
 #
 # The store is SQLite, or with --postgres a fresh database at 127.0.0.1:5432 (user postgres,
 # dropped at exit). Accounts are seeded straight into it (through the admin API they would take
@@ -144,6 +145,15 @@ fi
 cat >"$TMP/keys.lua" <<EOF
 local keys = {}
 for line in io.lines("$TMP/keys.txt") do keys[#keys + 1] = line end
+-- KEYS_SHUFFLE=1: the keys in a fixed shuffled order (the same in every thread), not the order
+-- in which the lap before called them.
+if os.getenv("KEYS_SHUFFLE") == "1" then
+  math.randomseed(55)
+  for j = #keys, 2, -1 do
+    local k = math.random(j)
+    keys[j], keys[k] = keys[k], keys[j]
+  end
+end
 local body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"hello"}]}'
 local threads, i = {}, 0
 -- Each thread takes every other key, so that two threads cover all of them once per lap.
@@ -311,10 +321,12 @@ time.sleep(3600)" &
   RESTART=$(date +%s.%N)
   start_gateway
   HEALTHY_SECS=$(since "$RESTART")
-  call_every_key "$TMP/wrk-after-kill.txt"
+  # In another order than the journal holds them: real callers do not come back in the
+  # order of the records their calls left.
+  KEYS_SHUFFLE=1 call_every_key "$TMP/wrk-after-kill.txt"
   grep '^WRK last_error=' "$TMP/wrk-after-kill.txt" >&2 || true
   AFTER=$(grep '^WRK requests=' "$TMP/wrk-after-kill.txt" | sed 's/^WRK //; s/=/_after_kill=/g')
-  KILL_SIDE=" backlog_at_kill=$KILLED_BACKLOG healthy_secs=$HEALTHY_SECS replay_shipped_secs=${REPLAY_SECS:-none} reload_secs=$LOAD_SECS $AFTER"
+  KILL_SIDE=" backlog_at_kill=$KILLED_BACKLOG healthy_secs=$HEALTHY_SECS replay_shipped_secs=${REPLAY_SECS:-none} reload_secs=$LOAD_SECS backlog_after_reload=$(metric tollgate_ledger_queue_depth) peak_rss_after_kill_mb=$(peak_rss_mb "$GW_PID") $AFTER"
   kill -TERM "$GW_PID"
   wait "$GW_PID" || die "the gateway did not stop cleanly after the replay"
 fi
