@@ -296,7 +296,7 @@ pub struct LedgerState {
     last_queued: HashMap<String, u64>,
     /// The journal replayed at start, per account, until all of it is in the store: its
     /// records are sequence numbers 1 to `replayed_through`. An account starting meanwhile
-    /// takes its calls from here rather than wait for the replay to reach them (`BarrierFor`).
+    /// takes its calls out of here rather than wait for the replay to reach them (`BarrierFor`).
     replayed: HashMap<String, ReplayedRecords>,
     replayed_through: u64,
     /// `fsync` mode: appends written but not yet synced.
@@ -613,13 +613,14 @@ impl LedgerState {
 
     /// The account's calls from the replayed journal, if they are all it has not yet shipped
     /// (its last record not yet in the store, `through`, is one of them) and none of its
-    /// replayed records is an entry. Some of them may be in the store already.
-    fn replayed_calls(&self, account: &str, through: u64) -> Option<Vec<UnshippedCall>> {
+    /// replayed records is an entry. Some of them may be in the store already. Handed over
+    /// once: the index shrinks as accounts load, and an account asking again waits.
+    fn replayed_calls(&mut self, account: &str, through: u64) -> Option<Vec<UnshippedCall>> {
         if through <= self.shipped_through || through > self.replayed_through {
             return None;
         }
-        let replayed = self.replayed.get(account)?;
-        (!replayed.entries).then(|| replayed.calls.clone())
+        let replayed = self.replayed.remove(account)?;
+        (!replayed.entries).then_some(replayed.calls)
     }
 
     fn enqueue(&mut self, record: Record, segment: Option<u64>, reply: Option<CommitReply>) {

@@ -256,19 +256,25 @@ async fn an_account_gets_its_replayed_calls_instead_of_waiting_for_the_replay() 
     assert!(barrier_for(&ledger, "b").await.is_empty());
     let b = s.store.account("b").await.unwrap().unwrap().balance;
     assert_eq!(b, Amount(5));
-    // All of the replay is in: a has nothing left to count.
-    assert!(barrier_for(&ledger, "a").await.is_empty());
     assert_eq!(s.balance().await, Amount(-130));
     ledger.stop_and_wait(None, None).await.unwrap();
 
-    // A call of this run, after the replayed ones: a waits for all of them.
+    // Handed over once: asked again (a second start of a's actor), a waits for them.
     let ledger = journal_then_start(&[charge("c2", "a", 7)]).await;
+    assert_eq!(barrier_for(&ledger, "a").await, [("c2".to_owned(), 7)]);
+    assert_eq!(s.balance().await, Amount(-130));
+    assert!(barrier_for(&ledger, "a").await.is_empty());
+    assert_eq!(s.balance().await, Amount(-137));
+    ledger.stop_and_wait(None, None).await.unwrap();
+
+    // A call of this run, after the replayed ones: a waits for all of them.
+    let ledger = journal_then_start(&[charge("c3", "a", 1)]).await;
     let rx = send(&ledger, |port| {
-        LedgerMsg::Append(charge("c3", "a", 1), port)
+        LedgerMsg::Append(charge("c4", "a", 1), port)
     });
     assert!(matches!(rx.await.unwrap(), Ok(true)));
     assert!(barrier_for(&ledger, "a").await.is_empty());
-    assert_eq!(s.balance().await, Amount(-138));
+    assert_eq!(s.balance().await, Amount(-139));
     ledger.stop_and_wait(None, None).await.unwrap();
 }
 
