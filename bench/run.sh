@@ -873,7 +873,8 @@ held_run tollgate-sqlite "${URL[tollgate-sqlite]}" "$KEY_SQLITE" gpt-4o-mini-lon
 # ---------------------------------------------------------------------------------------------
 # Durability check: every 2xx a client saw has its usage record committed, after kill -9.
 # Both gateways are killed without warning, started again (which ships what their journals
-# hold), and asked for the bench account (its actor starts only after that replay).
+# hold), asked for the bench account, and then waited for until nothing they replayed is left
+# unshipped (an account's actor need not wait for the replay: docs/guarantees.md 5.5).
 # ---------------------------------------------------------------------------------------------
 sleep 1
 kill -9 "$GW_SQLITE_PID" "$GW_PG_PID"
@@ -884,6 +885,13 @@ for port in "$GW_SQLITE_PORT" "$GW_PG_PORT"; do
   curl -sf -o /dev/null -H "Authorization: Bearer $ADMIN" \
     "http://127.0.0.1:$port/admin/accounts/$(cat "$TMP/account-$port")" \
     || die "reading the bench account on :$port after the restart"
+  for _ in $(seq 1 600); do
+    depth=$(curl -sf -H "Authorization: Bearer $ADMIN" "http://127.0.0.1:$port/metrics" \
+      | awk '$1 == "tollgate_ledger_queue_depth" { print $2 + 0 }')
+    [[ $depth == 0 ]] && break
+    sleep 0.1
+  done
+  [[ $depth == 0 ]] || die "the gateway on :$port still had $depth replayed records unshipped after 60 s"
 done
 seen() { # target → 2xx responses the clients saw (wrk runs, probes incl. their warm-ups, sanity)
   awk -v t="$1" '
