@@ -188,17 +188,15 @@ async fn kill9_before_shipping_replays_the_synced_journal() {
 /// the store's write lock is held from before the restart, so nothing of the replay ships
 /// until the end; before, the account's first call waited for it (30 s, then 503).
 async fn an_account_is_served_before_its_replayed_charges_reach_the_store(backend: Backend) {
-    let Some(db) = TestDb::new(backend).await else {
+    let Some(JournalOnly {
+        db,
+        _mock,
+        config,
+        normal,
+    }) = JournalOnly::start(backend, "").await
+    else {
         return;
     };
-    let mock = Mock::start(MockOptions::default()).await;
-    let normal = config_toml(&db.url, db.dir.path(), mock.addr);
-    let config = db.dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        normal.replacen("[ledger]\n", "[ledger]\nship_interval_ms = 3600000\n", 1),
-    )
-    .unwrap();
     let log = db.dir.path().join("tollgate.log");
     let port = stable_port();
     let http = reqwest::Client::new();
@@ -272,23 +270,43 @@ async fn an_account_is_served_before_its_replayed_charges_reach_the_store(backen
 }
 both_stores!(an_account_is_served_before_its_replayed_charges_reach_the_store);
 
+/// A test database, a mock upstream, and a gateway config with an hour between shipments
+/// (and `ledger` settings added): the store sees no call until a restart on `normal`, the
+/// same config without them.
+struct JournalOnly {
+    db: TestDb,
+    _mock: Mock,
+    config: std::path::PathBuf,
+    normal: String,
+}
+
+impl JournalOnly {
+    async fn start(backend: Backend, ledger: &str) -> Option<JournalOnly> {
+        let db = TestDb::new(backend).await?;
+        let mock = Mock::start(MockOptions::default()).await;
+        let normal = config_toml(&db.url, db.dir.path(), mock.addr);
+        let config = db.dir.path().join("tollgate.toml");
+        let unshipping = format!("[ledger]\nship_interval_ms = 3600000\n{ledger}");
+        std::fs::write(&config, normal.replacen("[ledger]\n", &unshipping, 1)).unwrap();
+        Some(JournalOnly {
+            db,
+            _mock: mock,
+            config,
+            normal,
+        })
+    }
+}
+
 async fn kill9_before_shipping(backend: Backend, sync: &str) {
-    let Some(db) = TestDb::new(backend).await else {
+    let Some(JournalOnly {
+        db,
+        _mock,
+        config,
+        normal,
+    }) = JournalOnly::start(backend, &format!("journal_sync = \"{sync}\"\n")).await
+    else {
         return;
     };
-    let mock = Mock::start(MockOptions::default()).await;
-    let normal = config_toml(&db.url, db.dir.path(), mock.addr);
-    let config = db.dir.path().join("tollgate.toml");
-    // An hour between shipments: in this test the store sees nothing until the restart.
-    std::fs::write(
-        &config,
-        normal.replacen(
-            "[ledger]\n",
-            &format!("[ledger]\nship_interval_ms = 3600000\njournal_sync = \"{sync}\"\n"),
-            1,
-        ),
-    )
-    .unwrap();
     let log = db.dir.path().join("tollgate.log");
     let port = stable_port(); // the gateway is restarted on it
     let http = reqwest::Client::new();
