@@ -317,7 +317,7 @@ impl Actor for AccountActor {
         let ids: Vec<RequestId> = owed.iter().map(|(id, _)| id.clone()).collect();
         let (snapshot, durable) = args
             .store
-            .account_snapshot_with(&args.account_id, &ids)
+            .account_snapshot(&args.account_id, &ids)
             .await?
             .ok_or_else(|| NoSuchAccount(args.account_id.clone()))?;
         let mut balance = snapshot.balance.nanos();

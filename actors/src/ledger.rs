@@ -376,6 +376,8 @@ impl Actor for LedgerWriter {
                     .or_default(),
             };
             match &q.record {
+                // A call that cost nothing owes the balance nothing.
+                Record::Call(u) if u.cost.nanos() == 0 => {}
                 Record::Call(u) => of_account.calls.push(UnshippedCall {
                     request_id: u.request_id.clone(),
                     key_id: u.key_id.clone(),

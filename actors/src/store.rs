@@ -393,15 +393,11 @@ impl Store {
         row.map(|r| account_row(&r)).transpose()
     }
 
-    pub async fn account_snapshot(&self, id: &str) -> Result<Option<AccountSnapshot>, StoreError> {
-        snapshot_of(&self.pool, id).await
-    }
-
-    /// The account's snapshot, and which of `calls` (charged to it, perhaps not yet in the
+    /// The account's balance and its keys' spend, and which of `calls` (charged to it, perhaps not yet in the
     /// store) the store has, read in one transaction that sees one state of the store: a
     /// batch committing meanwhile is either in both the balance and the answer, or in
     /// neither. Without calls to ask about, the snapshot alone.
-    pub async fn account_snapshot_with(
+    pub async fn account_snapshot(
         &self,
         id: &str,
         calls: &[crate::RequestId],
@@ -677,7 +673,6 @@ impl Store {
         self.rechecked.load(Ordering::Relaxed)
     }
 
-    /// Which of these calls (by request id) are committed.
     pub async fn usage(
         &self,
         account_id: &str,
@@ -789,8 +784,6 @@ fn key_row(r: &AnyRow) -> Result<KeyRow, StoreError> {
     })
 }
 
-/// Runs one of [`BatchSql`]'s statements on `rows`; returns the `column` of every row it
-/// returned (for an insert, the keys of the rows it added).
 /// The account's balance and its keys' spend: one round trip (a row per key, or one with no
 /// key); none when there is no account.
 async fn snapshot_of<'e>(
@@ -817,6 +810,8 @@ async fn snapshot_of<'e>(
     Ok(Some(AccountSnapshot { balance, key_spent }))
 }
 
+/// Runs one of [`BatchSql`]'s statements on `rows`; returns the `column` of every row it
+/// returned (for an insert, the keys of the rows it added).
 async fn keys_of<'e, T: serde::Serialize>(
     executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
     sql: &'e str,

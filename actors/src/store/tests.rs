@@ -144,14 +144,14 @@ async fn an_entry_counts_once(store: &Store) {
     );
     // Calls only: `c1` is an entry.
     let (snapshot, found) = store
-        .account_snapshot_with("a", &["r1".into(), "r3".into(), "c1".into()])
+        .account_snapshot("a", &["r1".into(), "r3".into(), "c1".into()])
         .await
         .unwrap()
         .unwrap();
     assert_eq!(found, ["r1".to_owned()].into_iter().collect());
     assert_eq!(snapshot.balance, Amount(1000 - 107));
     assert!(store
-        .account_snapshot_with("nobody", &["r1".into()])
+        .account_snapshot("nobody", &["r1".into()])
         .await
         .unwrap()
         .is_none());
@@ -388,11 +388,7 @@ async fn a_snapshot_with_calls_sees_one_state(store: &Store) {
     let all: i64 = (0..n).map(|i| 1i64 << (i % 20)).sum();
     let mut reads = 0;
     while !writer.is_finished() || reads == 0 {
-        let (snapshot, found) = store
-            .account_snapshot_with("a", &ids)
-            .await
-            .unwrap()
-            .unwrap();
+        let (snapshot, found) = store.account_snapshot("a", &ids).await.unwrap().unwrap();
         let lacking: i64 = (0..n)
             .filter(|i| !found.contains(&format!("r{i}")))
             .map(|i| 1i64 << (i % 20))
@@ -648,7 +644,7 @@ async fn a_store_from_before_one_row_per_call_upgrades(url: &str, backend: &str)
         Amount(900)
     );
     assert_eq!(store.key("k").await.unwrap().unwrap().spent, Amount(103));
-    let snapshot = store.account_snapshot("a").await.unwrap().unwrap();
+    let (snapshot, _) = store.account_snapshot("a", &[]).await.unwrap().unwrap();
     assert_eq!(snapshot.balance, Amount(900));
     assert_eq!(snapshot.key_spent, vec![("k".to_owned(), Amount(103))]);
 
