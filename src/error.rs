@@ -33,8 +33,9 @@ pub enum ApiError {
     RequestTimeout(u64),
     #[error("{0}")]
     Conflict(String),
+    /// With when to try again, in milliseconds, where the upstream said.
     #[error("{0}")]
-    RateLimited(String),
+    RateLimited(String, Option<u64>),
     #[error("{0}")]
     Upstream(String),
     #[error("The upstream provider did not answer in time.")]
@@ -101,7 +102,7 @@ impl ApiError {
                 "request_timeout",
             ),
             Conflict(_) => (StatusCode::CONFLICT, "invalid_request_error", "conflict"),
-            RateLimited(_) => (
+            RateLimited(..) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "rate_limit_exceeded",
@@ -132,13 +133,40 @@ impl ApiError {
     pub fn into_response(self) -> Response {
         let (status, kind, code) = self.parts();
         let mut resp = error_response(status, &self.to_string(), kind, code);
-        if let ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) = self {
+        match self {
             // The rest of the body was not read: this connection cannot carry another request.
-            resp.headers_mut()
-                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) => {
+                resp.headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            // When to try again, in the two headers the official SDKs read: the upstream's
+            // figure where it gave one, else a second (our own limits and shortages pass
+            // quickly, and the SDKs back off further on each retry).
+            ApiError::RateLimited(_, after_ms) => retry_after(&mut resp, after_ms.unwrap_or(1000)),
+            ApiError::Unavailable(_) => retry_after(&mut resp, 1000),
+            _ => {}
         }
         resp
     }
+}
+
+fn retry_after(resp: &mut Response, ms: u64) {
+    let headers = resp.headers_mut();
+    headers.insert("retry-after", HeaderValue::from(ms.div_ceil(1000)));
+    headers.insert("retry-after-ms", HeaderValue::from(ms));
+}
+
+/// When an upstream's answer says to try again, in milliseconds: `retry-after-ms`, else
+/// `retry-after` in whole seconds (an HTTP date there is not read).
+pub fn upstream_retry_after(headers: &http::HeaderMap) -> Option<u64> {
+    let value = |name: &str| headers.get(name)?.to_str().ok().map(str::trim);
+    if let Some(ms) = value("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(ms.ceil() as u64);
+        }
+    }
+    let secs = value("retry-after")?.parse::<u64>().ok()?;
+    Some(secs.saturating_mul(1000))
 }
 
 pub fn error_response(status: StatusCode, message: &str, kind: &str, code: &str) -> Response {
@@ -170,5 +198,43 @@ impl From<BillingError> for ApiError {
                 "Billing (the store is unreachable; charges are buffered)".to_owned(),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_retry_after;
+
+    fn after(pairs: &[(&'static str, &'static str)]) -> Option<u64> {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in pairs {
+            headers.insert(*name, http::HeaderValue::from_static(value));
+        }
+        upstream_retry_after(&headers)
+    }
+
+    #[test]
+    fn an_upstream_says_when_to_retry_in_milliseconds_or_seconds() {
+        assert_eq!(after(&[]), None);
+        assert_eq!(after(&[("retry-after", "7")]), Some(7000));
+        assert_eq!(after(&[("retry-after", " 2 ")]), Some(2000));
+        // The finer of the two wins, rounded up to a whole millisecond.
+        assert_eq!(
+            after(&[("retry-after", "7"), ("retry-after-ms", "1500.2")]),
+            Some(1501)
+        );
+        // An HTTP date, a negative or a word is not read.
+        assert_eq!(
+            after(&[("retry-after", "Wed, 21 Oct 2026 07:28:00 GMT")]),
+            None
+        );
+        assert_eq!(
+            after(&[("retry-after-ms", "-5"), ("retry-after", "x")]),
+            None
+        );
+        assert_eq!(
+            after(&[("retry-after-ms", "NaN"), ("retry-after", "3")]),
+            Some(3000)
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! completion token per word sent, `min(chunks, max_tokens)` of them.
 //!
 //! Upstream model names with special behaviour: `mock-error` (500), `mock-bad-request` (400),
-//! `mock-rate-limited` (429), `mock-hang` (never answers), `mock-no-usage` (omits usage),
+//! `mock-rate-limited` (429, `retry-after: 7`), `mock-hang` (never answers), `mock-no-usage` (omits usage),
 //! `mock-break` (a stream that ends after its first word, without `[DONE]`), `mock-linger`
 //! (a stream whose body ends 100 ms after its `[DONE]`).
 
@@ -130,7 +130,12 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
         "mock-bad-request" => {
             return error(StatusCode::BAD_REQUEST, "mock says the request is wrong")
         }
-        "mock-rate-limited" => return error(StatusCode::TOO_MANY_REQUESTS, "mock rate limit"),
+        "mock-rate-limited" => {
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "mock rate limit");
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("7"));
+            return r;
+        }
         "mock-hang" => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             return error(StatusCode::GATEWAY_TIMEOUT, "hung");

@@ -557,7 +557,7 @@ async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
         match desk.lease() {
             Some(Ok(lease)) => return Ok(lease),
             Some(Err(e @ ProviderError::Saturated { .. })) => {
-                return Err(ApiError::RateLimited(e.to_string()))
+                return Err(ApiError::RateLimited(e.to_string(), None))
             }
             Some(Err(e)) => return Err(ApiError::Unavailable(e.to_string())),
             None => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -601,6 +601,7 @@ async fn upstream_refused(
     timeout: Duration,
 ) -> ApiError {
     let status = upstream.status();
+    let retry_after = crate::error::upstream_retry_after(upstream.headers());
     let limit = call.app.config.limits.max_upstream_answer_bytes;
     let body = match read_answer(upstream.into_body(), timeout, limit).await {
         Answer::Whole(b) => Some(b),
@@ -611,9 +612,12 @@ async fn upstream_refused(
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_owned));
     let err = match status {
-        StatusCode::TOO_MANY_REQUESTS => ApiError::RateLimited(message.unwrap_or_else(|| {
-            "The upstream provider is rate limiting; retry shortly.".to_owned()
-        })),
+        StatusCode::TOO_MANY_REQUESTS => ApiError::RateLimited(
+            message.unwrap_or_else(|| {
+                "The upstream provider is rate limiting; retry shortly.".to_owned()
+            }),
+            retry_after,
+        ),
         s if s.is_client_error() && s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN => {
             ApiError::InvalidRequest(
                 message

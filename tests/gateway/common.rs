@@ -227,6 +227,13 @@ input_per_mtok = "1"
 output_per_mtok = "1"
 
 [[models]]
+id = "throttled"
+provider = "mock"
+upstream_model = "mock-rate-limited"
+input_per_mtok = "1"
+output_per_mtok = "1"
+
+[[models]]
 id = "no-usage"
 provider = "mock"
 upstream_model = "mock-no-usage"

@@ -74,7 +74,7 @@ async fn refused_requests_charge_nothing(backend: Backend) {
 }
 both_stores!(refused_requests_charge_nothing);
 
-async fn upstream_failures_are_502_and_504_and_free(backend: Backend) {
+async fn upstream_failures_are_502_504_429_and_free(backend: Backend) {
     let Some(h) = Harness::start_with(backend, Default::default(), |c| {
         c.providers[0].request_timeout_ms = 400
     })
@@ -97,6 +97,17 @@ async fn upstream_failures_are_502_and_504_and_free(backend: Backend) {
     assert_eq!(resp.status(), 504);
     assert_error_shape(&resp.json().await.unwrap(), "upstream_timeout");
 
+    // The upstream's rate limit reaches the client with its `retry-after`, which the SDKs
+    // wait for before they retry.
+    let resp = h
+        .chat(&key, &json!({"model": "throttled", "messages": msg}))
+        .await;
+    assert_eq!(resp.status(), 429);
+    let retry =
+        ["retry-after", "retry-after-ms"].map(|n| resp.headers()[n].to_str().unwrap().to_owned());
+    assert_eq!(retry, ["7", "7000"]);
+    assert_error_shape(&resp.json().await.unwrap(), "rate_limit_exceeded");
+
     let resp = h
         .chat(&key, &json!({"model": "refuses", "messages": msg}))
         .await;
@@ -110,17 +121,17 @@ async fn upstream_failures_are_502_and_504_and_free(backend: Backend) {
 
     assert_eq!(h.balance(&account).await, Amount(1_000_000_000));
     let usage = h.usage(&account).await;
-    assert_eq!(usage.len(), 3, "failed calls are recorded as metadata");
+    assert_eq!(usage.len(), 4, "failed calls are recorded as metadata");
     let mut statuses: Vec<u64> = usage
         .iter()
         .map(|u| u["status"].as_u64().unwrap())
         .collect();
     statuses.sort();
-    assert_eq!(statuses, vec![400, 500, 504]);
+    assert_eq!(statuses, vec![400, 429, 500, 504]);
     assert!(usage.iter().all(|u| u["cost"] == "0"));
     h.stop().await;
 }
-both_stores!(upstream_failures_are_502_and_504_and_free);
+both_stores!(upstream_failures_are_502_504_429_and_free);
 
 /// An answer larger than `limits.max_upstream_answer_bytes` is not held: 502, free, recorded
 /// with the upstream's work as a failure. An answer under the limit passes as ever.

@@ -113,15 +113,18 @@ async fn provider_concurrency_cap_answers_429(backend: Backend) {
     let results = join_all((0..6).map(|_| async {
         let r = h.chat(&key, &body).await;
         let status = r.status().as_u16();
-        (status, r.json::<Value>().await.unwrap())
+        let retry = ["retry-after", "retry-after-ms"]
+            .map(|h| r.headers().get(h).map(|v| v.to_str().unwrap().to_owned()));
+        (status, r.json::<Value>().await.unwrap(), retry)
     }))
     .await;
-    let ok = results.iter().filter(|(s, _)| *s == 200).count();
-    let limited: Vec<_> = results.iter().filter(|(s, _)| *s == 429).collect();
+    let ok = results.iter().filter(|(s, ..)| *s == 200).count();
+    let limited: Vec<_> = results.iter().filter(|(s, ..)| *s == 429).collect();
     assert_eq!(ok, 2, "{results:?}");
     assert_eq!(limited.len(), 4);
-    for (_, v) in limited {
+    for (_, v, retry) in limited {
         assert_error_shape(v, "rate_limit_exceeded");
+        assert_eq!(retry, &[Some("1".to_owned()), Some("1000".to_owned())]);
     }
     assert_eq!(
         h.usage(&account).await.len(),

@@ -183,8 +183,12 @@ async fn postgres_outage_journals_then_refuses_then_recovers() {
                 .unwrap();
             let status = resp.status().as_u16();
             let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
             let text = resp.text().await.unwrap();
-            (status, id, text)
+            (status, id, text, retry)
         }
     };
     assert_eq!(chat(&base, false).await.0, 200, "healthy before the outage");
@@ -196,7 +200,7 @@ async fn postgres_outage_journals_then_refuses_then_recovers() {
     let mut completed = Vec::new();
     let mut refused = None;
     for i in 0..40 {
-        let (status, id, text) = chat(&base, i % 2 == 1).await;
+        let (status, id, text, retry) = chat(&base, i % 2 == 1).await;
         match status {
             200 => {
                 assert!(
@@ -206,6 +210,7 @@ async fn postgres_outage_journals_then_refuses_then_recovers() {
                 completed.push(id);
             }
             503 => {
+                assert_eq!(retry.as_deref(), Some("1"), "a refusal says when to retry");
                 refused = Some(text);
                 break;
             }
