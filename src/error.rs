@@ -195,7 +195,8 @@ impl From<BillingError> for ApiError {
             BillingError::NoSuchAccount(_) => ApiError::InvalidApiKey,
             BillingError::Unavailable(what) => ApiError::Unavailable(what.to_owned()),
             BillingError::LedgerBufferFull(_) => ApiError::Unavailable(
-                "Billing (the store is unreachable; charges are buffered)".to_owned(),
+                // The store may be down, slow, or still taking a replayed journal.
+                "Billing (too many charges are waiting for the store)".to_owned(),
             ),
         }
     }
