@@ -567,6 +567,8 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
         "HEALTH",
         "IN_FLIGHT",
         "MAX_CONCURRENCY",
+        "REQUESTS/MIN",
+        "TOKENS/MIN",
         "LEASES_GRANTED",
         "LEASES_REFUSED",
     ])];
@@ -577,12 +579,14 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
             text(&p["health"]),
             text(&p["in_flight"]),
             text(&p["max_concurrency"]),
+            text(&p["requests_per_minute"]),
+            text(&p["tokens_per_minute"]),
             text(&p["leases_granted"]),
             text(&p["leases_refused"]),
         ]);
     }
     use Align::{Left as L, Right as R};
-    Ok(table(&rows, &[L, L, L, R, R, R, R]))
+    Ok(table(&rows, &[L, L, L, R, R, R, R, R, R]))
 }
 
 fn list(v: &Value) -> anyhow::Result<&Vec<Value>> {

@@ -69,6 +69,12 @@ pub struct ProviderConfig {
     /// How long an upstream connection is kept open between calls.
     #[serde(default = "default_idle_connection_timeout_ms")]
     pub idle_connection_timeout_ms: u64,
+    /// Calls a minute the upstream takes (its rate limit for this key); unset, no limit. A call
+    /// over it is answered 429 with when to retry, without reaching the upstream.
+    pub requests_per_minute: Option<std::num::NonZeroU32>,
+    /// Tokens a minute the upstream takes; unset, no limit. A call counts its prompt's
+    /// estimate (a token per 4 bytes of the request) and the most its answer may use.
+    pub tokens_per_minute: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -316,6 +322,8 @@ impl std::fmt::Debug for ProviderConfig {
                 "idle_connection_timeout_ms",
                 &self.idle_connection_timeout_ms,
             )
+            .field("requests_per_minute", &self.requests_per_minute)
+            .field("tokens_per_minute", &self.tokens_per_minute)
             .finish()
     }
 }
@@ -453,6 +461,8 @@ impl Config {
                     idle_connection_timeout: Duration::from_millis(
                         p.idle_connection_timeout_ms.max(1),
                     ),
+                    requests_per_minute: p.requests_per_minute,
+                    tokens_per_minute: p.tokens_per_minute,
                 })
             })
             .collect()

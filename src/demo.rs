@@ -25,6 +25,8 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
         request_timeout_ms: 60_000,
         stream_idle_timeout_ms: 60_000,
         idle_connection_timeout_ms: 90_000,
+        requests_per_minute: None,
+        tokens_per_minute: None,
     }];
     config.models = vec![
         ModelConfig {

@@ -1,13 +1,16 @@
 //! Provider actors: one per configured upstream. Each owns its upstream connections (a
-//! [`Pool`]) and its concurrency cap, and hands out [`Lease`]s; a request holds its lease (and
-//! so its slot under the cap) for as long as its upstream call lasts, streaming included. The
-//! actor closes the pool's expired idle connections on a timer.
+//! [`Pool`]), its concurrency cap and its limits per minute, and hands out [`Lease`]s; a
+//! request holds its lease (and so its slot under the cap) for as long as its upstream call
+//! lasts, streaming included. The actor closes the pool's expired idle connections on a timer.
 //!
 //! The actor builds a [`Leaser`] when it starts and posts it on its [`Desk`]: request handlers
 //! take leases there, without a message to the actor and back (two task wake-ups on the hot
 //! path). A restarted actor posts a fresh leaser; leases of the old one stay valid until dropped.
 
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -32,6 +35,11 @@ pub struct ProviderSpec {
     pub proxy: Option<Proxy>,
     /// How long an upstream connection is kept open between calls.
     pub idle_connection_timeout: Duration,
+    /// Calls the upstream takes a minute, if it limits them.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Tokens the upstream takes a minute, if it limits them: a call counts its prompt's
+    /// estimate and the most its answer may use, as upstreams count it against such a limit.
+    pub tokens_per_minute: Option<NonZeroU32>,
 }
 
 /// An HTTP proxy: connections are tunnelled through it with CONNECT, for http:// upstreams as
@@ -199,6 +207,21 @@ fn with_default_port(dst: http::Uri) -> http::Uri {
 pub enum ProviderError {
     #[error("provider `{provider}` is at its concurrency limit ({limit})")]
     Saturated { provider: String, limit: usize },
+    /// Over one of the provider's limits a minute; there is room again after `retry_after`.
+    #[error("provider `{provider}` is at its limit of {limit} {what} a minute")]
+    OverRate {
+        provider: String,
+        what: &'static str,
+        limit: NonZeroU32,
+        retry_after: Duration,
+    },
+    /// A call needing more tokens than the provider takes in a minute: it can never pass.
+    #[error("this call may use {tokens} tokens (its prompt and max_tokens), more than provider `{provider}` takes in a minute ({limit}); lower max_tokens")]
+    OverTokenLimit {
+        provider: String,
+        tokens: u64,
+        limit: NonZeroU32,
+    },
     #[error("provider `{0}` HTTP client could not be built")]
     Client(String),
 }
@@ -278,6 +301,8 @@ pub struct ProviderStatus {
     pub kind: String,
     pub in_flight: u64,
     pub max_concurrency: usize,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
     pub leases_granted: u64,
     pub leases_refused: u64,
     /// `unknown` (no call yet), `healthy`, `degraded` (recent failures) or `down`.
@@ -303,19 +328,101 @@ impl crate::metered::Kind for ProviderMsg {
     const KIND: &'static str = "provider";
 }
 
-/// Where a provider actor posts its current [`Leaser`].
-#[derive(Clone, Default)]
-pub struct Desk(Arc<RwLock<Option<Arc<Leaser>>>>);
+/// Where a provider actor posts its current [`Leaser`]. It also keeps the provider's limits a
+/// minute, so that a restart of the actor does not refill them.
+#[derive(Clone)]
+pub struct Desk {
+    leaser: Arc<RwLock<Option<Arc<Leaser>>>>,
+    limits: Arc<RateLimits>,
+}
 
 impl Desk {
-    /// A lease from the posted leaser; `None` before the actor's first start.
-    pub fn lease(&self) -> Option<Result<Lease, ProviderError>> {
-        let leaser = self.0.read().unwrap_or_else(|p| p.into_inner()).clone()?;
-        Some(leaser.lease())
+    pub fn new(spec: &ProviderSpec) -> Desk {
+        Desk {
+            leaser: Arc::default(),
+            limits: Arc::new(RateLimits {
+                requests: spec.requests_per_minute.map(Limit::per_minute),
+                tokens: spec.tokens_per_minute.map(Limit::per_minute),
+            }),
+        }
+    }
+
+    /// A lease from the posted leaser, for a call that may use `tokens` (its prompt's estimate
+    /// and the most its answer may use); `None` before the actor's first start.
+    pub fn lease(&self, tokens: u64) -> Option<Result<Lease, ProviderError>> {
+        let leaser = self
+            .leaser
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some(leaser.lease(&self.limits, tokens))
     }
 
     fn post(&self, leaser: Arc<Leaser>) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(leaser);
+        *self.leaser.write().unwrap_or_else(|p| p.into_inner()) = Some(leaser);
+    }
+}
+
+/// A provider's limits a minute. Each is a GCRA bucket (governor's) that holds a minute's
+/// worth and refills evenly over the minute.
+struct RateLimits {
+    requests: Option<Limit>,
+    tokens: Option<Limit>,
+}
+
+struct Limit {
+    per_minute: NonZeroU32,
+    bucket: DefaultDirectRateLimiter,
+}
+
+impl Limit {
+    fn per_minute(per_minute: NonZeroU32) -> Limit {
+        Limit {
+            per_minute,
+            bucket: RateLimiter::direct(Quota::per_minute(per_minute)),
+        }
+    }
+}
+
+impl RateLimits {
+    /// Takes one request and `tokens` tokens from the buckets, or says why not. A call too
+    /// large for the token limit ever to take is refused first, taking nothing. A call the
+    /// token bucket refuses for now has taken its request already (GCRA gives nothing back):
+    /// the request limit then errs on the side of the upstream.
+    fn admit(&self, provider: &str, tokens: u64) -> Result<(), ProviderError> {
+        let over =
+            |limit: &Limit, what, not_until: governor::NotUntil<_>| ProviderError::OverRate {
+                provider: provider.to_owned(),
+                what,
+                limit: limit.per_minute,
+                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+            };
+        // At least one token: a bucket cannot be asked for none.
+        let n = u32::try_from(tokens.max(1)).ok().and_then(NonZeroU32::new);
+        let tokens_limit = match (&self.tokens, n) {
+            (Some(limit), Some(n)) if n <= limit.per_minute => Some((limit, n)),
+            (Some(limit), _) => {
+                return Err(ProviderError::OverTokenLimit {
+                    provider: provider.to_owned(),
+                    tokens,
+                    limit: limit.per_minute,
+                })
+            }
+            (None, _) => None,
+        };
+        if let Some(limit) = &self.requests {
+            limit
+                .bucket
+                .check()
+                .map_err(|n| over(limit, "requests", n))?;
+        }
+        if let Some((limit, n)) = tokens_limit {
+            // Within the bucket's capacity (checked above), so the outer result is Ok.
+            if let Ok(Err(not_until)) = limit.bucket.check_n(n) {
+                return Err(over(limit, "tokens", not_until));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -403,9 +510,14 @@ impl Leaser {
         })
     }
 
-    pub fn lease(&self) -> Result<Lease, ProviderError> {
+    fn lease(&self, limits: &RateLimits, tokens: u64) -> Result<Lease, ProviderError> {
         match self.permits.clone().try_acquire_owned() {
             Ok(permit) => {
+                if let Err(e) = limits.admit(&self.spec.name, tokens) {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    self.refused_counter.increment(1);
+                    return Err(e);
+                }
                 self.granted.fetch_add(1, Ordering::Relaxed);
                 self.in_flight.fetch_add(1, Ordering::Relaxed);
                 self.in_flight_gauge.increment(1.0);
@@ -439,6 +551,8 @@ impl Leaser {
             kind: self.spec.kind.clone(),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             max_concurrency: self.spec.max_concurrency,
+            requests_per_minute: self.spec.requests_per_minute.map(NonZeroU32::get),
+            tokens_per_minute: self.spec.tokens_per_minute.map(NonZeroU32::get),
             leases_granted: self.granted.load(Ordering::Relaxed),
             leases_refused: self.refused.load(Ordering::Relaxed),
             health: self.health.state(),
@@ -519,5 +633,68 @@ impl Actor for ProviderActor {
             ProviderMsg::Prune => state.leaser.pool.prune(),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(requests: Option<u32>, tokens: Option<u32>) -> RateLimits {
+        RateLimits {
+            requests: requests.and_then(NonZeroU32::new).map(Limit::per_minute),
+            tokens: tokens.and_then(NonZeroU32::new).map(Limit::per_minute),
+        }
+    }
+
+    #[test]
+    fn a_token_limit_takes_a_minutes_worth_then_says_when_there_is_room() {
+        let l = limits(None, Some(600));
+        assert_eq!(l.admit("p", 400), Ok(()));
+        assert_eq!(l.admit("p", 200), Ok(()));
+        // 600 a minute refill 10 a second: 100 more are there in about 10 s.
+        let refused = l.admit("p", 100);
+        let wait = match &refused {
+            Err(ProviderError::OverRate {
+                what: "tokens",
+                retry_after,
+                ..
+            }) => Some(*retry_after),
+            _ => None,
+        };
+        assert!(
+            wait.is_some_and(|w| w > Duration::from_secs(9) && w <= Duration::from_secs(10)),
+            "{refused:?}"
+        );
+        // More than a minute's worth can never pass; a call of no tokens counts one.
+        assert!(matches!(
+            l.admit("p", 601),
+            Err(ProviderError::OverTokenLimit { tokens: 601, .. })
+        ));
+        assert!(matches!(
+            l.admit("p", u64::MAX),
+            Err(ProviderError::OverTokenLimit { .. })
+        ));
+    }
+
+    #[test]
+    fn an_oversized_call_takes_no_request_and_no_limit_takes_nothing() {
+        let l = limits(Some(1), Some(10));
+        assert!(matches!(
+            l.admit("p", 11),
+            Err(ProviderError::OverTokenLimit { .. })
+        ));
+        assert_eq!(l.admit("p", 0), Ok(()));
+        assert!(matches!(
+            l.admit("p", 1),
+            Err(ProviderError::OverRate {
+                what: "requests",
+                ..
+            })
+        ));
+        let none = limits(None, None);
+        for _ in 0..1000 {
+            assert_eq!(none.admit("p", u64::MAX), Ok(()));
+        }
     }
 }

@@ -196,7 +196,7 @@ impl Actor for Root {
         let mut specs = HashMap::new();
         let mut desks = HashMap::new();
         for spec in &cfg.providers {
-            let desk = Desk::default();
+            let desk = Desk::new(spec);
             let args = ProviderArgs {
                 spec: spec.clone(),
                 desk: desk.clone(),

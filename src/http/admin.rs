@@ -52,6 +52,8 @@ pub async fn route(
                     json!({
                         "name": p.name, "kind": p.kind, "in_flight": p.in_flight,
                         "max_concurrency": p.max_concurrency,
+                        "requests_per_minute": p.requests_per_minute,
+                        "tokens_per_minute": p.tokens_per_minute,
                         "leases_granted": p.leases_granted, "leases_refused": p.leases_refused,
                         "health": p.health, "consecutive_failures": p.consecutive_failures,
                         "calls_succeeded": p.calls_succeeded, "calls_failed": p.calls_failed,

@@ -295,7 +295,12 @@ async fn proxy(
     // that the upstream reports no usage.
     let prompt = body.clone();
 
-    let lease = match lease(&app, &model.provider).await {
+    // What the provider's token limit counts: the prompt, estimated at a token per 4 bytes of
+    // the request, and the most the answer may use.
+    let tokens = (body.len() as u64)
+        .div_ceil(4)
+        .saturating_add(reservation.max_output_tokens);
+    let lease = match lease(&app, &model.provider, tokens).await {
         Ok(l) => l,
         Err(e) => {
             billing.release(&key.account_id, request_id);
@@ -548,16 +553,23 @@ async fn read_answer(
 
 /// A lease from the provider's desk (no message to its actor); before the actor's first start
 /// has posted a leaser, waits for it (up to about a second) rather than failing the call.
-async fn lease(app: &App, provider: &str) -> Result<Lease, ApiError> {
+async fn lease(app: &App, provider: &str, tokens: u64) -> Result<Lease, ApiError> {
     let desk = app
         .system
         .desk(provider)
         .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
     for _ in 0..50 {
-        match desk.lease() {
+        match desk.lease(tokens) {
             Some(Ok(lease)) => return Ok(lease),
             Some(Err(e @ ProviderError::Saturated { .. })) => {
                 return Err(ApiError::RateLimited(e.to_string(), None))
+            }
+            Some(Err(e @ ProviderError::OverRate { retry_after, .. })) => {
+                let ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+                return Err(ApiError::RateLimited(e.to_string(), Some(ms.max(1))));
+            }
+            Some(Err(e @ ProviderError::OverTokenLimit { .. })) => {
+                return Err(ApiError::InvalidRequest(e.to_string()))
             }
             Some(Err(e)) => return Err(ApiError::Unavailable(e.to_string())),
             None => tokio::time::sleep(Duration::from_millis(20)).await,

@@ -298,10 +298,15 @@ async fn admin_cli() {
             "HEALTH",
             "IN_FLIGHT",
             "MAX_CONCURRENCY",
+            "REQUESTS/MIN",
+            "TOKENS/MIN",
             "LEASES_GRANTED",
             "LEASES_REFUSED"
         ]
     );
+    // No limits a minute configured: shown as "-".
+    let mock_row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+    assert_eq!(mock_row[5..7], ["-", "-"], "{out}");
     assert!(out.lines().nth(1).unwrap().starts_with("mock "), "{out}");
     let v = cli(&["--json", "providers"]).await.json();
     assert_eq!(v["data"][0]["name"], "mock");

@@ -141,6 +141,78 @@ async fn provider_concurrency_cap_answers_429(backend: Backend) {
 }
 both_stores!(provider_concurrency_cap_answers_429);
 
+/// A provider's limits a minute: a call over the request limit is answered 429 with when to
+/// retry, a call that needs more tokens than the limit takes in a minute 400; neither reaches
+/// the upstream or costs anything.
+async fn provider_rate_limits_answer_429_with_when_to_retry(backend: Backend) {
+    let Some(h) = Harness::start_with(backend, Default::default(), |c| {
+        c.providers[0].requests_per_minute = std::num::NonZeroU32::new(2);
+        c.providers[0].tokens_per_minute = std::num::NonZeroU32::new(1000);
+    })
+    .await
+    else {
+        return;
+    };
+    let (account, key) = h.funded("1").await;
+    let call = |max_tokens: u64| {
+        let body = json!({"model": "gpt-4o-mini", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "per minute"}]});
+        let h = &h;
+        let key = &key;
+        async move {
+            let r = h.chat(key, &body).await;
+            let status = r.status().as_u16();
+            let retry = ["retry-after", "retry-after-ms"].map(|n| {
+                r.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().parse::<u64>().unwrap())
+            });
+            (status, retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    // Within the token limit only if the prompt is counted too (about 30 tokens).
+    let (status, _, v) = call(990).await;
+    assert_eq!(status, 400, "{v}");
+    assert_error_shape(&v, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("lower max_tokens"),
+        "{v}"
+    );
+
+    assert_eq!(call(8).await.0, 200);
+    // The 400 above took one of the two requests a minute: this is the second.
+    assert_eq!(call(8).await.0, 200);
+    let (status, [secs, ms], v) = call(8).await;
+    assert_eq!(status, 429, "{v}");
+    assert_error_shape(&v, "rate_limit_exceeded");
+    let (secs, ms) = (secs.unwrap(), ms.unwrap());
+    // Two a minute: the next one is free within 30 s.
+    assert!(
+        (1..=30).contains(&secs) && ms <= 30_000 && secs == ms.div_ceil(1000),
+        "{secs} {ms}"
+    );
+
+    assert_eq!(
+        h.usage(&account).await.len(),
+        2,
+        "refused calls leave no record"
+    );
+    let l = h.ledger(&account).await;
+    assert_eq!(l.charge_count, 2);
+    let p: Value = h
+        .admin(reqwest::Method::GET, "/admin/providers")
+        .send_json()
+        .await;
+    assert_eq!(p["data"][0]["requests_per_minute"], 2);
+    assert_eq!(p["data"][0]["tokens_per_minute"], 1000);
+    assert_eq!(p["data"][0]["leases_refused"], 2);
+    h.stop().await;
+}
+both_stores!(provider_rate_limits_answer_429_with_when_to_retry);
+
 /// The README's first command, as a user runs it: `tollgate serve --demo` in a fresh folder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_and_mock_upstream_commands() {

@@ -100,6 +100,8 @@ pub(crate) fn https_provider(
         request_timeout_ms: 3_000,
         stream_idle_timeout_ms: 3_000,
         idle_connection_timeout_ms: 90_000,
+        requests_per_minute: None,
+        tokens_per_minute: None,
     }
 }
 
