@@ -1,5 +1,5 @@
 //! Provider actors: one per configured upstream. Each owns its upstream connections (a
-//! [`Pool`]), its concurrency cap and its limits per minute, and hands out [`Lease`]s; a
+//! [`Pool`]), its concurrency cap and its limits a minute, and hands out [`Lease`]s; a
 //! request holds its lease (and so its slot under the cap) for as long as its upstream call
 //! lasts, streaming included. The actor closes the pool's expired idle connections on a timer.
 //!
@@ -7,7 +7,7 @@
 //! take leases there, without a message to the actor and back (two task wake-ups on the hot
 //! path). A restarted actor posts a fresh leaser; leases of the old one stay valid until dropped.
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::num::NonZeroU32;
@@ -395,7 +395,7 @@ impl RateLimits {
                 provider: provider.to_owned(),
                 what,
                 limit: limit.per_minute,
-                retry_after: not_until.wait_time_from(DefaultClock::default().now()),
+                retry_after: not_until.wait_time_from(limit.bucket.clock().now()),
             };
         // At least one token: a bucket cannot be asked for none.
         let n = u32::try_from(tokens.max(1)).ok().and_then(NonZeroU32::new);
