@@ -191,7 +191,9 @@ start_gateway
 sleep 1
 IDLE=$(rss_mb "$GW_PID")
 
-since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+since() { # start [decimals] → seconds since start
+  awk -v a="$1" -v b="$(date +%s.%N)" -v d="${2:-1}" 'BEGIN { printf "%.*f", d, b - a }'
+}
 
 # One wrk run (output to $1) until every account has loaded (one lap of the keys): a run
 # started again would start the keys over. wrk prints its summary when interrupted. Sets
@@ -276,7 +278,7 @@ LISTING_SIDE="actors_listing_bytes=${LISTING% *} actors_listing_secs=${LISTING#*
 STOP_START=$(date +%s.%N)
 kill -TERM "$GW_PID"
 wait "$GW_PID" && STOP_EXIT=0 || STOP_EXIT=$?
-STOP_SIDE="shutdown_secs=$(awk -v a="$STOP_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }') shutdown_exit=$STOP_EXIT"
+STOP_SIDE="shutdown_secs=$(since "$STOP_START" 2) shutdown_exit=$STOP_EXIT"
 MORE_REQS=$(sed -n 's/^WRK requests=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 MORE_NON2XX=$(sed -n 's/^WRK requests=.* non2xx=\([0-9]*\).*/\1/p' "$TMP/wrk-more.txt")
 grep '^WRK last_error=' "$TMP/wrk-more.txt" >&2 || true

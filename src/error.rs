@@ -33,7 +33,8 @@ pub enum ApiError {
     RequestTimeout(u64),
     #[error("{0}")]
     Conflict(String),
-    /// With when to try again, in milliseconds, where the upstream said.
+    /// With when to try again, in milliseconds, where that is known (the upstream's figure,
+    /// or when a provider's limit a minute has room); else a second is said.
     #[error("{0}")]
     RateLimited(String, Option<u64>),
     #[error("{0}")]

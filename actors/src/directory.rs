@@ -258,10 +258,10 @@ impl DirectoryState {
     fn list(&self, query: &ChildQuery) -> ChildList {
         use std::cmp::Reverse;
         use std::collections::BinaryHeap;
-        let matching = self
-            .children
-            .iter()
-            .filter(|(id, _)| query.account.as_deref().is_none_or(|a| a == id.as_str()));
+        let matching: Box<dyn Iterator<Item = (&String, &Child)>> = match &query.account {
+            Some(account) => Box::new(self.children.get_key_value(account).into_iter()),
+            None => Box::new(self.children.iter()),
+        };
         let mut total = 0;
         let mut worst = BinaryHeap::with_capacity(query.limit.saturating_add(1).min(1024));
         for (id, child) in matching {

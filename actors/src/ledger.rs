@@ -362,18 +362,15 @@ impl Actor for LedgerWriter {
         ] {
             metrics::counter!(name).increment(0);
         }
-        let last_queued = queue
-            .iter()
-            .enumerate()
-            .map(|(i, q)| (q.record.account_id().to_owned(), i as u64 + 1))
-            .collect();
+        // Per account: its last replayed record, and its replayed calls (see `replayed`).
+        let mut last_queued = HashMap::new();
         let mut replayed: HashMap<String, ReplayedRecords> = HashMap::new();
-        for q in &queue {
-            let of_account = match replayed.get_mut(q.record.account_id()) {
+        for (i, q) in queue.iter().enumerate() {
+            let account = q.record.account_id();
+            last_queued.insert(account.to_owned(), i as u64 + 1);
+            let of_account = match replayed.get_mut(account) {
                 Some(r) => r,
-                None => replayed
-                    .entry(q.record.account_id().to_owned())
-                    .or_default(),
+                None => replayed.entry(account.to_owned()).or_default(),
             };
             match &q.record {
                 // A call that cost nothing owes the balance nothing.
