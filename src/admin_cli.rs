@@ -571,6 +571,8 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
         "TOKENS/MIN",
         "LEASES_GRANTED",
         "LEASES_REFUSED",
+        "RETRIES",
+        "FAILOVERS",
     ])];
     for p in data {
         rows.push(vec![
@@ -583,10 +585,12 @@ fn render_providers(v: &Value) -> anyhow::Result<String> {
             text(&p["tokens_per_minute"]),
             text(&p["leases_granted"]),
             text(&p["leases_refused"]),
+            text(&p["retries"]),
+            text(&p["failovers"]),
         ]);
     }
     use Align::{Left as L, Right as R};
-    Ok(table(&rows, &[L, L, L, R, R, R, R, R, R]))
+    Ok(table(&rows, &[L, L, L, R, R, R, R, R, R, R, R]))
 }
 
 fn list(v: &Value) -> anyhow::Result<&Vec<Value>> {

@@ -75,6 +75,24 @@ pub struct ProviderConfig {
     /// Tokens a minute the upstream takes; unset, no limit. A call counts its prompt's
     /// estimate (a token per 4 bytes of the request) and the most its answer may use.
     pub tokens_per_minute: Option<std::num::NonZeroU32>,
+    /// More attempts at this provider after an attempt that failed in a way that may pass (it
+    /// could not be reached, timed out, or answered 429 or 5xx), before the model's next route
+    /// (docs/billing.md, "Retries and failover").
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// The wait before the first retry; each later one waits twice as long as the one before.
+    /// Half of each wait is random, so that calls that failed together do not retry together.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// The longest the gateway waits to retry here: a 429 whose `retry-after` asks for longer
+    /// is not retried at this provider.
+    #[serde(default = "default_retry_max_wait_ms")]
+    pub retry_max_wait_ms: u64,
+    /// A provider that failed 5 calls in a row is `down`: while a model has another route,
+    /// its calls skip this provider until this long after its last failure, then one call
+    /// tries it again.
+    #[serde(default = "default_down_cooldown_ms")]
+    pub down_cooldown_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -89,6 +107,19 @@ pub struct ModelConfig {
     /// The model's own output limit: the worst case when a request sets no max_tokens.
     #[serde(default = "default_max_output_tokens")]
     pub max_output_tokens: u64,
+    /// Where a call goes, in order, when every attempt at the routes before failed in a way
+    /// that may pass elsewhere. The client pays the model's price whichever route answers.
+    #[serde(default)]
+    pub fallbacks: Vec<RouteConfig>,
+}
+
+/// A model's fallback: another provider, or another upstream model, or both.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub provider: String,
+    /// The model's name at that provider; unset, the model's own `upstream_model`.
+    pub upstream_model: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -158,6 +189,47 @@ pub struct AccountsConfig {
     pub idle_secs: u64,
 }
 
+/// Every field at its default, with no name and no URL: for code that builds a provider and
+/// sets those (`ProviderConfig { name, base_url, ..Default::default() }`).
+impl Default for ProviderConfig {
+    fn default() -> Self {
+        ProviderConfig {
+            name: String::new(),
+            kind: default_kind(),
+            base_url: String::new(),
+            api_key_env: None,
+            max_concurrency: default_max_concurrency(),
+            connect_timeout_ms: default_connect_timeout_ms(),
+            ca_file: None,
+            proxy: None,
+            request_timeout_ms: default_request_timeout_ms(),
+            stream_idle_timeout_ms: default_stream_idle_timeout_ms(),
+            idle_connection_timeout_ms: default_idle_connection_timeout_ms(),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            retries: default_retries(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+            retry_max_wait_ms: default_retry_max_wait_ms(),
+            down_cooldown_ms: default_down_cooldown_ms(),
+        }
+    }
+}
+
+/// Every field at its default, with empty names and prices, as for [`ProviderConfig`].
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            id: String::new(),
+            provider: String::new(),
+            upstream_model: String::new(),
+            input_per_mtok: String::new(),
+            output_per_mtok: String::new(),
+            max_output_tokens: default_max_output_tokens(),
+            fallbacks: Vec::new(),
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -214,6 +286,18 @@ fn default_stream_idle_timeout_ms() -> u64 {
 }
 fn default_idle_connection_timeout_ms() -> u64 {
     90_000
+}
+fn default_retries() -> u32 {
+    1
+}
+fn default_retry_backoff_ms() -> u64 {
+    200
+}
+fn default_retry_max_wait_ms() -> u64 {
+    2_000
+}
+fn default_down_cooldown_ms() -> u64 {
+    5_000
 }
 fn default_max_output_tokens() -> u64 {
     16_384
@@ -286,6 +370,12 @@ pub enum ConfigError {
     },
     #[error("model `{model}` names provider `{provider}`, which is not configured")]
     UnknownProvider { model: String, provider: String },
+    #[error("model `{model}` has route {provider} / {upstream_model} twice")]
+    DuplicateRoute {
+        model: String,
+        provider: String,
+        upstream_model: String,
+    },
     #[error("{what} `{name}` is configured twice")]
     Duplicate { what: &'static str, name: String },
     #[error(
@@ -324,6 +414,10 @@ impl std::fmt::Debug for ProviderConfig {
             )
             .field("requests_per_minute", &self.requests_per_minute)
             .field("tokens_per_minute", &self.tokens_per_minute)
+            .field("retries", &self.retries)
+            .field("retry_backoff_ms", &self.retry_backoff_ms)
+            .field("retry_max_wait_ms", &self.retry_max_wait_ms)
+            .field("down_cooldown_ms", &self.down_cooldown_ms)
             .finish()
     }
 }
@@ -341,14 +435,30 @@ fn proxy_for(p: &ProviderConfig) -> Result<Option<tollgate_actors::provider::Pro
 #[derive(Clone, Debug)]
 pub struct Model {
     pub id: String,
-    pub provider: String,
-    pub upstream_model: String,
+    /// Where its calls go: its own provider and upstream model first, then its fallbacks in
+    /// order. Never empty.
+    pub routes: Vec<Route>,
     pub price: Price,
     pub input_per_mtok: String,
     pub output_per_mtok: String,
     pub max_output_tokens: u64,
-    /// Its metric handles; set when the gateway starts (after the metrics recorder exists).
+}
+
+/// One place a model's calls can go.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub provider: String,
+    pub upstream_model: String,
+    /// Its metric handles (labelled with the model and this provider); set when the gateway
+    /// starts, after the metrics recorder exists.
     pub meters: Option<std::sync::Arc<crate::telemetry::ModelMeters>>,
+}
+
+impl Model {
+    /// The model's own provider (its first route's).
+    pub fn provider(&self) -> &str {
+        self.routes.first().map_or("", |r| r.provider.as_str())
+    }
 }
 
 impl Config {
@@ -410,10 +520,36 @@ impl Config {
         }
         let mut out = HashMap::new();
         for m in &self.models {
-            if !providers.contains(m.provider.as_str()) {
-                return Err(ConfigError::UnknownProvider {
-                    model: m.id.clone(),
-                    provider: m.provider.clone(),
+            let mut routes: Vec<Route> = Vec::with_capacity(1 + m.fallbacks.len());
+            let fallbacks = m.fallbacks.iter().map(|f| {
+                (
+                    &f.provider,
+                    f.upstream_model.as_ref().unwrap_or(&m.upstream_model),
+                )
+            });
+            for (provider, upstream_model) in
+                std::iter::once((&m.provider, &m.upstream_model)).chain(fallbacks)
+            {
+                if !providers.contains(provider.as_str()) {
+                    return Err(ConfigError::UnknownProvider {
+                        model: m.id.clone(),
+                        provider: provider.clone(),
+                    });
+                }
+                if routes
+                    .iter()
+                    .any(|r| &r.provider == provider && &r.upstream_model == upstream_model)
+                {
+                    return Err(ConfigError::DuplicateRoute {
+                        model: m.id.clone(),
+                        provider: provider.clone(),
+                        upstream_model: upstream_model.clone(),
+                    });
+                }
+                routes.push(Route {
+                    provider: provider.clone(),
+                    upstream_model: upstream_model.clone(),
+                    meters: None,
                 });
             }
             let price = Price::parse(&m.input_per_mtok, &m.output_per_mtok).map_err(|source| {
@@ -424,13 +560,11 @@ impl Config {
             })?;
             let model = Model {
                 id: m.id.clone(),
-                provider: m.provider.clone(),
-                upstream_model: m.upstream_model.clone(),
+                routes,
                 price,
                 input_per_mtok: m.input_per_mtok.clone(),
                 output_per_mtok: m.output_per_mtok.clone(),
                 max_output_tokens: m.max_output_tokens,
-                meters: None,
             };
             if out.insert(m.id.clone(), model).is_some() {
                 return Err(ConfigError::Duplicate {
@@ -463,18 +597,109 @@ impl Config {
                     ),
                     requests_per_minute: p.requests_per_minute,
                     tokens_per_minute: p.tokens_per_minute,
+                    retries: p.retries,
+                    retry_backoff: Duration::from_millis(p.retry_backoff_ms),
+                    retry_max_wait: Duration::from_millis(p.retry_max_wait_ms),
+                    down_cooldown: Duration::from_millis(p.down_cooldown_ms),
+                    stream_idle_timeout: Duration::from_millis(p.stream_idle_timeout_ms),
                 })
             })
             .collect()
     }
+}
 
-    pub fn stream_idle_timeout(&self, provider: &str) -> Duration {
-        let ms = self
-            .providers
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+admin_token = "t"
+[[providers]]
+name = "a"
+base_url = "http://127.0.0.1:9/v1"
+proxy = "direct"
+[[providers]]
+name = "b"
+base_url = "http://127.0.0.1:9/v1"
+proxy = "direct"
+retries = 0
+[[models]]
+id = "m"
+provider = "a"
+upstream_model = "up"
+input_per_mtok = "1"
+output_per_mtok = "1"
+"#;
+
+    fn routes(fallbacks: &str) -> Result<Vec<(String, String)>, ConfigError> {
+        let config = Config::from_toml(&format!("{BASE}fallbacks = {fallbacks}\n"))?;
+        let catalog = config.catalog()?;
+        Ok(catalog
+            .get("m")
+            .map(|m| {
+                m.routes
+                    .iter()
+                    .map(|r| (r.provider.clone(), r.upstream_model.clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn pair(provider: &str, model: &str) -> (String, String) {
+        (provider.to_owned(), model.to_owned())
+    }
+
+    #[test]
+    fn a_models_routes_are_its_own_then_its_fallbacks_in_order() -> Result<(), ConfigError> {
+        assert_eq!(routes("[]")?, [pair("a", "up")]);
+        assert_eq!(
+            routes(r#"[{ provider = "b" }, { provider = "a", upstream_model = "other" }]"#)?,
+            [pair("a", "up"), pair("b", "up"), pair("a", "other")]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_fallback_to_nowhere_or_to_the_same_place_is_refused() {
+        assert!(matches!(
+            routes(r#"[{ provider = "c" }]"#),
+            Err(ConfigError::UnknownProvider { provider, .. }) if provider == "c"
+        ));
+        assert!(matches!(
+            routes(r#"[{ provider = "a", upstream_model = "up" }]"#),
+            Err(ConfigError::DuplicateRoute { .. })
+        ));
+        assert!(matches!(
+            routes(r#"[{ provider = "b" }, { provider = "b" }]"#),
+            Err(ConfigError::DuplicateRoute { .. })
+        ));
+        assert!(matches!(
+            routes(r#"[{ provider = "b", model = "x" }]"#),
+            Err(ConfigError::Load(_))
+        ));
+    }
+
+    #[test]
+    fn retries_default_to_one_and_reach_the_providers_spec() -> Result<(), ConfigError> {
+        let config = Config::from_toml(BASE)?;
+        let specs = config.provider_specs()?;
+        let got: Vec<_> = specs
             .iter()
-            .find(|p| p.name == provider)
-            .map(|p| p.stream_idle_timeout_ms)
-            .unwrap_or_else(default_stream_idle_timeout_ms);
-        Duration::from_millis(ms)
+            .map(|s| {
+                (
+                    s.retries,
+                    s.retry_backoff,
+                    s.retry_max_wait,
+                    s.down_cooldown,
+                )
+            })
+            .collect();
+        let (backoff, most, rest) = (
+            Duration::from_millis(200),
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
+        assert_eq!(got, [(1, backoff, most, rest), (0, backoff, most, rest)]);
+        Ok(())
     }
 }

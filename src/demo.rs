@@ -16,17 +16,13 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
         name: "mock".to_owned(),
         kind: "openai-compatible".to_owned(),
         base_url: format!("http://{mock_addr}/v1"),
-        api_key_env: None,
         max_concurrency: 4096,
         connect_timeout_ms: 2_000,
-        ca_file: None,
         // In-process, on loopback: never through a proxy the environment may name.
         proxy: Some("direct".to_owned()),
         request_timeout_ms: 60_000,
         stream_idle_timeout_ms: 60_000,
-        idle_connection_timeout_ms: 90_000,
-        requests_per_minute: None,
-        tokens_per_minute: None,
+        ..Default::default()
     }];
     config.models = vec![
         ModelConfig {
@@ -36,6 +32,7 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
             input_per_mtok: "0.15".to_owned(),
             output_per_mtok: "0.60".to_owned(),
             max_output_tokens: 16_384,
+            ..Default::default()
         },
         ModelConfig {
             id: "gpt-4o".to_owned(),
@@ -44,6 +41,7 @@ pub fn configure(config: &mut Config, mock_addr: std::net::SocketAddr) {
             input_per_mtok: "2.50".to_owned(),
             output_per_mtok: "10".to_owned(),
             max_output_tokens: 16_384,
+            ..Default::default()
         },
     ];
 }

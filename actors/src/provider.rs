@@ -40,6 +40,44 @@ pub struct ProviderSpec {
     /// Tokens the upstream takes a minute, if it limits them: a call counts its prompt's
     /// estimate and the most its answer may use, as upstreams count it against such a limit.
     pub tokens_per_minute: Option<NonZeroU32>,
+    /// More attempts at this provider after one that failed in a way that may pass.
+    pub retries: u32,
+    /// The wait before the first retry; doubled for each one after ([`Self::retry_wait`]).
+    pub retry_backoff: Duration,
+    /// The longest wait for a retry here: an upstream asking for longer is not retried.
+    pub retry_max_wait: Duration,
+    /// How long a `down` provider is skipped after its last failure, where a call has
+    /// somewhere else to go ([`Desk::lease`]).
+    pub down_cooldown: Duration,
+    /// The longest silence allowed between two events of a stream.
+    pub stream_idle_timeout: Duration,
+}
+
+impl ProviderSpec {
+    /// How long to wait before retry number `retry` (1 for the first): the backoff doubled
+    /// for each retry after the first, half of it random, at most [`Self::retry_max_wait`];
+    /// or the upstream's own `retry-after` where that is longer, and `None` (no retry) if
+    /// the upstream asks for more than the most the gateway waits.
+    pub fn retry_wait(&self, retry: u32, upstream_asks: Option<Duration>) -> Option<Duration> {
+        self.retry_wait_with(retry, upstream_asks, getrandom::u64().unwrap_or(0))
+    }
+
+    fn retry_wait_with(
+        &self,
+        retry: u32,
+        upstream_asks: Option<Duration>,
+        random: u64,
+    ) -> Option<Duration> {
+        let full = self
+            .retry_backoff
+            .saturating_mul(1u32 << retry.saturating_sub(1).min(16));
+        let half = full / 2;
+        let spread = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let jitter =
+            Duration::from_nanos(random.checked_rem(spread.saturating_add(1)).unwrap_or(0));
+        let asks = upstream_asks.unwrap_or_default();
+        (asks <= self.retry_max_wait).then(|| (half + jitter).min(self.retry_max_wait).max(asks))
+    }
 }
 
 /// An HTTP proxy: connections are tunnelled through it with CONNECT, for http:// upstreams as
@@ -224,6 +262,10 @@ pub enum ProviderError {
     },
     #[error("provider `{0}` HTTP client could not be built")]
     Client(String),
+    /// The provider is `down` and its cooldown has not passed: a call with another route to
+    /// take is sent there instead.
+    #[error("provider `{0}` is down (it failed its last calls)")]
+    Resting(String),
 }
 
 /// Permission to make one upstream call, with everything needed to make it.
@@ -255,6 +297,8 @@ struct Health {
     successes: AtomicU64,
     failures: AtomicU64,
     last_failure_ms: std::sync::atomic::AtomicI64,
+    /// When a call last went to the provider while it was `down`, to see whether it is back.
+    last_probe_ms: std::sync::atomic::AtomicI64,
 }
 
 /// A provider is `down` after this many failures in a row.
@@ -271,6 +315,28 @@ impl Health {
             self.last_failure_ms
                 .store(crate::store::now_ms(), Ordering::Relaxed);
         }
+    }
+
+    /// Whether a call with somewhere else to go should skip the provider: it is `down`, and
+    /// its last failure (or the last call sent to see whether it is back) was less than
+    /// `cooldown` ago. Once the cooldown has passed, one call is let through (the first to
+    /// claim the probe), and the rest keep skipping it until that call has failed its own
+    /// cooldown away, or succeeded and made the provider healthy again.
+    fn resting(&self, cooldown: Duration) -> bool {
+        if self.consecutive_failures.load(Ordering::Relaxed) < DOWN_AFTER {
+            return false;
+        }
+        let now = crate::store::now_ms();
+        let cooldown = i64::try_from(cooldown.as_millis()).unwrap_or(i64::MAX);
+        let failed = self.last_failure_ms.load(Ordering::Relaxed);
+        let probed = self.last_probe_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(failed.max(probed)) < cooldown {
+            return true;
+        }
+        // The cooldown has passed: this call is the probe if no other claimed it first.
+        self.last_probe_ms
+            .compare_exchange(probed, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
     }
 
     fn state(&self) -> &'static str {
@@ -316,6 +382,10 @@ pub struct ProviderStatus {
     pub idle_connections: u64,
     /// Upstream connections opened since the actor (re)started.
     pub connections_opened: u64,
+    /// Attempts at this provider that were a call's retry after a failed one.
+    pub retries: u64,
+    /// Calls that left this provider for their model's next route.
+    pub failovers: u64,
 }
 
 pub enum ProviderMsg {
@@ -334,6 +404,16 @@ impl crate::metered::Kind for ProviderMsg {
 pub struct Desk {
     leaser: Arc<RwLock<Option<Arc<Leaser>>>>,
     limits: Arc<RateLimits>,
+    moves: Arc<Moves>,
+}
+
+/// Calls that tried this provider again, or left it for another route. Kept by the desk, so
+/// that a restart of the actor does not reset them.
+struct Moves {
+    retries: AtomicU64,
+    failovers: AtomicU64,
+    retries_counter: metrics::Counter,
+    failovers_counter: metrics::Counter,
 }
 
 impl Desk {
@@ -344,18 +424,49 @@ impl Desk {
                 requests: spec.requests_per_minute.map(Limit::per_minute),
                 tokens: spec.tokens_per_minute.map(Limit::per_minute),
             }),
+            moves: Arc::new(Moves {
+                retries: AtomicU64::new(0),
+                failovers: AtomicU64::new(0),
+                retries_counter: metrics::counter!("tollgate_provider_retries_total", "provider" => spec.name.clone()),
+                failovers_counter: metrics::counter!("tollgate_provider_failovers_total", "provider" => spec.name.clone()),
+            }),
         }
     }
 
     /// A lease from the posted leaser, for a call that may use `tokens` (its prompt's estimate
-    /// and the most its answer may use); `None` before the actor's first start.
-    pub fn lease(&self, tokens: u64) -> Option<Result<Lease, ProviderError>> {
+    /// and the most its answer may use); `None` before the actor's first start. A call that
+    /// has another route to take (`elsewhere`) is refused while the provider rests after
+    /// failing ([`ProviderError::Resting`]); one that has not is always let try.
+    pub fn lease(&self, tokens: u64, elsewhere: bool) -> Option<Result<Lease, ProviderError>> {
         let leaser = self
             .leaser
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
+        if elsewhere && leaser.health.resting(leaser.spec.down_cooldown) {
+            return Some(Err(ProviderError::Resting(leaser.spec.name.clone())));
+        }
         Some(leaser.lease(&self.limits, tokens))
+    }
+
+    /// Counts a call that tries this provider again after a failed attempt.
+    pub fn count_retry(&self) {
+        self.moves.retries.fetch_add(1, Ordering::Relaxed);
+        self.moves.retries_counter.increment(1);
+    }
+
+    /// Counts a call that leaves this provider for the model's next route.
+    pub fn count_failover(&self) {
+        self.moves.failovers.fetch_add(1, Ordering::Relaxed);
+        self.moves.failovers_counter.increment(1);
+    }
+
+    /// The counts of [`Self::count_retry`] and [`Self::count_failover`].
+    pub fn moves(&self) -> (u64, u64) {
+        (
+            self.moves.retries.load(Ordering::Relaxed),
+            self.moves.failovers.load(Ordering::Relaxed),
+        )
     }
 
     fn post(&self, leaser: Arc<Leaser>) {
@@ -563,6 +674,9 @@ impl Leaser {
                 .filter(|t| *t > 0),
             idle_connections: self.pool.idle() as u64,
             connections_opened: self.pool.opened(),
+            // Kept by the desk; the supervisor fills them in.
+            retries: 0,
+            failovers: 0,
         }
     }
 }
@@ -675,6 +789,83 @@ mod tests {
             l.admit("p", u64::MAX),
             Err(ProviderError::OverTokenLimit { .. })
         ));
+    }
+
+    fn spec(backoff_ms: u64, max_wait_ms: u64) -> ProviderSpec {
+        ProviderSpec {
+            name: "p".to_owned(),
+            kind: "openai".to_owned(),
+            base_url: "http://127.0.0.1:9/v1".to_owned(),
+            api_key: None,
+            max_concurrency: 1,
+            connect_timeout: Duration::from_secs(1),
+            ca_file: None,
+            request_timeout: Duration::from_secs(1),
+            proxy: None,
+            idle_connection_timeout: Duration::from_secs(1),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            retries: 3,
+            retry_backoff: Duration::from_millis(backoff_ms),
+            retry_max_wait: Duration::from_millis(max_wait_ms),
+            down_cooldown: Duration::from_secs(5),
+            stream_idle_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn retries_back_off_doubling_half_at_random_and_wait_for_the_upstream_briefly() {
+        let s = spec(200, 2_000);
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis());
+        // Half the backoff, plus up to as much again at random.
+        for random in [0, 1, 99_999_999, u64::MAX] {
+            let first = ms(s.retry_wait_with(1, None, random));
+            assert!(first.is_some_and(|w| (100..=200).contains(&w)), "{first:?}");
+            let third = ms(s.retry_wait_with(3, None, random));
+            assert!(third.is_some_and(|w| (400..=800).contains(&w)), "{third:?}");
+        }
+        assert_eq!(ms(s.retry_wait_with(1, None, 0)), Some(100));
+        assert_eq!(ms(s.retry_wait_with(1, None, 100_000_000)), Some(200));
+        // The backoff never waits longer than the most; a late retry waits that long.
+        assert_eq!(ms(s.retry_wait_with(9, None, u64::MAX)), Some(2_000));
+        assert_eq!(ms(s.retry_wait_with(u32::MAX, None, 0)), Some(2_000));
+        // What the upstream asks for, where that is longer, up to the most.
+        let asks = |ms: u64| Some(Duration::from_millis(ms));
+        assert_eq!(ms(s.retry_wait_with(1, asks(1_500), 0)), Some(1_500));
+        assert_eq!(ms(s.retry_wait_with(1, asks(2_000), 0)), Some(2_000));
+        assert_eq!(ms(s.retry_wait_with(1, asks(2_001), 0)), None);
+        assert_eq!(ms(s.retry_wait_with(1, asks(10), 0)), Some(100));
+        // No backoff: straight away.
+        assert_eq!(ms(spec(0, 0).retry_wait_with(1, None, 7)), Some(0));
+    }
+
+    #[test]
+    fn a_down_provider_rests_then_lets_one_call_see_whether_it_is_back() {
+        let health = Health::default();
+        let cooldown = Duration::from_millis(50);
+        for _ in 0..DOWN_AFTER - 1 {
+            health.record(false);
+        }
+        assert!(!health.resting(cooldown), "degraded is not down");
+        health.record(false);
+        assert_eq!(health.state(), "down");
+        assert!(health.resting(cooldown));
+        std::thread::sleep(Duration::from_millis(80));
+        // The first to ask after the cooldown is the probe; the rest keep away.
+        assert!(!health.resting(cooldown));
+        assert!(health.resting(cooldown));
+        assert!(health.resting(cooldown));
+        // The probe failed: another cooldown, another single probe.
+        health.record(false);
+        assert!(health.resting(cooldown));
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!health.resting(cooldown));
+        assert!(health.resting(cooldown));
+        // It succeeded: healthy, and nobody keeps away.
+        health.record(true);
+        assert_eq!(health.state(), "healthy");
+        assert!(!health.resting(cooldown));
+        assert!(!health.resting(cooldown));
     }
 
     #[test]

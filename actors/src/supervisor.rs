@@ -495,6 +495,11 @@ impl ActorSystem {
                 out.push(s);
             }
         }
+        for s in &mut out {
+            if let Some(desk) = self.desks.get(&s.name) {
+                (s.retries, s.failovers) = desk.moves();
+            }
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }

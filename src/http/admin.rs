@@ -60,6 +60,7 @@ pub async fn route(
                         "last_failure_ms": p.last_failure_ms,
                         "idle_connections": p.idle_connections,
                         "connections_opened": p.connections_opened,
+                        "retries": p.retries, "failovers": p.failovers,
                     })
                 })
                 .collect();

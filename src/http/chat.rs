@@ -12,7 +12,7 @@
 use super::pieces::{EventBudget, LinePieces, PieceError};
 use super::request::Fields;
 use super::{authenticate, with_request_id, App, CallLabels};
-use crate::config::Model;
+use crate::config::{Model, Route};
 use crate::error::ApiError;
 use crate::tokens;
 use bytes::{Bytes, BytesMut};
@@ -141,11 +141,17 @@ struct Call {
     request_id: RequestId,
     key: Arc<KeyInfo>,
     model: Arc<Model>,
+    /// Which of the model's routes the call went to last (the one that answered, once one has).
+    route: usize,
     stream: bool,
     started: Instant,
 }
 
 impl Call {
+    fn route(&self) -> &Route {
+        &self.model.routes[self.route]
+    }
+
     /// Settles and waits for the charge to be durable.
     /// `status` is what the usage record says; `billable` whether the tokens are charged.
     async fn settle(
@@ -167,7 +173,7 @@ impl Call {
             account_id: self.key.account_id.clone(),
             key_id: Some(self.key.id.clone()),
             model: self.model.id.clone(),
-            provider: self.model.provider.clone(),
+            provider: self.route().provider.clone(),
             prompt_tokens: usage.prompt_tokens,
             completion_tokens: usage.completion_tokens,
             cached_tokens: usage.cached(),
@@ -189,7 +195,7 @@ impl Call {
                 tracing::error!(request_id = %self.request_id, error = %e, "settlement failed");
                 ApiError::from(e)
             })?;
-        if let Some(meters) = &self.model.meters {
+        if let Some(meters) = &self.route().meters {
             meters.input_tokens.increment(usage.prompt_tokens);
             meters.output_tokens.increment(usage.completion_tokens);
             meters
@@ -245,6 +251,7 @@ async fn proxy(
         .ok_or(ApiError::ModelNotFound(model_id.clone()))?;
     *labels = Some(CallLabels {
         model: model.clone(),
+        route: 0,
     });
     if !key.allows_model(&model.id) {
         return Err(ApiError::ModelNotAllowed(model.id.clone()));
@@ -284,7 +291,13 @@ async fn proxy(
         }
         lowered_to = Some(allowed);
     }
-    let upstream_body = match upstream_body(request, lowered_to, stream, &model.upstream_model) {
+    let mut request = request;
+    let upstream_body = match upstream_body(
+        &mut request,
+        lowered_to,
+        stream,
+        model.routes[0].upstream_model.as_str(),
+    ) {
         Ok(b) => b,
         Err(e) => {
             billing.release(&key.account_id, request_id);
@@ -300,78 +313,36 @@ async fn proxy(
     let tokens = (body.len() as u64)
         .div_ceil(4)
         .saturating_add(reservation.max_output_tokens);
-    let lease = match lease(&app, &model.provider, tokens).await {
-        Ok(l) => l,
-        Err(e) => {
-            billing.release(&key.account_id, request_id);
-            return Err(e);
-        }
-    };
-    let call = Call {
+    let mut call = Call {
         app: app.clone(),
         request_id: request_id.clone(),
         key,
         model,
+        route: 0,
         stream,
         started,
     };
-
-    let mut upstream_request =
-        http::Request::new(http_body_util::Full::new(Bytes::from(upstream_body)));
-    *upstream_request.method_mut() = http::Method::POST;
-    *upstream_request.uri_mut() = lease.completions_path.clone();
-    let headers = upstream_request.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(authorization) = &lease.authorization {
-        headers.insert(http::header::AUTHORIZATION, authorization.clone());
+    let sent = send(&mut call, &mut request, upstream_body, tokens).await;
+    if let Some(labels) = labels {
+        labels.route = call.route;
     }
-    let timeout = lease.spec.request_timeout;
-    let upstream = match tokio::time::timeout(timeout, lease.pool.send(upstream_request)).await {
-        Err(_) => {
-            lease.report(false);
-            return Err(call.fail(504, ApiError::UpstreamTimeout).await);
+    let (lease, upstream) = match sent {
+        Ok(answered) => answered,
+        Err(Failed {
+            status,
+            error,
+            attempted: true,
+        }) => return Err(call.fail(status, error).await),
+        Err(Failed { error, .. }) => {
+            billing.release(&call.key.account_id, request_id);
+            return Err(error);
         }
-        Ok(Err(e)) if out_of_descriptors(&e) => {
-            // The gateway's own shortage, not the provider's failure: its health is left as
-            // it is, and the client is told to come back rather than that upstream is down.
-            tracing::error!(request_id = %request_id, provider = %call.model.provider, error = %ErrorChain(&e), "no descriptor for an upstream connection");
-            return Err(call
-                .fail(
-                    503,
-                    ApiError::Unavailable("The gateway (at its connection limit)".to_owned()),
-                )
-                .await);
-        }
-        Ok(Err(e)) => {
-            lease.report(false);
-            tracing::warn!(request_id = %request_id, provider = %call.model.provider, error = %ErrorChain(&e), "upstream unreachable");
-            return Err(call
-                .fail(
-                    502,
-                    ApiError::Upstream("The upstream provider could not be reached.".to_owned()),
-                )
-                .await);
-        }
-        Ok(Ok(r)) => r,
     };
-    let status = upstream.status();
-    if let Some(meters) = &call.model.meters {
-        meters
-            .upstream_response
-            .record(call.started.elapsed().as_secs_f64());
-    }
-    if !status.is_success() {
-        // The upstream failing is its health's business; a client's bad request is not.
-        lease.report(!(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS));
-        return Err(upstream_refused(&call, upstream, timeout).await);
-    }
+    let timeout = lease.spec.request_timeout;
 
     let max_answer = app.config.limits.max_upstream_answer_bytes;
     if stream {
-        let idle = app.config.stream_idle_timeout(&call.model.provider);
+        let idle = lease.spec.stream_idle_timeout;
         let (pieces, budget) = LinePieces::new(
             http_body_util::BodyDataStream::new(upstream.into_body()),
             max_answer,
@@ -498,9 +469,10 @@ fn usage_of(answer: &[u8]) -> Option<Usage> {
 
 /// The body sent upstream: the client's, with the upstream's name for the model, the usage
 /// chunk asked for on a stream, and `max_tokens` (or `max_completion_tokens`, whichever the
-/// client used) lowered to what the balance pays for.
+/// client used) lowered to what the balance pays for. `request` keeps the edits, so that a
+/// fallback route needs only its model set ([`send`]).
 fn upstream_body(
-    mut request: Fields<'_>,
+    request: &mut Fields<'_>,
     lowered_to: Option<u64>,
     stream: bool,
     upstream_model: &str,
@@ -551,15 +523,198 @@ async fn read_answer(
     }
 }
 
+/// How a call's attempts ended without an answer to relay.
+struct Failed {
+    /// What the usage record says (the upstream's own status where it answered).
+    status: u16,
+    /// What the client is told.
+    error: ApiError,
+    /// Whether any attempt took a lease (and so counts as a call to record): if none did,
+    /// the call was refused before it left the gateway.
+    attempted: bool,
+}
+
+/// How one attempt failed, and where the call may go next.
+struct Miss {
+    status: u16,
+    error: ApiError,
+    then: Then,
+}
+
+enum Then {
+    /// The failure may pass: this provider again after a wait (at least what the upstream
+    /// asked for, if it did), or else the next route.
+    Retry(Option<Duration>),
+    /// Not this provider again for this call, but the next route may serve it.
+    NextRoute,
+    /// Nowhere else either: this is the call's answer.
+    Stop,
+}
+
+/// Sends the call to its model's routes in order until one answers with a success, retrying
+/// each provider as its config allows (docs/billing.md, "Retries and failover"). `body` is
+/// the upstream body for the first route; `request` makes the others'. Only a success's
+/// lease and response head come back; every failed attempt's lease is dropped before the
+/// next attempt, and the call's route is the one tried last.
+async fn send(
+    call: &mut Call,
+    request: &mut Fields<'_>,
+    body: Vec<u8>,
+    tokens: u64,
+) -> Result<(Lease, http::Response<tollgate_actors::upstream::Body>), Failed> {
+    let model = call.model.clone();
+    let mut body = Bytes::from(body);
+    let mut body_model = model.routes[0].upstream_model.as_str();
+    let mut attempted = false;
+    let mut last = None;
+    for (i, route) in model.routes.iter().enumerate() {
+        let elsewhere = i + 1 < model.routes.len();
+        if route.upstream_model != body_model {
+            let rebuilt = request
+                .set("model", &route.upstream_model)
+                .and_then(|()| request.to_body());
+            body = match rebuilt {
+                Ok(b) => Bytes::from(b),
+                Err(error) => {
+                    let status = error.status().as_u16();
+                    return Err(Failed {
+                        status,
+                        error,
+                        attempted,
+                    });
+                }
+            };
+            body_model = route.upstream_model.as_str();
+        }
+        let desk = call.app.system.desk(&route.provider);
+        let mut retries = 0;
+        loop {
+            let lease = match lease(&call.app, &route.provider, tokens, elsewhere).await {
+                Ok(l) => l,
+                Err(error) => {
+                    last = Some((error.status().as_u16(), error));
+                    break;
+                }
+            };
+            attempted = true;
+            call.route = i;
+            if let (true, Some(desk)) = (retries > 0, desk) {
+                desk.count_retry();
+            }
+            let miss = match attempt(call, &lease, body.clone()).await {
+                Ok(answer) => return Ok((lease, answer)),
+                Err(miss) => miss,
+            };
+            let wait = match miss.then {
+                Then::Stop => {
+                    return Err(Failed {
+                        status: miss.status,
+                        error: miss.error,
+                        attempted,
+                    })
+                }
+                Then::Retry(asks) if retries < lease.spec.retries => {
+                    lease.spec.retry_wait(retries + 1, asks)
+                }
+                Then::Retry(_) | Then::NextRoute => None,
+            };
+            drop(lease);
+            last = Some((miss.status, miss.error));
+            let Some(wait) = wait else { break };
+            retries += 1;
+            tokio::time::sleep(wait).await;
+        }
+        if let (true, Some(desk)) = (elsewhere, desk) {
+            desk.count_failover();
+        }
+    }
+    let (status, error) = last.unwrap_or_else(|| {
+        let error = ApiError::Unavailable(format!("model `{}`", model.id));
+        (error.status().as_u16(), error)
+    });
+    Err(Failed {
+        status,
+        error,
+        attempted,
+    })
+}
+
+/// One attempt at the upstream of `lease`: its response head if it answered with a success.
+async fn attempt(
+    call: &Call,
+    lease: &Lease,
+    body: Bytes,
+) -> Result<http::Response<tollgate_actors::upstream::Body>, Miss> {
+    let mut upstream_request = http::Request::new(http_body_util::Full::new(body));
+    *upstream_request.method_mut() = http::Method::POST;
+    *upstream_request.uri_mut() = lease.completions_path.clone();
+    let headers = upstream_request.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(authorization) = &lease.authorization {
+        headers.insert(http::header::AUTHORIZATION, authorization.clone());
+    }
+    let timeout = lease.spec.request_timeout;
+    let provider = &lease.spec.name;
+    let upstream = match tokio::time::timeout(timeout, lease.pool.send(upstream_request)).await {
+        Err(_) => {
+            lease.report(false);
+            // The client has waited the whole timeout already: not this provider again.
+            return Err(Miss {
+                status: 504,
+                error: ApiError::UpstreamTimeout,
+                then: Then::NextRoute,
+            });
+        }
+        Ok(Err(e)) if out_of_descriptors(&e) => {
+            // The gateway's own shortage, not the provider's failure: its health is left as
+            // it is, and the client is told to come back rather than that upstream is down.
+            tracing::error!(request_id = %call.request_id, %provider, error = %ErrorChain(&e), "no descriptor for an upstream connection");
+            return Err(Miss {
+                status: 503,
+                error: ApiError::Unavailable("The gateway (at its connection limit)".to_owned()),
+                then: Then::Stop,
+            });
+        }
+        Ok(Err(e)) => {
+            lease.report(false);
+            tracing::warn!(request_id = %call.request_id, %provider, error = %ErrorChain(&e), "upstream unreachable");
+            return Err(Miss {
+                status: 502,
+                error: ApiError::Upstream("The upstream provider could not be reached.".to_owned()),
+                then: Then::Retry(None),
+            });
+        }
+        Ok(Ok(r)) => r,
+    };
+    if let Some(meters) = &call.route().meters {
+        meters
+            .upstream_response
+            .record(call.started.elapsed().as_secs_f64());
+    }
+    let status = upstream.status();
+    if status.is_success() {
+        return Ok(upstream);
+    }
+    // The upstream failing is its health's business; a client's bad request is not.
+    lease.report(!(status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS));
+    Err(upstream_refused(call, upstream, timeout).await)
+}
+
 /// A lease from the provider's desk (no message to its actor); before the actor's first start
 /// has posted a leaser, waits for it (up to about a second) rather than failing the call.
-async fn lease(app: &App, provider: &str, tokens: u64) -> Result<Lease, ApiError> {
+/// `elsewhere`: the call has another route to take if this provider rests ([`Desk::lease`]).
+///
+/// [`Desk::lease`]: tollgate_actors::provider::Desk::lease
+async fn lease(app: &App, provider: &str, tokens: u64, elsewhere: bool) -> Result<Lease, ApiError> {
     let desk = app
         .system
         .desk(provider)
         .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
     for _ in 0..50 {
-        match desk.lease(tokens) {
+        match desk.lease(tokens, elsewhere) {
             Some(Ok(lease)) => return Ok(lease),
             Some(Err(e @ ProviderError::Saturated { .. })) => {
                 return Err(ApiError::RateLimited(e.to_string(), None))
@@ -605,13 +760,15 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// An upstream that answered with an error: nothing is charged. A client error (the request
-/// itself was wrong) passes through as the upstream said it; the rest become 502.
+/// An upstream that answered with an error, and whether another attempt may fare better. A
+/// client error (the request itself was wrong) passes through as the upstream said it, and
+/// goes nowhere else; a refused key (401, 403) becomes 502 and may go to the next route; a
+/// 429 (with the upstream's `retry-after`) and the rest (502) may be retried.
 async fn upstream_refused(
     call: &Call,
     upstream: http::Response<tollgate_actors::upstream::Body>,
     timeout: Duration,
-) -> ApiError {
+) -> Miss {
     let status = upstream.status();
     let retry_after = crate::error::upstream_retry_after(upstream.headers());
     let limit = call.app.config.limits.max_upstream_answer_bytes;
@@ -623,22 +780,37 @@ async fn upstream_refused(
         .as_ref()
         .and_then(|b| serde_json::from_slice::<Value>(b).ok())
         .and_then(|v| v.get("error")?.get("message")?.as_str().map(str::to_owned));
-    let err = match status {
-        StatusCode::TOO_MANY_REQUESTS => ApiError::RateLimited(
-            message.unwrap_or_else(|| {
-                "The upstream provider is rate limiting; retry shortly.".to_owned()
-            }),
-            retry_after,
+    let (error, then) = match status {
+        StatusCode::TOO_MANY_REQUESTS => (
+            ApiError::RateLimited(
+                message.unwrap_or_else(|| {
+                    "The upstream provider is rate limiting; retry shortly.".to_owned()
+                }),
+                retry_after,
+            ),
+            Then::Retry(retry_after.map(Duration::from_millis)),
         ),
-        s if s.is_client_error() && s != StatusCode::UNAUTHORIZED && s != StatusCode::FORBIDDEN => {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (
+            ApiError::Upstream(format!("The upstream provider failed ({status}).")),
+            Then::NextRoute,
+        ),
+        s if s.is_client_error() => (
             ApiError::InvalidRequest(
                 message
                     .unwrap_or_else(|| format!("The upstream provider refused the request ({s}).")),
-            )
-        }
-        s => ApiError::Upstream(format!("The upstream provider failed ({s}).")),
+            ),
+            Then::Stop,
+        ),
+        s => (
+            ApiError::Upstream(format!("The upstream provider failed ({s}).")),
+            Then::Retry(None),
+        ),
     };
-    call.fail(status.as_u16(), err).await
+    Miss {
+        status: status.as_u16(),
+        error,
+        then,
+    }
 }
 
 #[derive(Deserialize)]
@@ -766,7 +938,7 @@ impl Relay {
             None => Err(StreamEnd::UpstreamFailed),
             Some(Err(e)) => {
                 if let Some(call) = &self.call {
-                    tracing::warn!(request_id = %call.request_id, provider = %call.model.provider,
+                    tracing::warn!(request_id = %call.request_id, provider = %call.route().provider,
                         reason = stream_failure(&e), "upstream stream failed");
                 }
                 Err(StreamEnd::UpstreamFailed)
@@ -806,7 +978,7 @@ impl Relay {
         // write; a client gone before that write is charged for them too, as for any frame
         // its connection could not deliver).
         if let (true, 0, Some(call)) = (has_content, self.content_chunks, &self.call) {
-            if let Some(meters) = &call.model.meters {
+            if let Some(meters) = &call.route().meters {
                 meters
                     .time_to_first_token
                     .record(call.started.elapsed().as_secs_f64());

@@ -45,10 +45,12 @@ impl App {
         let catalog = catalog
             .into_iter()
             .map(|(id, mut model)| {
-                model.meters = Some(Arc::new(crate::telemetry::ModelMeters::new(
-                    &model.id,
-                    &model.provider,
-                )));
+                for route in &mut model.routes {
+                    route.meters = Some(Arc::new(crate::telemetry::ModelMeters::new(
+                        &model.id,
+                        &route.provider,
+                    )));
+                }
                 (id, Arc::new(model))
             })
             .collect();
@@ -145,7 +147,7 @@ where
     match resp
         .extensions()
         .get::<CallLabels>()
-        .and_then(|l| l.model.meters.as_ref())
+        .and_then(|l| l.model.routes.get(l.route)?.meters.as_ref())
     {
         Some(meters) => {
             let (count, duration) = meters.request(route_name, status);
@@ -164,10 +166,11 @@ where
     resp
 }
 
-/// Which model served a call, for the request metrics.
+/// Which model served a call, and through which of its routes, for the request metrics.
 #[derive(Clone, Debug)]
 pub struct CallLabels {
     pub model: Arc<Model>,
+    pub route: usize,
 }
 
 /// A path's segments, in an array rather than a `Vec` (two allocations a call less). No route
@@ -380,7 +383,7 @@ async fn list_models(app: &App, req: &Request) -> Result<Response, ApiError> {
                 "id": m.id,
                 "object": "model",
                 "created": 0,
-                "owned_by": m.provider,
+                "owned_by": m.provider(),
                 "pricing": {
                     "currency": "USDT",
                     "input_per_mtok": tollgate_actors::Amount(m.price.input_per_mtok as i64).to_string(),

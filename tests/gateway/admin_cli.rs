@@ -301,7 +301,9 @@ async fn admin_cli() {
             "REQUESTS/MIN",
             "TOKENS/MIN",
             "LEASES_GRANTED",
-            "LEASES_REFUSED"
+            "LEASES_REFUSED",
+            "RETRIES",
+            "FAILOVERS"
         ]
     );
     // No limits a minute configured: shown as "-".

@@ -2,21 +2,33 @@
 //! gateway's own edits (the upstream's model name, a lowered `max_tokens`, the usage chunk
 //! of a stream); and nothing at all for a body a full JSON parse would refuse.
 //!
-//! The upstream here records every body it is sent and answers with a fixed completion.
+//! The upstream here records every body it is sent and answers with a fixed completion, or
+//! with the failures a test scripts for it (`tests/gateway/failover.rs`).
 
 use crate::common::*;
 use crate::proxy::plain_provider;
 use bytes::Bytes;
 use serde_json::{json, Value};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use tollgate::config::ModelConfig;
 use tollgate::mock::MockOptions;
 use warp::Filter;
 
 /// An upstream that keeps the bodies it is sent.
-struct Recorder {
-    upstream: Mock,
+pub(crate) struct Recorder {
+    pub(crate) upstream: Mock,
     bodies: Arc<Mutex<Vec<Bytes>>>,
+    script: Arc<Mutex<VecDeque<Reply>>>,
+}
+
+/// How a [`Recorder`] answers one request.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Reply {
+    /// An error of this status, in the OpenAI shape.
+    Fail(u16),
+    /// 429 with `retry-after` of this many seconds.
+    Busy(u64),
 }
 
 const COMPLETION: &str = r#"{"id":"c1","object":"chat.completion","created":0,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}"#;
@@ -29,9 +41,10 @@ const STREAM: &str = concat!(
 );
 
 impl Recorder {
-    async fn start() -> Recorder {
+    pub(crate) async fn start() -> Recorder {
         let bodies = Arc::new(Mutex::new(Vec::new()));
-        let kept = bodies.clone();
+        let script = Arc::new(Mutex::new(VecDeque::new()));
+        let (kept, replies) = (bodies.clone(), script.clone());
         let route = warp::post()
             .and(warp::body::bytes())
             .map(move |body: Bytes| {
@@ -40,6 +53,9 @@ impl Recorder {
                     .and_then(|v| v.get("stream").and_then(Value::as_bool))
                     .unwrap_or(false);
                 kept.lock().unwrap().push(body);
+                if let Some(reply) = replies.lock().unwrap().pop_front() {
+                    return failure(reply);
+                }
                 let (content_type, answer) = if stream {
                     ("text/event-stream", STREAM)
                 } else {
@@ -55,7 +71,26 @@ impl Recorder {
         Recorder {
             upstream: Mock::serve(route).await,
             bodies,
+            script,
         }
+    }
+
+    /// The next requests are answered with `replies`, in order; those after them as before.
+    pub(crate) fn then(&self, replies: &[Reply]) {
+        self.script.lock().unwrap().extend(replies);
+    }
+
+    /// The `model` of every body sent so far, in order.
+    pub(crate) fn models(&self) -> Vec<String> {
+        self.bodies()
+            .iter()
+            .map(|b| {
+                serde_json::from_str::<Value>(b).unwrap()["model"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
     }
 
     fn bodies(&self) -> Vec<String> {
@@ -66,6 +101,24 @@ impl Recorder {
             .map(|b| String::from_utf8(b.to_vec()).unwrap())
             .collect()
     }
+}
+
+fn failure(reply: Reply) -> warp::reply::Response {
+    let status = match reply {
+        Reply::Fail(status) => status,
+        Reply::Busy(_) => 429,
+    };
+    let body = json!({"error": {"message": format!("scripted {status}"), "type": "scripted", "code": null}});
+    let mut resp = warp::reply::Response::new(body.to_string().into());
+    *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    if let Reply::Busy(secs) = reply {
+        resp.headers_mut().insert("retry-after", secs.into());
+    }
+    resp
 }
 
 /// A gateway whose model `renamed` (upstream name `vendor-model-7`, 1 USDT per million
@@ -82,6 +135,7 @@ async fn harness(recorder: &Recorder) -> Option<Harness> {
             input_per_mtok: "1".to_owned(),
             output_per_mtok: "1".to_owned(),
             max_output_tokens: 100_000,
+            ..Default::default()
         });
     })
     .await

@@ -335,11 +335,13 @@ async fn provider_health_follows_outcomes() {
             .status(),
         502
     );
+    // The attempt and its one retry (the provider's default) both failed.
     let p = health().await;
     assert_eq!(p["health"], "degraded");
-    assert_eq!(p["consecutive_failures"], 1);
+    assert_eq!(p["consecutive_failures"], 2);
+    assert_eq!(p["retries"], 1);
     assert!(p["last_failure_ms"].as_i64().unwrap() > 0);
-    for _ in 0..4 {
+    for _ in 0..2 {
         assert_eq!(
             h.chat(&key, &json!({"model": "broken", "messages": msg}))
                 .await
@@ -356,7 +358,7 @@ async fn provider_health_follows_outcomes() {
     );
     let p = health().await;
     assert_eq!(p["health"], "healthy");
-    assert_eq!(p["calls_failed"], 5);
+    assert_eq!(p["calls_failed"], 6);
     h.stop().await;
 }
 

@@ -16,6 +16,7 @@ mod concurrency;
 mod connections;
 mod crash;
 mod errors;
+mod failover;
 mod forwarding;
 mod lifecycle;
 mod metrics;

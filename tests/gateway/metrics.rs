@@ -67,6 +67,8 @@ async fn metrics_cover_actors_ledger_http_and_billing() {
         "tollgate_provider_in_flight{provider=\"mock\"}",
         "tollgate_provider_max_concurrency{provider=\"mock\"}",
         "tollgate_provider_connections_opened_total{provider=\"mock\"}",
+        "tollgate_provider_retries_total{provider=\"mock\"}",
+        "tollgate_provider_failovers_total{provider=\"mock\"}",
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }

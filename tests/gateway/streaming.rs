@@ -92,6 +92,7 @@ async fn upstream_breaking_off_is_charged_for_what_arrived(backend: Backend) {
             input_per_mtok: "1".to_owned(),
             output_per_mtok: "1".to_owned(),
             max_output_tokens: 100,
+            ..Default::default()
         })
     })
     .await

@@ -92,16 +92,15 @@ pub(crate) fn https_provider(
         name: name.to_owned(),
         kind: "openai-compatible".to_owned(),
         base_url: format!("https://{front}/v1"),
-        api_key_env: None,
         max_concurrency: 16,
         connect_timeout_ms: 2_000,
         ca_file,
         proxy: Some("direct".to_owned()),
         request_timeout_ms: 3_000,
         stream_idle_timeout_ms: 3_000,
-        idle_connection_timeout_ms: 90_000,
-        requests_per_minute: None,
-        tokens_per_minute: None,
+        // One attempt a call: these tests count what reaches the upstream or a proxy.
+        retries: 0,
+        ..Default::default()
     }
 }
 
@@ -113,6 +112,7 @@ pub(crate) fn model(id: &str, provider: &str) -> ModelConfig {
         input_per_mtok: "0.15".to_owned(),
         output_per_mtok: "0.60".to_owned(),
         max_output_tokens: 100,
+        ..Default::default()
     }
 }
 
