@@ -236,7 +236,7 @@ async fn proxy(
 ) -> Result<Response, ApiError> {
     let key = authenticate(&app, headers).await?;
     let super::request::ChatRequest {
-        fields: request,
+        fields: mut request,
         model: model_id,
         stream,
         max_completion_tokens: max_completion,
@@ -291,7 +291,6 @@ async fn proxy(
         }
         lowered_to = Some(allowed);
     }
-    let mut request = request;
     let upstream_body = match upstream_body(
         &mut request,
         lowered_to,
