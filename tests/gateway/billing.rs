@@ -22,11 +22,7 @@ async fn exact_billing_non_streamed(backend: Backend) {
         .await;
     assert_eq!(resp.status(), 200);
     let request_id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
-    let header_cost: Amount = resp.headers()["x-tollgate-cost"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let header_cost = charged(&resp);
     let body: Value = resp.json().await.unwrap();
     let prompt_tokens = body["usage"]["prompt_tokens"].as_u64().unwrap();
     let completion_tokens = body["usage"]["completion_tokens"].as_u64().unwrap();
@@ -218,11 +214,7 @@ async fn upstream_without_usage_is_estimated(backend: Backend) {
     let (account, key) = h.funded("1").await;
     let resp = h.chat(&key, &json!({"model": "no-usage", "messages": [{"role": "user", "content": "count these tokens"}]})).await;
     assert_eq!(resp.status(), 200);
-    let cost: Amount = resp.headers()["x-tollgate-cost"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let cost = charged(&resp);
     assert!(cost.nanos() > 0);
     let u = &h.usage(&account).await[0];
     assert_eq!(u["usage_source"], "estimated");

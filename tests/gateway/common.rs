@@ -568,6 +568,15 @@ pub fn expected_cost(
     Amount(micro.div_ceil(1_000_000) as i64)
 }
 
+/// What a non-streamed answer says it cost (`x-tollgate-cost`).
+pub fn charged(resp: &reqwest::Response) -> Amount {
+    resp.headers()["x-tollgate-cost"]
+        .to_str()
+        .expect("x-tollgate-cost is text")
+        .parse()
+        .expect("x-tollgate-cost is an amount")
+}
+
 /// Reads an SSE body to the end; returns the `data:` payloads.
 pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.expect("sse body");

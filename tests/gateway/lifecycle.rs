@@ -43,11 +43,7 @@ async fn idle_account_actors_passivate_and_reload(backend: Backend) {
     // The next request starts a fresh actor from the store.
     let resp = h.chat(&key, &body).await;
     assert_eq!(resp.status(), 200);
-    let cost: Amount = resp.headers()["x-tollgate-cost"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let cost = charged(&resp);
     assert_eq!(
         h.balance(&account).await,
         Amount(before.nanos() - cost.nanos())

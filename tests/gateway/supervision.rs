@@ -53,11 +53,7 @@ async fn killed_account_actor_restarts_with_balance_intact(backend: Backend) {
 
     let resp = h.chat(&key, &body).await;
     assert_eq!(resp.status(), 200);
-    let cost: Amount = resp.headers()["x-tollgate-cost"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let cost = charged(&resp);
     assert_eq!(
         h.balance(&account).await,
         Amount(before.nanos() - cost.nanos())
