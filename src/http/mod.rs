@@ -216,6 +216,7 @@ fn route_label(method: &Method, segments: &[&str]) -> &'static str {
     match (method.as_str(), segments) {
         ("POST", ["v1", "chat", "completions"]) => "/v1/chat/completions",
         ("GET", ["v1", "models"]) => "/v1/models",
+        ("GET", ["v1", "models", ..]) => "/v1/models/{id}",
         ("GET", ["healthz"]) => "/healthz",
         ("GET", ["readyz"]) => "/readyz",
         ("GET", ["metrics"]) => "/metrics",
@@ -269,6 +270,7 @@ where
             return (label, chat::completions(app, req.headers, body).await);
         }
         ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
+        ["v1", "models", _, ..] if m == Method::GET => retrieve_model(&app, &req).await,
         ["healthz"] if m == Method::GET => {
             Ok(json_response(StatusCode::OK, &json!({"status": "ok"})))
         }
@@ -286,7 +288,7 @@ where
             Err(e) => Err(e),
         },
         ["v1", "chat", "completions"]
-        | ["v1", "models"]
+        | ["v1", "models", ..]
         | ["healthz"]
         | ["readyz"]
         | ["metrics"] => Err(ApiError::MethodNotAllowed(req.method.to_string())),
@@ -376,27 +378,40 @@ async fn list_models(app: &App, req: &Request) -> Result<Response, ApiError> {
         .filter(|m| key.allows_model(&m.id))
         .collect();
     models.sort_by(|a, b| a.id.cmp(&b.id));
-    let data: Vec<_> = models
-        .iter()
-        .map(|m| {
-            json!({
-                "id": m.id,
-                "object": "model",
-                "created": 0,
-                "owned_by": m.provider(),
-                "pricing": {
-                    "currency": "USDT",
-                    "input_per_mtok": tollgate_actors::Amount(m.price.input_per_mtok as i64).to_string(),
-                    "output_per_mtok": tollgate_actors::Amount(m.price.output_per_mtok as i64).to_string(),
-                },
-                "max_output_tokens": m.max_output_tokens,
-            })
-        })
-        .collect();
+    let data: Vec<_> = models.iter().map(|m| model_object(m)).collect();
     Ok(json_response(
         StatusCode::OK,
         &json!({"object": "list", "data": data}),
     ))
+}
+
+/// `GET /v1/models/{id}`: one model as `/v1/models` lists it. The id is the rest of the path,
+/// percent-decoded (an id may hold `/` or `:`). A model the key may not use is not found, as
+/// it is not listed.
+async fn retrieve_model(app: &App, req: &Request) -> Result<Response, ApiError> {
+    let key = authenticate(app, &req.headers).await?;
+    let raw = req.path.strip_prefix("/v1/models/").unwrap_or_default();
+    let id = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+    match app.catalog.get(id.as_ref()) {
+        Some(m) if key.allows_model(&m.id) => Ok(json_response(StatusCode::OK, &model_object(m))),
+        _ => Err(ApiError::ModelNotFound(id.into_owned())),
+    }
+}
+
+/// A model in OpenAI's shape, with its prices.
+fn model_object(m: &Model) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": m.provider(),
+        "pricing": {
+            "currency": "USDT",
+            "input_per_mtok": tollgate_actors::Amount(m.price.input_per_mtok as i64).to_string(),
+            "output_per_mtok": tollgate_actors::Amount(m.price.output_per_mtok as i64).to_string(),
+        },
+        "max_output_tokens": m.max_output_tokens,
+    })
 }
 
 async fn ready(app: &App) -> Result<Response, ApiError> {

@@ -23,6 +23,7 @@ mod metrics;
 mod outage;
 mod privacy;
 mod proxy;
+mod sdk;
 mod streaming;
 mod supervision;
 mod tls;
