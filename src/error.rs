@@ -132,8 +132,25 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response {
+        self.respond(false)
+    }
+
+    /// As [`Self::into_response`], in the shape the Anthropic SDKs read too: the same `error`
+    /// object, under a top-level `"type": "error"` (the Messages API, `/v1/messages`).
+    pub fn into_anthropic_response(self) -> Response {
+        self.respond(true)
+    }
+
+    fn respond(self, anthropic: bool) -> Response {
         let (status, kind, code) = self.parts();
-        let mut resp = error_response(status, &self.to_string(), kind, code);
+        let message = self.to_string();
+        let mut resp = if anthropic {
+            let body = json!({"type": "error",
+                "error": {"message": message, "type": kind, "code": code, "param": null}});
+            json_response(status, &body)
+        } else {
+            error_response(status, &message, kind, code)
+        };
         match self {
             // The rest of the body was not read: this connection cannot carry another request.
             ApiError::PayloadTooLarge(_) | ApiError::RequestTimeout(_) => {

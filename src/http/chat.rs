@@ -54,6 +54,44 @@ pub fn new_request_id() -> RequestId {
 
 pub async fn completions(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> Response {
     let request_id = new_request_id();
+    let resp = run(app, headers, body, &request_id, Dialect::OpenAi).await;
+    with_request_id(resp, &request_id)
+}
+
+/// `POST /v1/messages`: the Anthropic Messages API, translated to a chat call and back
+/// ([`super::anthropic`]).
+pub async fn messages(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> Response {
+    let request_id = new_request_id();
+    let resp = match super::anthropic::to_chat(&body) {
+        Ok(chat) => {
+            run(
+                app,
+                headers,
+                Bytes::from(chat),
+                &request_id,
+                Dialect::Anthropic,
+            )
+            .await
+        }
+        Err(e) => e.into_anthropic_response(),
+    };
+    with_request_id(resp, &request_id)
+}
+
+/// Which API the client speaks: the answer's shape, and its errors'.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dialect {
+    OpenAi,
+    Anthropic,
+}
+
+async fn run(
+    app: Arc<App>,
+    headers: http::HeaderMap,
+    body: Bytes,
+    request_id: &RequestId,
+    dialect: Dialect,
+) -> Response {
     let started = Instant::now();
     // A client that hangs up drops this handler, but a call that reserved money must still
     // reach its settlement (or release): then the call goes on in a task of its own.
@@ -61,17 +99,29 @@ pub async fn completions(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -
         let request_id = request_id.clone();
         let tracked = app.relays.clone().track_future(async move {
             let mut labels = None;
-            let result = proxy(app, &headers, body, &request_id, started, &mut labels).await;
+            let result = proxy(
+                app,
+                &headers,
+                body,
+                &request_id,
+                started,
+                &mut labels,
+                dialect,
+            )
+            .await;
             (labels, result)
         });
         RunToEnd(Some(Box::pin(tracked)))
     };
     let (labels, result) = call.await;
-    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    let mut resp = result.unwrap_or_else(|e| match dialect {
+        Dialect::OpenAi => e.into_response(),
+        Dialect::Anthropic => e.into_anthropic_response(),
+    });
     if let Some(l) = labels {
         resp.extensions_mut().insert(l);
     }
-    with_request_id(resp, &request_id)
+    resp
 }
 
 /// A future that runs to its end even if whoever awaits it goes away: it is polled in place
@@ -128,6 +178,14 @@ struct PromptDetails {
 }
 
 impl Usage {
+    fn counts(&self) -> super::anthropic::Counts {
+        super::anthropic::Counts {
+            prompt: self.prompt_tokens,
+            completion: self.completion_tokens,
+            cached: self.cached(),
+        }
+    }
+
     fn cached(&self) -> u64 {
         self.prompt_tokens_details
             .and_then(|d| d.cached_tokens)
@@ -233,6 +291,7 @@ async fn proxy(
     request_id: &RequestId,
     started: Instant,
     labels: &mut Option<CallLabels>,
+    dialect: Dialect,
 ) -> Result<Response, ApiError> {
     let key = authenticate(&app, headers).await?;
     let super::request::ChatRequest {
@@ -354,6 +413,9 @@ async fn proxy(
             usage: None,
             content_chunks: 0,
             client_wants_usage,
+            translator: (dialect == Dialect::Anthropic)
+                .then(|| super::anthropic::StreamTranslator::new(request_id, &model_id)),
+            dialect,
             prompt,
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
@@ -434,6 +496,15 @@ async fn proxy(
         ),
     };
     let charged = call.settle(usage, source, 200, true).await?;
+    let bytes = match dialect {
+        Dialect::OpenAi => bytes,
+        Dialect::Anthropic => Bytes::from(super::anthropic::message(
+            &bytes,
+            request_id,
+            &model_id,
+            usage.counts(),
+        )),
+    };
     let mut resp = Response::new(bytes.into());
     let h = resp.headers_mut();
     h.insert(
@@ -869,6 +940,9 @@ struct Relay {
     usage: Option<Usage>,
     content_chunks: u64,
     client_wants_usage: bool,
+    /// For a client of the Messages API: its events, made from the chat stream's chunks.
+    translator: Option<super::anthropic::StreamTranslator>,
+    dialect: Dialect,
     /// The client's request body, for [`prompt_tokens`].
     prompt: Bytes,
     idle: Duration,
@@ -984,6 +1058,11 @@ impl Relay {
             }
         }
         self.content_chunks += u64::from(has_content);
+        if let Some(translator) = &mut self.translator {
+            let before = out.len();
+            translator.chunk(&event.data, out);
+            return out.len() > before;
+        }
         out.reserve(event.data.len() + 8);
         out.extend_from_slice(b"data: ");
         out.extend_from_slice(event.data.as_bytes());
@@ -999,7 +1078,13 @@ impl Relay {
         };
         match settle.await {
             Ok(frame) => frame,
-            Err(_) => error_event("The charge could not be recorded.", "server_error"),
+            Err(_) => match self.dialect {
+                Dialect::OpenAi => error_event("The charge could not be recorded.", "server_error"),
+                Dialect::Anthropic => {
+                    super::anthropic::StreamTranslator::error("The charge could not be recorded.")
+                        .freeze()
+                }
+            },
         }
     }
 
@@ -1043,17 +1128,25 @@ impl Relay {
             StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle => 502,
         };
         let relays = call.app.relays.clone();
+        let mut translator = self.translator.take();
         Some(relays.spawn(async move {
             // A stream the upstream broke off is still charged for what the client received.
             let settled = call.settle(usage, source, status, true).await;
-            match (end, settled) {
-                (StreamEnd::Done, Ok(_)) => Bytes::from_static(b"data: [DONE]\n\n"),
-                (StreamEnd::ClientGone, _) => Bytes::new(),
-                (_, Err(e)) => error_event(&e.to_string(), "server_error"),
-                (StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle, Ok(_)) => error_event(
-                    "The upstream provider broke off the stream.",
+            let failed = match (end, settled) {
+                (StreamEnd::ClientGone, _) => return Bytes::new(),
+                (StreamEnd::Done, Ok(_)) => match &mut translator {
+                    None => return Bytes::from_static(b"data: [DONE]\n\n"),
+                    Some(t) => return t.end(usage.counts()).freeze(),
+                },
+                (_, Err(e)) => (e.to_string(), "server_error"),
+                (StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle, Ok(_)) => (
+                    "The upstream provider broke off the stream.".to_owned(),
                     "upstream_error",
                 ),
+            };
+            match translator {
+                None => error_event(&failed.0, failed.1),
+                Some(_) => super::anthropic::StreamTranslator::error(&failed.0).freeze(),
             }
         }))
     }

@@ -2,6 +2,7 @@
 //! path. Handlers talk to actors (through `Billing`, the key ring, the actor system), never SQL.
 
 mod admin;
+mod anthropic;
 mod chat;
 mod pieces;
 pub mod request;
@@ -215,6 +216,7 @@ impl<'a> Segments<'a> {
 fn route_label(method: &Method, segments: &[&str]) -> &'static str {
     match (method.as_str(), segments) {
         ("POST", ["v1", "chat", "completions"]) => "/v1/chat/completions",
+        ("POST", ["v1", "messages"]) => "/v1/messages",
         ("GET", ["v1", "models"]) => "/v1/models",
         ("GET", ["v1", "models", ..]) => "/v1/models/{id}",
         ("GET", ["healthz"]) => "/healthz",
@@ -255,7 +257,10 @@ where
     let body = match read_body(&req, body, limit).await {
         Ok(b) => b,
         Err(e) => {
-            let is_chat = matches!(segments.as_slice(), ["v1", "chat", "completions"]);
+            let is_chat = matches!(
+                segments.as_slice(),
+                ["v1", "chat", "completions"] | ["v1", "messages"]
+            );
             let resp = e.into_response();
             let resp = if is_chat {
                 with_request_id(resp, &chat::new_request_id())
@@ -268,6 +273,9 @@ where
     let result = match segments.as_slice() {
         ["v1", "chat", "completions"] if m == Method::POST => {
             return (label, chat::completions(app, req.headers, body).await);
+        }
+        ["v1", "messages"] if m == Method::POST => {
+            return (label, chat::messages(app, req.headers, body).await);
         }
         ["v1", "models"] if m == Method::GET => list_models(&app, &req).await,
         ["v1", "models", _, ..] if m == Method::GET => retrieve_model(&app, &req).await,
@@ -288,6 +296,7 @@ where
             Err(e) => Err(e),
         },
         ["v1", "chat", "completions"]
+        | ["v1", "messages"]
         | ["v1", "models", ..]
         | ["healthz"]
         | ["readyz"]
@@ -356,7 +365,10 @@ async fn authenticate(
     app: &App,
     headers: &HeaderMap,
 ) -> Result<Arc<tollgate_actors::keys::KeyInfo>, ApiError> {
-    let token = bearer(headers).ok_or(ApiError::InvalidApiKey)?;
+    // `Authorization: Bearer` as OpenAI's SDKs send it, or `x-api-key` as Anthropic's do.
+    let token = bearer(headers)
+        .or_else(|| headers.get("x-api-key")?.to_str().ok())
+        .ok_or(ApiError::InvalidApiKey)?;
     let key = app.keys.authenticate(token).await.map_err(|e| match e {
         tollgate_actors::keys::KeyError::Invalid => ApiError::InvalidApiKey,
         other => {
