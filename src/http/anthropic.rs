@@ -486,3 +486,138 @@ fn event(out: &mut BytesMut, name: &str, data: &Value) {
     out.extend_from_slice(data.to_string().as_bytes());
     out.extend_from_slice(b"\n\n");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The events in `out`, as (name, data).
+    fn events(out: &[u8]) -> Vec<(String, Value)> {
+        String::from_utf8_lossy(out)
+            .split("\n\n")
+            .filter_map(|e| {
+                let (name, data) = e.split_once('\n')?;
+                let data = serde_json::from_str(data.strip_prefix("data: ")?).ok()?;
+                Some((name.strip_prefix("event: ")?.to_owned(), data))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_with_tool_calls_becomes_text_and_tool_use_blocks() {
+        let completion = json!({"choices": [{"index": 0, "finish_reason": "tool_calls",
+            "message": {"role": "assistant", "content": "Checking.", "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+                {"id": "call_2", "type": "function",
+                 "function": {"name": "clock", "arguments": "not json"}}]}}]});
+        let counts = Counts {
+            prompt: 100,
+            completion: 20,
+            cached: 60,
+        };
+        let out = message(completion.to_string().as_bytes(), "req_1", "m", counts);
+        assert_eq!(
+            serde_json::from_slice::<Value>(&out).ok(),
+            Some(json!({
+                "id": "req_1", "type": "message", "role": "assistant", "model": "m",
+                "content": [
+                    {"type": "text", "text": "Checking."},
+                    {"type": "tool_use", "id": "call_1", "name": "weather", "input": {"city": "Oslo"}},
+                    {"type": "tool_use", "id": "call_2", "name": "clock", "input": "not json"}
+                ],
+                "stop_reason": "tool_use", "stop_sequence": null,
+                "usage": {"input_tokens": 40, "output_tokens": 20,
+                    "cache_read_input_tokens": 60, "cache_creation_input_tokens": 0}
+            }))
+        );
+    }
+
+    #[test]
+    fn a_stream_of_text_then_tool_calls_becomes_numbered_blocks() {
+        let mut t = StreamTranslator::new("req_2", "m");
+        let mut out = BytesMut::new();
+        for chunk in [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Let me "}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "check."}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1",
+                "type": "function", "function": {"name": "weather", "arguments": ""}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": "{\"city\":"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0,
+                "function": {"arguments": "\"Oslo\"}"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 1, "id": "call_2",
+                "type": "function", "function": {"name": "clock", "arguments": "{}"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 5}}),
+        ] {
+            t.chunk(&chunk.to_string(), &mut out);
+        }
+        out.extend_from_slice(&t.end(Counts {
+            prompt: 9,
+            completion: 5,
+            cached: 0,
+        }));
+        let got = events(&out);
+        let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        let data = |i: usize| got.get(i).map(|(_, d)| d.clone()).unwrap_or_default();
+        assert_eq!(data(0)["message"]["id"], "req_2");
+        assert_eq!(
+            data(2)["delta"],
+            json!({"type": "text_delta", "text": "Let me "})
+        );
+        assert_eq!(
+            data(5)["content_block"],
+            json!({"type": "tool_use", "id": "call_1", "name": "weather", "input": {}})
+        );
+        assert_eq!(
+            (data(6)["index"].clone(), data(6)["delta"].clone()),
+            (
+                json!(1),
+                json!({"type": "input_json_delta", "partial_json": "{\"city\":"})
+            )
+        );
+        assert_eq!(data(9)["index"], 2);
+        assert_eq!(data(9)["content_block"]["name"], "clock");
+        assert_eq!(
+            data(12),
+            json!({"type": "message_delta",
+                "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+                "usage": {"input_tokens": 9, "output_tokens": 5,
+                    "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}})
+        );
+    }
+
+    #[test]
+    fn a_stream_with_nothing_in_it_still_starts_and_ends() {
+        let mut t = StreamTranslator::new("req_3", "m");
+        let out = t.end(Counts::default());
+        let names: Vec<String> = events(&out).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["message_start", "message_delta", "message_stop"]);
+        let error = events(&StreamTranslator::error("broken"));
+        assert_eq!(
+            error.first().map(|(_, d)| d.clone()),
+            Some(json!({"type": "error", "error": {"type": "api_error", "message": "broken"}}))
+        );
+    }
+}

@@ -93,7 +93,7 @@ impl Recorder {
             .collect()
     }
 
-    fn bodies(&self) -> Vec<String> {
+    pub(crate) fn bodies(&self) -> Vec<String> {
         self.bodies
             .lock()
             .unwrap()
@@ -123,7 +123,7 @@ fn failure(reply: Reply) -> warp::reply::Response {
 
 /// A gateway whose model `renamed` (upstream name `vendor-model-7`, 1 USDT per million
 /// tokens either way) goes to the recorder.
-async fn harness(recorder: &Recorder) -> Option<Harness> {
+pub(crate) async fn harness(recorder: &Recorder) -> Option<Harness> {
     let addr = recorder.upstream.addr;
     Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
         c.providers

@@ -19,6 +19,7 @@ mod errors;
 mod failover;
 mod forwarding;
 mod lifecycle;
+mod messages;
 mod metrics;
 mod outage;
 mod privacy;
