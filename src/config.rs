@@ -379,7 +379,7 @@ pub enum ConfigError {
     #[error("{what} `{name}` is configured twice")]
     Duplicate { what: &'static str, name: String },
     #[error(
-        "provider `{name}` has kind `{kind}`; this build speaks `openai` and `openai-compatible`"
+        "provider `{name}` has kind `{kind}`; this build speaks `openai`, `openai-compatible` and `anthropic`"
     )]
     UnsupportedKind { name: String, kind: String },
     #[error("provider `{name}`: base_url `{url}` is not an http:// or https:// URL")]
@@ -449,6 +449,8 @@ pub struct Model {
 pub struct Route {
     pub provider: String,
     pub upstream_model: String,
+    /// The API its provider speaks.
+    pub wire: tollgate_actors::provider::Wire,
     /// Its metric handles (labelled with the model and this provider); set when the gateway
     /// starts, after the metrics recorder exists.
     pub meters: Option<std::sync::Arc<crate::telemetry::ModelMeters>>,
@@ -487,14 +489,14 @@ impl Config {
 
     /// The models, checked against the providers.
     pub fn catalog(&self) -> Result<HashMap<String, Model>, ConfigError> {
-        let mut providers = std::collections::HashSet::new();
+        let mut providers = HashMap::new();
         for p in &self.providers {
-            if !matches!(p.kind.as_str(), "openai" | "openai-compatible") {
+            let Some(wire) = tollgate_actors::provider::Wire::of(&p.kind) else {
                 return Err(ConfigError::UnsupportedKind {
                     name: p.name.clone(),
                     kind: p.kind.clone(),
                 });
-            }
+            };
             if tollgate_actors::provider::completions_uri(&p.base_url).is_none() {
                 return Err(ConfigError::BaseUrl {
                     name: p.name.clone(),
@@ -511,7 +513,7 @@ impl Config {
                 })?;
             }
             proxy_for(p)?;
-            if !providers.insert(p.name.as_str()) {
+            if providers.insert(p.name.as_str(), wire).is_some() {
                 return Err(ConfigError::Duplicate {
                     what: "provider",
                     name: p.name.clone(),
@@ -530,12 +532,12 @@ impl Config {
             for (provider, upstream_model) in
                 std::iter::once((&m.provider, &m.upstream_model)).chain(fallbacks)
             {
-                if !providers.contains(provider.as_str()) {
+                let Some(&wire) = providers.get(provider.as_str()) else {
                     return Err(ConfigError::UnknownProvider {
                         model: m.id.clone(),
                         provider: provider.clone(),
                     });
-                }
+                };
                 if routes
                     .iter()
                     .any(|r| &r.provider == provider && &r.upstream_model == upstream_model)
@@ -549,6 +551,7 @@ impl Config {
                 routes.push(Route {
                     provider: provider.clone(),
                     upstream_model: upstream_model.clone(),
+                    wire,
                     meters: None,
                 });
             }

@@ -5,6 +5,10 @@
 //! way every time: prompt tokens = Σ(ceil(len(content)/4) + 4) + 3 over the messages, and one
 //! completion token per word sent, `min(chunks, max_tokens)` of them.
 //!
+//! It also answers `POST …/messages` as Anthropic's Messages API does (the same words and
+//! the same token formula, `system` counted as one more message), for providers of kind
+//! `anthropic`; there `mock-tool` answers with a call of tool `lookup`.
+//!
 //! Upstream model names with special behaviour: `mock-error` (500), `mock-bad-request` (400),
 //! `mock-rate-limited` (429, `retry-after: 7`), `mock-hang` (never answers), `mock-no-usage` (omits usage),
 //! `mock-break` (a stream that ends after its first word, without `[DONE]`), `mock-linger`
@@ -60,16 +64,23 @@ pub async fn serve(
     let options = Arc::new(options);
     let route = warp::post()
         .and(warp::path::full())
+        .and(warp::header::headers_cloned())
         .and(warp::body::bytes())
-        .then(move |path: warp::path::FullPath, body: Bytes| {
-            let options = options.clone();
-            async move {
-                if !path.as_str().ends_with("/chat/completions") {
-                    return error(StatusCode::NOT_FOUND, "no such route");
+        .then(
+            move |path: warp::path::FullPath, headers: http::HeaderMap, body: Bytes| {
+                let options = options.clone();
+                async move {
+                    let path = path.as_str();
+                    if path.ends_with("/chat/completions") {
+                        complete(&options, &body).await
+                    } else if path.ends_with("/messages") {
+                        messages(&options, &headers, &body).await
+                    } else {
+                        error(StatusCode::NOT_FOUND, "no such route")
+                    }
                 }
-                complete(&options, &body).await
-            }
-        });
+            },
+        );
     // Our own server, so the mock, like the gateway, sends each chunk without Nagle's delay.
     // No header timeout: a client's pooled idle connections stay open, as a real upstream's do
     // for longer than any test or benchmark here waits.
@@ -278,6 +289,190 @@ async fn complete(options: &MockOptions, body: &[u8]) -> Response {
     } else {
         warp::reply::Reply::into_response(warp::reply::stream(events))
     };
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+/// An error in the Messages API's shape.
+fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({"type": "error", "error": {"type": kind, "message": message}});
+    let mut r = error(status, message);
+    *r.body_mut() = Bytes::from(body.to_string()).into();
+    r
+}
+
+/// Text of Messages content: a string, or its blocks' text (tool results' too), joined.
+fn message_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter_map(|b| match b.get("content") {
+                Some(inner) => Some(message_text(Some(inner))),
+                None => b.get("text").and_then(Value::as_str).map(str::to_owned),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// `POST …/messages`, as Anthropic's Messages API answers: `anthropic-version` and
+/// `max_tokens` required, the answer a message or a stream of its events.
+async fn messages(options: &MockOptions, headers: &http::HeaderMap, body: &[u8]) -> Response {
+    let invalid = |m: &str| anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
+    if !headers.contains_key("anthropic-version") {
+        return invalid("anthropic-version: header is required");
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(body) else {
+        return invalid("body is not JSON");
+    };
+    let Some(max_tokens) = request.get("max_tokens").and_then(Value::as_u64) else {
+        return invalid("max_tokens: Field required");
+    };
+    let model = request["model"].as_str().unwrap_or("mock").to_owned();
+    match model.as_str() {
+        "mock-error" => {
+            return anthropic_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "mock failure",
+            )
+        }
+        "mock-rate-limited" => {
+            let mut r = anthropic_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "mock rate limit",
+            );
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("7"));
+            return r;
+        }
+        _ => {}
+    }
+    let messages = request["messages"].as_array().cloned().unwrap_or_default();
+    let texts: Vec<String> = request
+        .get("system")
+        .map(|s| message_text(Some(s)))
+        .into_iter()
+        .chain(messages.iter().map(|m| message_text(m.get("content"))))
+        .collect();
+    let prompt: u64 = texts
+        .iter()
+        .map(|t| (t.len() as u64).div_ceil(4) + 4)
+        .sum::<u64>()
+        + 3;
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| message_text(m.get("content")))
+        .unwrap_or_default();
+    let mut words: Vec<String> = last_user.split_whitespace().map(str::to_owned).collect();
+    if words.is_empty() {
+        words.push("ok".to_owned());
+    }
+    let n = options.chunks.min(max_tokens);
+    let id = format!("msg_mock{}", uuid::Uuid::now_v7().simple());
+    let tool = model == "mock-tool";
+    let stop_reason = if tool {
+        "tool_use"
+    } else if n < options.chunks {
+        "max_tokens"
+    } else {
+        "end_turn"
+    };
+    let text: Vec<&str> = (0..n as usize)
+        .map(|i| words[i % words.len()].as_str())
+        .collect();
+    let input = json!({"q": text.join(" ")});
+    if !options.latency.is_zero() {
+        tokio::time::sleep(options.latency).await;
+    }
+
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        let content = if tool {
+            json!([{"type": "tool_use", "id": "toolu_mock", "name": "lookup", "input": input}])
+        } else {
+            json!([{"type": "text", "text": text.join(" ")}])
+        };
+        let message = json!({"id": id, "type": "message", "role": "assistant", "model": model,
+            "content": content, "stop_reason": stop_reason, "stop_sequence": null,
+            "usage": {"input_tokens": prompt, "output_tokens": n,
+                "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}});
+        let mut r = Response::new(Bytes::from(message.to_string()).into());
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return r;
+    }
+
+    let frame = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
+    let mut events = vec![frame(
+        "message_start",
+        json!({"type": "message_start", "message": {"id": id, "type": "message",
+            "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "stop_sequence": null, "usage": {"input_tokens": prompt, "output_tokens": 1}}}),
+    )];
+    if tool {
+        let json = input.to_string();
+        let (first, rest) = json.split_at(json.len() / 2);
+        events.push(frame("content_block_start", json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": "toolu_mock", "name": "lookup", "input": {}}})));
+        for part in [first, rest] {
+            events.push(frame(
+                "content_block_delta",
+                json!({"type": "content_block_delta",
+                "index": 0, "delta": {"type": "input_json_delta", "partial_json": part}}),
+            ));
+        }
+    } else {
+        events.push(frame(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ));
+        events.push(frame("ping", json!({"type": "ping"})));
+        for (i, word) in text.iter().enumerate() {
+            let word = if i == 0 {
+                (*word).to_owned()
+            } else {
+                format!(" {word}")
+            };
+            events.push(frame(
+                "content_block_delta",
+                json!({"type": "content_block_delta",
+                "index": 0, "delta": {"type": "text_delta", "text": word}}),
+            ));
+            if model == "mock-break" {
+                break;
+            }
+        }
+    }
+    if model != "mock-break" {
+        events.push(frame(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": 0}),
+        ));
+        events.push(frame(
+            "message_delta",
+            json!({"type": "message_delta",
+            "delta": {"stop_reason": stop_reason, "stop_sequence": null},
+            "usage": {"output_tokens": n}}),
+        ));
+        events.push(frame("message_stop", json!({"type": "message_stop"})));
+    }
+    let stream = futures::stream::iter(
+        events
+            .into_iter()
+            .map(|e| Ok::<_, std::io::Error>(Bytes::from(e))),
+    );
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(stream));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),

@@ -53,7 +53,40 @@ pub struct ProviderSpec {
     pub stream_idle_timeout: Duration,
 }
 
+/// The API a provider speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI's chat completions (`openai`, `openai-compatible`): `{base_url}/chat/completions`,
+    /// the key as `Authorization: Bearer`.
+    OpenAi,
+    /// Anthropic's Messages API (`anthropic`): `{base_url}/messages`, the key as `x-api-key`,
+    /// with `anthropic-version`.
+    Anthropic,
+}
+
+impl Wire {
+    /// The wire of a provider `kind`, if this build speaks it.
+    pub fn of(kind: &str) -> Option<Wire> {
+        match kind {
+            "openai" | "openai-compatible" => Some(Wire::OpenAi),
+            "anthropic" => Some(Wire::Anthropic),
+            _ => None,
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Wire::OpenAi => "chat/completions",
+            Wire::Anthropic => "messages",
+        }
+    }
+}
+
 impl ProviderSpec {
+    pub fn wire(&self) -> Wire {
+        Wire::of(&self.kind).unwrap_or(Wire::OpenAi)
+    }
+
     /// How long to wait before retry number `retry` (1 for the first): the backoff doubled
     /// for each retry after the first, half of it random, at most [`Self::retry_max_wait`];
     /// or the upstream's own `retry-after` where that is longer, and `None` (no retry) if
@@ -136,7 +169,13 @@ pub fn proxy_for(base_url: &str, setting: Option<&str>) -> Result<Option<Proxy>,
 
 /// `{base_url}/chat/completions`, if `base_url` is an http:// or https:// URL with a host.
 pub fn completions_uri(base_url: &str) -> Option<http::Uri> {
-    let uri = format!("{}/chat/completions", base_url.trim_end_matches('/'))
+    endpoint_uri(base_url, Wire::OpenAi)
+}
+
+/// Where calls go on `wire`: `{base_url}/chat/completions` or `{base_url}/messages`, if
+/// `base_url` is an http:// or https:// URL with a host.
+pub fn endpoint_uri(base_url: &str, wire: Wire) -> Option<http::Uri> {
+    let uri = format!("{}/{}", base_url.trim_end_matches('/'), wire.path())
         .parse::<http::Uri>()
         .ok()?;
     let usable = matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some();
@@ -272,11 +311,13 @@ pub enum ProviderError {
 pub struct Lease {
     pub pool: Arc<Pool>,
     pub spec: Arc<ProviderSpec>,
-    /// The path of `{base_url}/chat/completions` (origin form, as the request line carries
-    /// it), parsed once when the provider starts.
-    pub completions_path: http::Uri,
-    /// `Bearer {api_key}`, built once (and marked sensitive, so that it is never logged).
-    pub authorization: Option<http::HeaderValue>,
+    /// The path of the provider's endpoint ([`endpoint_uri`]; origin form, as the request
+    /// line carries it), parsed once when the provider starts.
+    pub endpoint_path: http::Uri,
+    /// The key's header: `authorization: Bearer {api_key}`, or `x-api-key` for Anthropic;
+    /// built once (and marked sensitive, so that it is never logged).
+    pub auth: Option<(http::HeaderName, http::HeaderValue)>,
+    pub wire: Wire,
     health: Arc<Health>,
     _permit: OwnedSemaphorePermit,
     _in_flight: InFlightGuard,
@@ -541,8 +582,8 @@ impl RateLimits {
 pub struct Leaser {
     spec: Arc<ProviderSpec>,
     pool: Arc<Pool>,
-    completions_path: http::Uri,
-    authorization: Option<http::HeaderValue>,
+    endpoint_path: http::Uri,
+    auth: Option<(http::HeaderName, http::HeaderValue)>,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
@@ -581,28 +622,32 @@ impl Leaser {
             }
         }
         let https = https_connector(dial, roots).map_err(|_| failed())?;
-        let completions_uri = completions_uri(&spec.base_url).ok_or_else(failed)?;
+        let wire = spec.wire();
+        let endpoint_uri = endpoint_uri(&spec.base_url, wire).ok_or_else(failed)?;
         // What the request line carries; the pool knows where to send it.
-        let completions_path = completions_uri.path_and_query().map_or_else(
+        let endpoint_path = endpoint_uri.path_and_query().map_or_else(
             || http::Uri::from_static("/"),
             |p| http::Uri::from(p.clone()),
         );
         let pool = Pool::new(
             https,
-            completions_uri,
+            endpoint_uri,
             spec.max_concurrency.min(1024),
             spec.idle_connection_timeout,
             metrics::counter!("tollgate_provider_connections_opened_total", "provider" => spec.name.clone()),
         )
         .ok_or_else(failed)?;
-        let authorization = match &spec.api_key {
-            Some(key) => {
-                let mut value =
-                    http::HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| failed())?;
+        let auth = match (&spec.api_key, wire) {
+            (None, _) => None,
+            (Some(key), wire) => {
+                let (name, value) = match wire {
+                    Wire::OpenAi => (http::header::AUTHORIZATION, format!("Bearer {key}")),
+                    Wire::Anthropic => (http::HeaderName::from_static("x-api-key"), key.clone()),
+                };
+                let mut value = http::HeaderValue::try_from(value).map_err(|_| failed())?;
                 value.set_sensitive(true);
-                Some(value)
+                Some((name, value))
             }
-            None => None,
         };
         metrics::gauge!("tollgate_provider_max_concurrency", "provider" => spec.name.clone())
             .set(spec.max_concurrency as f64);
@@ -613,8 +658,8 @@ impl Leaser {
             permits: Arc::new(Semaphore::new(spec.max_concurrency)),
             spec: Arc::new(spec),
             pool: Arc::new(pool),
-            completions_path,
-            authorization,
+            endpoint_path,
+            auth,
             in_flight: Arc::new(AtomicU64::new(0)),
             granted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -635,8 +680,9 @@ impl Leaser {
                 Ok(Lease {
                     pool: self.pool.clone(),
                     spec: self.spec.clone(),
-                    completions_path: self.completions_path.clone(),
-                    authorization: self.authorization.clone(),
+                    endpoint_path: self.endpoint_path.clone(),
+                    auth: self.auth.clone(),
+                    wire: self.spec.wire(),
                     health: self.health.clone(),
                     _permit: permit,
                     _in_flight: InFlightGuard {

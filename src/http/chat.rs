@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
-use tollgate_actors::provider::{Lease, ProviderError};
+use tollgate_actors::provider::{Lease, ProviderError, Wire};
 use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
 use tollgate_actors::{Amount, RequestId};
 use warp::reply::Response;
@@ -380,7 +380,8 @@ async fn proxy(
         stream,
         started,
     };
-    let sent = send(&mut call, &mut request, upstream_body, tokens).await;
+    let max_tokens = lowered_to.unwrap_or(per_choice);
+    let sent = send(&mut call, &mut request, upstream_body, tokens, max_tokens).await;
     if let Some(labels) = labels {
         labels.route = call.route;
     }
@@ -397,6 +398,7 @@ async fn proxy(
         }
     };
     let timeout = lease.spec.request_timeout;
+    let wire = lease.wire;
 
     let max_answer = app.config.limits.max_upstream_answer_bytes;
     if stream {
@@ -405,10 +407,14 @@ async fn proxy(
             http_body_util::BodyDataStream::new(upstream.into_body()),
             max_answer,
         );
+        let events: Events = match wire {
+            Wire::OpenAi => Box::pin(pieces.eventsource()),
+            Wire::Anthropic => Box::pin(super::anthropic_upstream::chunks(pieces.eventsource())),
+        };
         let relay = Relay {
             call: Some(call),
             lease: Some(lease),
-            events: Box::pin(pieces.eventsource()),
+            events,
             budget,
             usage: None,
             content_chunks: 0,
@@ -471,6 +477,10 @@ async fn proxy(
     };
     lease.report(true);
     drop(lease);
+    let bytes = match wire {
+        Wire::OpenAi => bytes,
+        Wire::Anthropic => super::anthropic_upstream::completion(&bytes),
+    };
     // The choices are read only when there is no usage to go by.
     #[derive(Deserialize)]
     struct Choices {
@@ -623,27 +633,30 @@ enum Then {
 
 /// Sends the call to its model's routes in order until one answers with a success, retrying
 /// each provider as its config allows (docs/billing.md, "Retries and failover"). `body` is
-/// the upstream body for the first route; `request` makes the others'. Only a success's
-/// lease and response head come back; every failed attempt's lease is dropped before the
-/// next attempt, and the call's route is the one tried last.
+/// the chat body for the first route's upstream model; `request` makes the others'; a route
+/// whose provider speaks Anthropic's Messages API gets it translated, with `max_tokens` as
+/// its limit where the client set none. Only a success's lease and response head come back;
+/// every failed attempt's lease is dropped before the next attempt, and the call's route is
+/// the one tried last.
 async fn send(
     call: &mut Call,
     request: &mut Fields<'_>,
     body: Vec<u8>,
     tokens: u64,
+    max_tokens: u64,
 ) -> Result<(Lease, http::Response<tollgate_actors::upstream::Body>), Failed> {
     let model = call.model.clone();
-    let mut body = Bytes::from(body);
-    let mut body_model = model.routes[0].upstream_model.as_str();
+    let mut chat = Bytes::from(body);
+    let mut chat_model = model.routes[0].upstream_model.as_str();
     let mut attempted = false;
     let mut last = None;
     for (i, route) in model.routes.iter().enumerate() {
         let elsewhere = i + 1 < model.routes.len();
-        if route.upstream_model != body_model {
+        if route.upstream_model != chat_model {
             let rebuilt = request
                 .set("model", &route.upstream_model)
                 .and_then(|()| request.to_body());
-            body = match rebuilt {
+            chat = match rebuilt {
                 Ok(b) => Bytes::from(b),
                 Err(error) => {
                     let status = error.status().as_u16();
@@ -654,8 +667,19 @@ async fn send(
                     });
                 }
             };
-            body_model = route.upstream_model.as_str();
+            chat_model = route.upstream_model.as_str();
         }
+        let body = match route.wire {
+            Wire::OpenAi => chat.clone(),
+            Wire::Anthropic => match super::anthropic_upstream::request(&chat, max_tokens) {
+                Ok(b) => Bytes::from(b),
+                // What this route cannot carry, another may.
+                Err(error) => {
+                    last = Some((error.status().as_u16(), error));
+                    continue;
+                }
+            },
+        };
         let desk = call.app.system.desk(&route.provider);
         let mut retries = 0;
         loop {
@@ -717,14 +741,20 @@ async fn attempt(
 ) -> Result<http::Response<tollgate_actors::upstream::Body>, Miss> {
     let mut upstream_request = http::Request::new(http_body_util::Full::new(body));
     *upstream_request.method_mut() = http::Method::POST;
-    *upstream_request.uri_mut() = lease.completions_path.clone();
+    *upstream_request.uri_mut() = lease.endpoint_path.clone();
     let headers = upstream_request.headers_mut();
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(authorization) = &lease.authorization {
-        headers.insert(http::header::AUTHORIZATION, authorization.clone());
+    if let Some((name, value)) = &lease.auth {
+        headers.insert(name.clone(), value.clone());
+    }
+    if lease.wire == Wire::Anthropic {
+        headers.insert(
+            "anthropic-version",
+            HeaderValue::from_static(super::anthropic_upstream::VERSION),
+        );
     }
     let timeout = lease.spec.request_timeout;
     let provider = &lease.spec.name;

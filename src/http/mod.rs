@@ -3,6 +3,7 @@
 
 mod admin;
 mod anthropic;
+mod anthropic_upstream;
 mod chat;
 mod pieces;
 pub mod request;
@@ -358,6 +359,11 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     let space = value.bytes().position(|b| b == b' ')?;
     let (scheme, token) = (&value[..space], &value[space + 1..]);
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Seconds since the Unix epoch, for the `created` of what the gateway writes itself.
+pub(crate) fn unix_secs() -> i64 {
+    tollgate_actors::store::now_ms() / 1000
 }
 
 /// The key-authenticated caller, or 401.

@@ -11,6 +11,7 @@ mod common;
 mod abuse;
 mod admin;
 mod admin_cli;
+mod anthropic_upstream;
 mod billing;
 mod concurrency;
 mod connections;
