@@ -888,7 +888,8 @@ mod tests {
     #[test]
     fn a_down_provider_rests_then_lets_one_call_see_whether_it_is_back() {
         let health = Health::default();
-        let cooldown = Duration::from_millis(50);
+        // Long enough that a busy machine does not pass it between two lines here.
+        let cooldown = Duration::from_millis(1_000);
         for _ in 0..DOWN_AFTER - 1 {
             health.record(false);
         }
@@ -896,7 +897,7 @@ mod tests {
         health.record(false);
         assert_eq!(health.state(), "down");
         assert!(health.resting(cooldown));
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(1_050));
         // The first to ask after the cooldown is the probe; the rest keep away.
         assert!(!health.resting(cooldown));
         assert!(health.resting(cooldown));
@@ -904,7 +905,7 @@ mod tests {
         // The probe failed: another cooldown, another single probe.
         health.record(false);
         assert!(health.resting(cooldown));
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(1_050));
         assert!(!health.resting(cooldown));
         assert!(health.resting(cooldown));
         // It succeeded: healthy, and nobody keeps away.

@@ -179,19 +179,8 @@ async fn chat_calls_to_an_anthropic_provider_are_answered_and_billed_as_chat() {
         .collect();
     assert_eq!(statuses, [500, 200, 200, 200, 200, 200], "{usage:?}");
     assert!(usage.iter().all(|u| u["provider"] == "claude"));
-    let total = usage
-        .iter()
-        .map(|u| {
-            u["cost"]
-                .as_str()
-                .unwrap()
-                .parse::<tollgate_actors::Amount>()
-                .unwrap()
-                .nanos()
-        })
-        .sum();
-    h.assert_charged_once_from_one_usdt(&account, tollgate_actors::Amount(total))
-        .await;
+    let (_, total) = h.recorded(&account).await;
+    h.assert_charged_once_from_one_usdt(&account, total).await;
     h.stop().await;
 }
 

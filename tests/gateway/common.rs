@@ -234,6 +234,14 @@ input_per_mtok = "1"
 output_per_mtok = "1"
 
 [[models]]
+id = "breaks"
+provider = "mock"
+upstream_model = "mock-break"
+input_per_mtok = "1"
+output_per_mtok = "1"
+max_output_tokens = 100
+
+[[models]]
 id = "no-usage"
 provider = "mock"
 upstream_model = "mock-no-usage"
@@ -451,6 +459,18 @@ impl Harness {
         v["data"].as_array().cloned().unwrap_or_default()
     }
 
+    /// The statuses of the account's usage records, sorted, and what they cost together.
+    pub async fn recorded(&self, account: &str) -> (Vec<u64>, Amount) {
+        let usage = self.usage(account).await;
+        let mut statuses: Vec<u64> = usage
+            .iter()
+            .map(|u| u["status"].as_u64().expect("status"))
+            .collect();
+        statuses.sort();
+        let cost = usage.iter().map(|u| cost_of(u).nanos()).sum();
+        (statuses, Amount(cost))
+    }
+
     /// The account's usage records once the first has landed (a call settling in the
     /// background, its client gone); empty if none has within 5 s.
     pub async fn usage_once_settled(&self, account: &str) -> Vec<Value> {
@@ -566,6 +586,15 @@ pub fn expected_cost(
 ) -> Amount {
     let micro = prompt as u128 * input_nanos_per_mtok + completion as u128 * output_nanos_per_mtok;
     Amount(micro.div_ceil(1_000_000) as i64)
+}
+
+/// A usage record's cost (from `/admin/accounts/{id}/usage`).
+pub fn cost_of(record: &Value) -> Amount {
+    record["cost"]
+        .as_str()
+        .expect("cost is text")
+        .parse()
+        .expect("cost is an amount")
 }
 
 /// What a non-streamed answer says it cost (`x-tollgate-cost`).

@@ -245,14 +245,7 @@ async fn key_limits(backend: Backend) {
     let capped_spend: i64 = usage
         .iter()
         .filter(|u| u["status"] == 200)
-        .map(|u| {
-            u["cost"]
-                .as_str()
-                .unwrap()
-                .parse::<Amount>()
-                .unwrap()
-                .nanos()
-        })
+        .map(|u| cost_of(u).nanos())
         .sum();
     let pool = h.pool().await;
     let spent: i64 = sqlx::Row::try_get(

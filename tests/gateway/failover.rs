@@ -158,7 +158,8 @@ async fn a_call_fails_over_to_the_next_route_and_a_down_provider_rests(backend: 
     let dead: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     let Some(h) = Harness::start_with(backend, MockOptions::default(), |c| {
         c.providers.push(ProviderConfig {
-            down_cooldown_ms: 300,
+            // Long enough that a busy machine does not pass it between two calls here.
+            down_cooldown_ms: 3_000,
             ..provider("dead", dead)
         });
         c.providers.push(provider("backup", recorder.upstream.addr));
@@ -209,7 +210,7 @@ async fn a_call_fails_over_to_the_next_route_and_a_down_provider_rests(backend: 
     assert_eq!(call("resilient").await, 200);
     assert_eq!(dead_failures().await, (5, 2, 4));
     // After its cooldown, one call tries it again (and fails over once more).
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     assert_eq!(call("resilient").await, 200);
     assert_eq!(dead_failures().await, (6, 2, 5));
     assert_eq!(recorder.models(), vec!["backup-up"; 5]);

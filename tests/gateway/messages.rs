@@ -5,7 +5,6 @@
 use crate::common::*;
 use crate::forwarding::{harness, Recorder};
 use serde_json::{json, Value};
-use tollgate::mock::MockOptions;
 
 async fn post(h: &Harness, key: &str, body: &Value) -> reqwest::Response {
     h.http
@@ -106,18 +105,7 @@ async fn a_messages_request_goes_upstream_as_the_chat_request_it_means() {
 
 #[tokio::test]
 async fn a_stream_the_upstream_breaks_off_ends_with_an_error_event_and_is_charged() {
-    let Some(h) = Harness::start_with(Backend::Sqlite, MockOptions::default(), |c| {
-        c.models.push(tollgate::config::ModelConfig {
-            id: "breaks".to_owned(),
-            provider: "mock".to_owned(),
-            upstream_model: "mock-break".to_owned(),
-            input_per_mtok: "1".to_owned(),
-            output_per_mtok: "1".to_owned(),
-            ..Default::default()
-        })
-    })
-    .await
-    else {
+    let Some(h) = Harness::start(Backend::Sqlite).await else {
         return;
     };
     let (account, key) = h.funded("1").await;

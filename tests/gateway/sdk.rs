@@ -10,7 +10,6 @@ use crate::common::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tollgate_actors::Amount;
 
 /// The SDKs: what pip installs, and the module to import.
 const OPENAI_SDK: (&str, &str) = ("openai==3.57.0", "openai");
@@ -107,28 +106,6 @@ async fn run_script(h: &Harness, sdk: (&str, &str), script: &str, key: &str) -> 
     Some(serde_json::from_slice(&out.stdout).unwrap())
 }
 
-/// The statuses of the account's usage records, sorted, and what they cost together.
-async fn recorded(h: &Harness, account: &str) -> (Vec<u64>, Amount) {
-    let usage = h.usage(account).await;
-    let mut statuses: Vec<u64> = usage
-        .iter()
-        .map(|u| u["status"].as_u64().unwrap())
-        .collect();
-    statuses.sort();
-    let cost = usage
-        .iter()
-        .map(|u| {
-            u["cost"]
-                .as_str()
-                .unwrap()
-                .parse::<Amount>()
-                .unwrap()
-                .nanos()
-        })
-        .sum();
-    (statuses, Amount(cost))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_works_unchanged_but_for_base_url_and_key() {
     let Some(h) = Harness::start(Backend::Sqlite).await else {
@@ -216,7 +193,7 @@ async fn the_official_openai_sdk_works_unchanged_but_for_base_url_and_key() {
 
     // Behind the SDK: three calls charged, the two upstream failures recorded free, the
     // refusals not recorded at all; the call's id is its record's.
-    let (statuses, charged) = recorded(&h, &account).await;
+    let (statuses, charged) = h.recorded(&account).await;
     assert_eq!(statuses, [200, 200, 200, 429, 500]);
     let usage = h.usage(&account).await;
     assert!(usage.iter().any(|u| u["request_id"] == chat["request_id"]));
@@ -301,7 +278,7 @@ async fn the_official_anthropic_sdk_works_unchanged_but_for_base_url_and_key() {
     assert_eq!(errors["throttled"]["retry_after"], "7");
     assert_eq!(error("upstream_failed"), ("InternalServerError", 502));
 
-    let (statuses, charged) = recorded(&h, &account).await;
+    let (statuses, charged) = h.recorded(&account).await;
     assert_eq!(statuses, [200, 200, 200, 429, 500]);
     h.assert_charged_once_from_one_usdt(&account, charged).await;
     h.stop().await;

@@ -84,19 +84,7 @@ async fn client_disconnect_settles_what_was_delivered(backend: Backend) {
 both_stores!(client_disconnect_settles_what_was_delivered);
 
 async fn upstream_breaking_off_is_charged_for_what_arrived(backend: Backend) {
-    let Some(h) = Harness::start_with(backend, MockOptions::default(), |c| {
-        c.models.push(tollgate::config::ModelConfig {
-            id: "breaks".to_owned(),
-            provider: "mock".to_owned(),
-            upstream_model: "mock-break".to_owned(),
-            input_per_mtok: "1".to_owned(),
-            output_per_mtok: "1".to_owned(),
-            max_output_tokens: 100,
-            ..Default::default()
-        })
-    })
-    .await
-    else {
+    let Some(h) = Harness::start(backend).await else {
         return;
     };
     let (account, key) = h.funded("1").await;
