@@ -645,14 +645,17 @@ async fn send(
     tokens: u64,
     max_tokens: u64,
 ) -> Result<(Lease, http::Response<tollgate_actors::upstream::Body>), Failed> {
-    let model = call.model.clone();
+    // The routes are borrowed from the call (not its model's `Arc` cloned again: that count
+    // is shared by every call of the model, on every worker thread).
+    let routes = call.model.routes.len();
     let mut chat = Bytes::from(body);
-    let mut chat_model = model.routes[0].upstream_model.as_str();
+    let mut chat_model = 0;
     let mut attempted = false;
     let mut last = None;
-    for (i, route) in model.routes.iter().enumerate() {
-        let elsewhere = i + 1 < model.routes.len();
-        if route.upstream_model != chat_model {
+    for i in 0..routes {
+        let route = &call.model.routes[i];
+        let elsewhere = i + 1 < routes;
+        if route.upstream_model != call.model.routes[chat_model].upstream_model {
             let rebuilt = request
                 .set("model", &route.upstream_model)
                 .and_then(|()| request.to_body());
@@ -667,7 +670,7 @@ async fn send(
                     });
                 }
             };
-            chat_model = route.upstream_model.as_str();
+            chat_model = i;
         }
         let body = match route.wire {
             Wire::OpenAi => chat.clone(),
@@ -723,7 +726,7 @@ async fn send(
         }
     }
     let (status, error) = last.unwrap_or_else(|| {
-        let error = ApiError::Unavailable(format!("model `{}`", model.id));
+        let error = ApiError::Unavailable(format!("model `{}`", call.model.id));
         (error.status().as_u16(), error)
     });
     Err(Failed {
