@@ -584,6 +584,8 @@ pub struct Leaser {
     pool: Arc<Pool>,
     endpoint_path: http::Uri,
     auth: Option<(http::HeaderName, http::HeaderValue)>,
+    /// The spec's kind, read once.
+    wire: Wire,
     permits: Arc<Semaphore>,
     in_flight: Arc<AtomicU64>,
     in_flight_gauge: metrics::Gauge,
@@ -660,6 +662,7 @@ impl Leaser {
             pool: Arc::new(pool),
             endpoint_path,
             auth,
+            wire,
             in_flight: Arc::new(AtomicU64::new(0)),
             granted: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -682,7 +685,7 @@ impl Leaser {
                     spec: self.spec.clone(),
                     endpoint_path: self.endpoint_path.clone(),
                     auth: self.auth.clone(),
-                    wire: self.spec.wire(),
+                    wire: self.wire,
                     health: self.health.clone(),
                     _permit: permit,
                     _in_flight: InFlightGuard {

@@ -242,18 +242,26 @@ fn finish_reason(stop_reason: Option<&str>) -> &'static str {
     }
 }
 
-/// Chat usage for Messages usage: the prompt counts the tokens read from and written to the
-/// prompt cache too (billed at the input price), `cached_tokens` those read.
+fn tokens(u: &Value, name: &str) -> u64 {
+    u.get(name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The prompt tokens of Messages usage as chat counts them, with the tokens read from and
+/// written to the prompt cache (billed at the input price), and the cached ones (those read).
+fn prompt_of(u: &Value) -> (u64, u64) {
+    let read = tokens(u, "cache_read_input_tokens");
+    let prompt = tokens(u, "input_tokens") + read + tokens(u, "cache_creation_input_tokens");
+    (prompt, read)
+}
+
+/// Chat usage for Messages usage; the prompt's figures from `input` where `u` has none (a
+/// stream's `message_delta` may carry only its output).
 fn usage(u: &Value, input: Option<(u64, u64)>) -> Value {
-    let n = |name: &str| u.get(name).and_then(Value::as_u64).unwrap_or(0);
-    let (prompt, cached) = match (u.get("input_tokens").and_then(Value::as_u64), input) {
-        (Some(_), _) | (None, None) => (
-            n("input_tokens") + n("cache_read_input_tokens") + n("cache_creation_input_tokens"),
-            n("cache_read_input_tokens"),
-        ),
-        (None, Some(earlier)) => earlier,
+    let (prompt, cached) = match input {
+        Some(earlier) if u.get("input_tokens").and_then(Value::as_u64).is_none() => earlier,
+        _ => prompt_of(u),
     };
-    let completion = n("output_tokens");
+    let completion = tokens(u, "output_tokens");
     json!({"prompt_tokens": prompt, "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": cached}})
@@ -341,12 +349,7 @@ impl Chunks {
                 let m = &event["message"];
                 self.id = m["id"].clone();
                 self.model = m["model"].clone();
-                let u = usage(&m["usage"], None);
-                let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
-                let cached = u["prompt_tokens_details"]["cached_tokens"]
-                    .as_u64()
-                    .unwrap_or(0);
-                self.input = Some((prompt, cached));
+                self.input = Some(prompt_of(&m["usage"]));
                 json!({"role": "assistant", "content": ""})
             }
             Some("content_block_start") if event["content_block"]["type"] == "tool_use" => {
@@ -374,20 +377,21 @@ impl Chunks {
             }
             Some("message_delta") => {
                 let reason = finish_reason(event["delta"]["stop_reason"].as_str());
-                let chunk = json!({"id": self.id, "object": "chat.completion.chunk",
-                    "created": crate::http::unix_secs(), "model": self.model,
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": reason}],
-                    "usage": usage(&event["usage"], self.input)});
+                let mut chunk = self.chunk_with(json!({}), json!(reason));
+                chunk["usage"] = usage(&event["usage"], self.input);
                 return Step::Data(chunk.to_string());
             }
             Some("message_stop") => return Step::Data("[DONE]".to_owned()),
             Some("error") => return Step::Failed,
             _ => return Step::Skip,
         };
-        let chunk = json!({"id": self.id, "object": "chat.completion.chunk",
+        Step::Data(self.chunk_with(delta, Value::Null).to_string())
+    }
+
+    fn chunk_with(&self, delta: Value, finish_reason: Value) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk",
             "created": crate::http::unix_secs(), "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": null}]});
-        Step::Data(chunk.to_string())
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
     }
 }
 

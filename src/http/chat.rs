@@ -28,7 +28,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tollgate_actors::account::{KeyLimit, Reservation, ReserveRequest};
 use tollgate_actors::keys::KeyInfo;
-use tollgate_actors::provider::{Lease, ProviderError, Wire};
+use tollgate_actors::provider::{Desk, Lease, ProviderError, Wire};
 use tollgate_actors::store::{now_ms, UsageRecord, UsageSource};
 use tollgate_actors::{Amount, RequestId};
 use warp::reply::Response;
@@ -73,7 +73,7 @@ pub async fn messages(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> R
             )
             .await
         }
-        Err(e) => e.into_anthropic_response(),
+        Err(e) => Dialect::Anthropic.error_response(e),
     };
     with_request_id(resp, &request_id)
 }
@@ -83,6 +83,23 @@ pub async fn messages(app: Arc<App>, headers: http::HeaderMap, body: Bytes) -> R
 enum Dialect {
     OpenAi,
     Anthropic,
+}
+
+impl Dialect {
+    fn error_response(self, e: ApiError) -> Response {
+        match self {
+            Dialect::OpenAi => e.into_response(),
+            Dialect::Anthropic => e.into_anthropic_response(),
+        }
+    }
+
+    /// The frame that ends a stream that could not end as it should.
+    fn error_frame(self, message: &str, code: &str) -> Bytes {
+        match self {
+            Dialect::OpenAi => error_event(message, code),
+            Dialect::Anthropic => super::anthropic::StreamTranslator::error(message).freeze(),
+        }
+    }
 }
 
 async fn run(
@@ -114,10 +131,7 @@ async fn run(
         RunToEnd(Some(Box::pin(tracked)))
     };
     let (labels, result) = call.await;
-    let mut resp = result.unwrap_or_else(|e| match dialect {
-        Dialect::OpenAi => e.into_response(),
-        Dialect::Anthropic => e.into_anthropic_response(),
-    });
+    let mut resp = result.unwrap_or_else(|e| dialect.error_response(e));
     if let Some(l) = labels {
         resp.extensions_mut().insert(l);
     }
@@ -683,10 +697,14 @@ async fn send(
                 }
             },
         };
-        let desk = call.app.system.desk(&route.provider);
+        let Some(desk) = call.app.system.desk(&route.provider) else {
+            let error = ApiError::Unavailable(format!("provider `{}`", route.provider));
+            last = Some((error.status().as_u16(), error));
+            continue;
+        };
         let mut retries = 0;
         loop {
-            let lease = match lease(&call.app, &route.provider, tokens, elsewhere).await {
+            let lease = match lease(desk, &route.provider, tokens, elsewhere).await {
                 Ok(l) => l,
                 Err(error) => {
                     last = Some((error.status().as_u16(), error));
@@ -695,7 +713,7 @@ async fn send(
             };
             attempted = true;
             call.route = i;
-            if let (true, Some(desk)) = (retries > 0, desk) {
+            if retries > 0 {
                 desk.count_retry();
             }
             let miss = match attempt(call, &lease, body.clone()).await {
@@ -721,7 +739,7 @@ async fn send(
             retries += 1;
             tokio::time::sleep(wait).await;
         }
-        if let (true, Some(desk)) = (elsewhere, desk) {
+        if elsewhere {
             desk.count_failover();
         }
     }
@@ -806,16 +824,15 @@ async fn attempt(
     Err(upstream_refused(call, upstream, timeout).await)
 }
 
-/// A lease from the provider's desk (no message to its actor); before the actor's first start
+/// A lease from `provider`'s desk (no message to its actor); before the actor's first start
 /// has posted a leaser, waits for it (up to about a second) rather than failing the call.
 /// `elsewhere`: the call has another route to take if this provider rests ([`Desk::lease`]).
-///
-/// [`Desk::lease`]: tollgate_actors::provider::Desk::lease
-async fn lease(app: &App, provider: &str, tokens: u64, elsewhere: bool) -> Result<Lease, ApiError> {
-    let desk = app
-        .system
-        .desk(provider)
-        .ok_or_else(|| ApiError::Unavailable(format!("provider `{provider}`")))?;
+async fn lease(
+    desk: &Desk,
+    provider: &str,
+    tokens: u64,
+    elsewhere: bool,
+) -> Result<Lease, ApiError> {
     for _ in 0..50 {
         match desk.lease(tokens, elsewhere) {
             Some(Ok(lease)) => return Ok(lease),
@@ -1111,13 +1128,9 @@ impl Relay {
         };
         match settle.await {
             Ok(frame) => frame,
-            Err(_) => match self.dialect {
-                Dialect::OpenAi => error_event("The charge could not be recorded.", "server_error"),
-                Dialect::Anthropic => {
-                    super::anthropic::StreamTranslator::error("The charge could not be recorded.")
-                        .freeze()
-                }
-            },
+            Err(_) => self
+                .dialect
+                .error_frame("The charge could not be recorded.", "server_error"),
         }
     }
 
@@ -1162,24 +1175,22 @@ impl Relay {
         };
         let relays = call.app.relays.clone();
         let mut translator = self.translator.take();
+        let dialect = self.dialect;
         Some(relays.spawn(async move {
             // A stream the upstream broke off is still charged for what the client received.
             let settled = call.settle(usage, source, status, true).await;
-            let failed = match (end, settled) {
-                (StreamEnd::ClientGone, _) => return Bytes::new(),
+            match (end, settled) {
+                (StreamEnd::ClientGone, _) => Bytes::new(),
                 (StreamEnd::Done, Ok(_)) => match &mut translator {
-                    None => return Bytes::from_static(b"data: [DONE]\n\n"),
-                    Some(t) => return t.end(usage.counts()).freeze(),
+                    None => Bytes::from_static(b"data: [DONE]\n\n"),
+                    Some(t) => t.end(usage.counts()).freeze(),
                 },
-                (_, Err(e)) => (e.to_string(), "server_error"),
-                (StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle, Ok(_)) => (
-                    "The upstream provider broke off the stream.".to_owned(),
-                    "upstream_error",
-                ),
-            };
-            match translator {
-                None => error_event(&failed.0, failed.1),
-                Some(_) => super::anthropic::StreamTranslator::error(&failed.0).freeze(),
+                (_, Err(e)) => dialect.error_frame(&e.to_string(), "server_error"),
+                (StreamEnd::UpstreamFailed | StreamEnd::UpstreamIdle, Ok(_)) => dialect
+                    .error_frame(
+                        "The upstream provider broke off the stream.",
+                        "upstream_error",
+                    ),
             }
         }))
     }
